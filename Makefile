@@ -1,0 +1,37 @@
+# `make install` then `make test` on a fresh machine. The venv lives in .venv at the repo root.
+PY ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+
+.PHONY: install test test-all check fmt run bench clean
+
+install:
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q -U pip
+	# Take the local CPU torch first, so resolving the rest never pulls a multi-GB CUDA build.
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q -e ".[dev]"
+
+test:
+	$(BIN)/python -m pytest -q -m "not slow" tests
+
+test-all:
+	$(BIN)/python -m pytest -q tests
+
+check:
+	$(BIN)/ruff check spd_ray tests benchmarks
+	$(BIN)/ruff format --check spd_ray tests benchmarks
+	$(BIN)/mypy
+
+fmt:
+	$(BIN)/ruff format spd_ray tests benchmarks
+	$(BIN)/ruff check --fix spd_ray tests benchmarks
+
+run:
+	$(BIN)/spd-ray run tms_5-2
+
+bench:
+	$(BIN)/spd-ray bench
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,53 @@
+"""The Python API: `decompose` (one run in-process, no Ray) and `load_run` (a finished or running
+run)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from torch import nn
+
+from spd_ray.config import Config
+from spd_ray.core.model import ComponentModel
+from spd_ray.core.step import build_component_model
+from spd_ray.targets import load_target, load_target_file
+from spd_ray.train.run import RunResult, decompose
+from spd_ray.train.rundir import RunDir, output_root
+
+__all__ = ["LoadedRun", "RunResult", "decompose", "load_run", "resolve_run_dir"]
+
+
+@dataclass
+class LoadedRun:
+    config: Config
+    model: ComponentModel  # eval mode, target loaded, components from the latest checkpoint
+    target: nn.Module  # the target (its decomposed modules wrapped; they act as the originals)
+    run_dir: Path
+    step: int
+
+
+def resolve_run_dir(run: str | Path, out: str | Path | None = None) -> Path:
+    """A run directory, or a run name under the output root."""
+    path = Path(run).expanduser()
+    if (path / "config.yaml").exists():
+        return path.resolve()
+    candidate = output_root(out) / str(run)
+    if (candidate / "config.yaml").exists():
+        return candidate
+    raise FileNotFoundError(f"no run at '{run}' (looked for config.yaml there and in {candidate})")
+
+
+def load_run(path: str | Path, out: str | Path | None = None, device: str = "cpu") -> LoadedRun:
+    run_dir = RunDir(resolve_run_dir(path, out))
+    config = run_dir.read_config()
+    target_copy = run_dir.path / "target.pt"
+    if target_copy.exists():
+        target = load_target_file(target_copy)
+    else:
+        target = load_target(config, output_root(out))
+    model = build_component_model(config, target)
+    saved = run_dir.load_checkpoint(device)
+    model.load_state_dict(saved["model"], strict=False)
+    model.to(device).eval()
+    return LoadedRun(config, model, model.target, run_dir.path, int(saved["step"]))

@@ -1,0 +1,142 @@
+"""The `spd-ray` command: one small function per subcommand.
+
+Every subcommand exits 0 on success and non-zero with a one-line reason on failure; `run` prints the
+run directory on the last line of standard output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable
+
+from pydantic import ValidationError
+
+from spd_ray.config import Config, ConfigError
+
+
+def _common_run_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("target", help="registry name (see `spd-ray list`) or a YAML/JSON config path")
+    p.add_argument("--steps", type=int, help="override the number of training steps")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key, e.g. --set seed=1 or "
+        "--set loss_metric_configs.ImportanceMinimalityLoss.coeff=1e-3 (value parsed as YAML)",
+    )
+    p.add_argument("--out", help="output root (default: $SPD_RAY_OUT, else ~/spd_ray_out)")
+
+
+def load_target_config(target: str, overrides: list[str], steps: int | None) -> tuple[str, Config]:
+    from spd_ray.registry import load_experiment
+
+    extra = [f"steps={steps}"] if steps is not None else []
+    return load_experiment(target, [*overrides, *extra])
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from spd_ray.train.run import decompose, default_run_name
+
+    if args.workers != 1 or args.gpu:
+        raise ConfigError(
+            "--workers > 1 and --gpu need the Ray Train driver, which is not built yet"
+        )
+    experiment, config = load_target_config(args.target, args.overrides, args.steps)
+    name = args.name or default_run_name(experiment)
+    threads = int(os.environ.get("SPD_RAY_THREADS", "0")) or os.cpu_count() or 1
+    import torch
+
+    torch.set_num_threads(threads)
+    result = decompose(config, out=args.out, name=name, fresh=args.fresh)
+    if result.already_finished:
+        print(f"run {name} already finished at step {config.steps}", file=sys.stderr)
+    elif result.resumed_from:
+        print(f"resumed {name} from step {result.resumed_from}", file=sys.stderr)
+    _print_headline(result.metrics)
+    print(result.run_dir)
+    return 0
+
+
+def _print_headline(metrics: dict[str, float]) -> None:
+    keys = [
+        k for k in metrics if k.split("/")[1] in ("loss", "mmcs", "ml2r", "target_solution_error")
+    ]
+    for key in keys:
+        print(f"  {key} = {metrics[key]:.6g}", file=sys.stderr)
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from spd_ray.registry import describe, registry
+
+    entries = registry()
+    width = max((len(n) for n in entries), default=0)
+    for name, path in entries.items():
+        print(f"{name:<{width}}  {describe(path)}")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from spd_ray.bench import run_bench
+
+    run_bench(args.experiments.split(","), args.steps, args.warmup, args.threads)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="spd-ray", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("run", help="run one decomposition")
+    _common_run_args(p)
+    p.add_argument(
+        "--name", help="run name (default: <experiment>-<timestamp>); reuse it to resume"
+    )
+    p.add_argument("--fresh", action="store_true", help="delete an existing run of that name first")
+    p.add_argument("--workers", type=int, default=1, help="data-parallel workers")
+    p.add_argument("--gpu", action="store_true", help="one GPU per worker")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("list", help="list the registry")
+    p.set_defaults(func=cmd_list)
+
+    p = sub.add_parser("bench", help="time the training step of registry experiments")
+    p.add_argument("--experiments", default="tms_5-2,resid_mlp1")
+    p.add_argument("--steps", type=int, default=60, help="timed steps per experiment")
+    p.add_argument("--warmup", type=int, default=10, help="untimed steps first")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores)")
+    p.set_defaults(func=cmd_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    func: Callable[[argparse.Namespace], int] = args.func
+    try:
+        return func(args)
+    except (
+        ConfigError,
+        ValidationError,
+        ValueError,
+        FileNotFoundError,
+        NotImplementedError,
+    ) as err:
+        print(f"spd-ray {args.command}: error: {_one_line(err)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(
+            f"spd-ray {args.command}: interrupted; rerun the same command to resume",
+            file=sys.stderr,
+        )
+        return 130
+
+
+def _one_line(err: BaseException) -> str:
+    return " ".join(str(err).split()) or type(err).__name__
+
+
+if __name__ == "__main__":
+    sys.exit(main())

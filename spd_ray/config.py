@@ -1,0 +1,621 @@
+"""The one config tree of a decomposition: frozen pydantic models, YAML/JSON IO and `--set`
+overrides.
+
+Loss and eval metrics are a discriminated union on `classname`, task configs on `task_name`, toy
+target models on `model_type`. Every field carries a one-line description that doubles as
+documentation.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class BaseConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Schedules and modules
+# ---------------------------------------------------------------------------------------------
+
+
+class ScheduleConfig(BaseConfig):
+    start_val: float = Field(description="Value after warmup (the peak learning rate).")
+    warmup_pct: float = Field(
+        0.0, ge=0.0, le=1.0, description="Fraction of steps of linear warmup."
+    )
+    final_val_frac: float = Field(
+        1.0, ge=0.0, description="Final value as a fraction of start_val."
+    )
+    fn_type: Literal["constant", "cosine", "linear"] = Field(
+        "constant", description="Decay shape after warmup."
+    )
+
+    @model_validator(mode="after")
+    def _constant_is_flat(self) -> ScheduleConfig:
+        if self.fn_type == "constant" and self.final_val_frac != 1.0:
+            raise ValueError("lr_schedule.final_val_frac must be 1.0 when fn_type is 'constant'")
+        return self
+
+
+class ModulePatternInfo(BaseConfig):
+    module_pattern: str = Field(description="fnmatch pattern over the target's named_modules().")
+    C: int = Field(gt=0, description="Number of subcomponents for each matched module.")
+
+
+# ---------------------------------------------------------------------------------------------
+# Loss and metric configs (discriminated on `classname`)
+# ---------------------------------------------------------------------------------------------
+
+
+class UniformKSubsetRouting(BaseConfig):
+    type: Literal["uniform_k_subset"] = "uniform_k_subset"
+
+
+class StaticProbabilityRouting(BaseConfig):
+    type: Literal["static_probability"] = "static_probability"
+    p: float = Field(
+        gt=0.0, le=1.0, description="Probability that a module is routed per position."
+    )
+
+
+SubsetRoutingConfig = Annotated[
+    UniformKSubsetRouting | StaticProbabilityRouting, Field(discriminator="type")
+]
+
+
+class _LossMetric(BaseConfig):
+    coeff: float | None = Field(
+        None, description="Weight in the total loss; required when used as a training loss."
+    )
+
+
+class FaithfulnessLoss(_LossMetric):
+    classname: Literal["FaithfulnessLoss"] = "FaithfulnessLoss"
+
+
+class ImportanceMinimalityLoss(_LossMetric):
+    classname: Literal["ImportanceMinimalityLoss"] = "ImportanceMinimalityLoss"
+    pnorm: float = Field(gt=0.0, description="Exponent p of sum_c (g_c + eps)^p.")
+    beta: float = Field(0.0, ge=0.0, description="Weight of the m_c * log2(1 + S_c) term.")
+    p_anneal_start_frac: float = Field(1.0, ge=0.0, le=1.0, description="Start of p annealing.")
+    p_anneal_final_p: float | None = Field(
+        None, gt=0.0, description="Final p (None: no annealing)."
+    )
+    p_anneal_end_frac: float = Field(1.0, ge=0.0, le=1.0, description="End of p annealing.")
+    eps: float = Field(1e-12, ge=0.0, description="Added to CI values before the power.")
+
+
+class UnmaskedReconLoss(_LossMetric):
+    classname: Literal["UnmaskedReconLoss"] = "UnmaskedReconLoss"
+
+
+class CIMaskedReconLoss(_LossMetric):
+    classname: Literal["CIMaskedReconLoss"] = "CIMaskedReconLoss"
+
+
+class CIMaskedReconLayerwiseLoss(_LossMetric):
+    classname: Literal["CIMaskedReconLayerwiseLoss"] = "CIMaskedReconLayerwiseLoss"
+
+
+class CIMaskedReconSubsetLoss(_LossMetric):
+    classname: Literal["CIMaskedReconSubsetLoss"] = "CIMaskedReconSubsetLoss"
+    routing: SubsetRoutingConfig = Field(
+        default_factory=UniformKSubsetRouting, description="How modules are routed per position."
+    )
+
+
+class StochasticReconLoss(_LossMetric):
+    classname: Literal["StochasticReconLoss"] = "StochasticReconLoss"
+
+
+class StochasticReconLayerwiseLoss(_LossMetric):
+    classname: Literal["StochasticReconLayerwiseLoss"] = "StochasticReconLayerwiseLoss"
+
+
+class StochasticReconSubsetLoss(_LossMetric):
+    classname: Literal["StochasticReconSubsetLoss"] = "StochasticReconSubsetLoss"
+    routing: SubsetRoutingConfig = Field(
+        default_factory=UniformKSubsetRouting, description="How modules are routed per position."
+    )
+
+
+class StochasticHiddenActsReconLoss(_LossMetric):
+    classname: Literal["StochasticHiddenActsReconLoss"] = "StochasticHiddenActsReconLoss"
+
+
+class _PGD(_LossMetric):
+    init: Literal["random", "ones", "zeroes"] = Field(description="Initial adversarial sources.")
+    step_size: float = Field(gt=0.0, description="Signed-gradient ascent step on the sources.")
+    n_steps: int = Field(ge=0, description="Number of ascent steps.")
+    mask_scope: Literal["unique_per_datapoint", "shared_across_batch"] = Field(
+        "unique_per_datapoint", description="One source per position, or one for the whole batch."
+    )
+
+
+class PGDReconLoss(_PGD):
+    classname: Literal["PGDReconLoss"] = "PGDReconLoss"
+
+
+class PGDReconLayerwiseLoss(_PGD):
+    classname: Literal["PGDReconLayerwiseLoss"] = "PGDReconLayerwiseLoss"
+
+
+class PGDReconSubsetLoss(_PGD):
+    classname: Literal["PGDReconSubsetLoss"] = "PGDReconSubsetLoss"
+    routing: SubsetRoutingConfig = Field(
+        default_factory=UniformKSubsetRouting, description="How modules are routed per position."
+    )
+
+
+LossConfig = (
+    FaithfulnessLoss
+    | ImportanceMinimalityLoss
+    | UnmaskedReconLoss
+    | CIMaskedReconLoss
+    | CIMaskedReconLayerwiseLoss
+    | CIMaskedReconSubsetLoss
+    | StochasticReconLoss
+    | StochasticReconLayerwiseLoss
+    | StochasticReconSubsetLoss
+    | StochasticHiddenActsReconLoss
+    | PGDReconLoss
+    | PGDReconLayerwiseLoss
+    | PGDReconSubsetLoss
+)
+LOSS_CLASSNAMES: tuple[str, ...] = tuple(
+    c.model_fields["classname"].default
+    for c in LossConfig.__args__  # type: ignore[attr-defined]
+)
+
+
+# Eval-only metrics --------------------------------------------------------------------------------
+
+
+class CEandKLLosses(BaseConfig):
+    classname: Literal["CEandKLLosses"] = "CEandKLLosses"
+    rounding_threshold: float = Field(0.0, description="CI above this is rounded to 1, else 0.")
+
+
+class CIHistograms(BaseConfig):
+    classname: Literal["CIHistograms"] = "CIHistograms"
+    n_batches_accum: int | None = Field(
+        None, gt=0, description="Eval batches gathered (None: all)."
+    )
+
+
+class CI_L0(BaseConfig):
+    classname: Literal["CI_L0"] = "CI_L0"
+    groups: dict[str, list[str]] | None = Field(
+        None, description="Named groups of module patterns whose L0 is summed."
+    )
+
+
+class CIMeanPerComponent(BaseConfig):
+    classname: Literal["CIMeanPerComponent"] = "CIMeanPerComponent"
+
+
+class ComponentActivationDensity(BaseConfig):
+    classname: Literal["ComponentActivationDensity"] = "ComponentActivationDensity"
+
+
+class IdentityCIPattern(BaseConfig):
+    layer_pattern: str = Field(description="fnmatch pattern of the decomposed module.")
+    n_features: int = Field(gt=0, description="Expected one subcomponent per input feature.")
+
+
+class DenseCIPattern(BaseConfig):
+    layer_pattern: str = Field(description="fnmatch pattern of the decomposed module.")
+    k: int = Field(gt=0, description="Expected number of subcomponents active on every feature.")
+
+
+class IdentityCIError(BaseConfig):
+    classname: Literal["IdentityCIError"] = "IdentityCIError"
+    identity_ci: list[IdentityCIPattern] | None = Field(
+        None, description="Identity-pattern layers."
+    )
+    dense_ci: list[DenseCIPattern] | None = Field(None, description="Dense-pattern layers.")
+
+
+class PermutedCIPlots(BaseConfig):
+    classname: Literal["PermutedCIPlots"] = "PermutedCIPlots"
+    identity_patterns: list[str] | None = Field(None, description="Layers permuted to identity.")
+    dense_patterns: list[str] | None = Field(None, description="Layers sorted as dense.")
+
+
+class UVPlots(BaseConfig):
+    classname: Literal["UVPlots"] = "UVPlots"
+    identity_patterns: list[str] | None = Field(None, description="Layers permuted to identity.")
+    dense_patterns: list[str] | None = Field(None, description="Layers sorted as dense.")
+
+
+class MMCSAndML2R(BaseConfig):
+    """Paper Table 1: per input feature, the best-matching subcomponent's column vs the target's."""
+
+    classname: Literal["MMCSAndML2R"] = "MMCSAndML2R"
+    module_patterns: list[str] = Field(
+        description="Linear layers whose input features are matched."
+    )
+    min_norm_frac: float = Field(
+        0.1,
+        ge=0.0,
+        description="Match only subcomponents with at least this fraction of the largest norm.",
+    )
+
+
+class StochasticReconSubsetCEAndKL(BaseConfig):
+    classname: Literal["StochasticReconSubsetCEAndKL"] = "StochasticReconSubsetCEAndKL"
+    include_patterns: dict[str, list[str]] | None = Field(None, description="Subset: these only.")
+    exclude_patterns: dict[str, list[str]] | None = Field(
+        None, description="Subset: all but these."
+    )
+
+
+EvalOnlyConfig = (
+    CEandKLLosses
+    | CIHistograms
+    | CI_L0
+    | CIMeanPerComponent
+    | ComponentActivationDensity
+    | IdentityCIError
+    | PermutedCIPlots
+    | UVPlots
+    | MMCSAndML2R
+    | StochasticReconSubsetCEAndKL
+)
+
+LossMetricConfig = Annotated[LossConfig, Field(discriminator="classname")]
+EvalMetricConfig = Annotated[LossConfig | EvalOnlyConfig, Field(discriminator="classname")]
+
+
+# ---------------------------------------------------------------------------------------------
+# Tasks (data)
+# ---------------------------------------------------------------------------------------------
+
+
+class TMSTaskConfig(BaseConfig):
+    task_name: Literal["tms"] = "tms"
+    feature_probability: float = Field(gt=0.0, le=1.0, description="P(feature active).")
+    data_generation_type: Literal["exactly_one_active", "at_least_zero_active"] = Field(
+        "at_least_zero_active", description="How sparse inputs are drawn."
+    )
+
+
+class ResidMLPTaskConfig(BaseConfig):
+    task_name: Literal["resid_mlp"] = "resid_mlp"
+    feature_probability: float = Field(gt=0.0, le=1.0, description="P(feature active).")
+    data_generation_type: Literal[
+        "exactly_one_active", "exactly_two_active", "at_least_zero_active"
+    ] = Field("at_least_zero_active", description="How sparse inputs are drawn.")
+
+
+class IHTaskConfig(BaseConfig):
+    task_name: Literal["ih"] = "ih"
+    prefix_window: int | None = Field(None, gt=1, description="S is placed in [1, prefix_window).")
+
+
+class LMTaskConfig(BaseConfig):
+    task_name: Literal["lm"] = "lm"
+    max_seq_len: int = Field(512, gt=0, description="Tokens per sequence.")
+    buffer_size: int = Field(1000, gt=0, description="Shuffle buffer when streaming.")
+    dataset_name: str = Field("lennart-finke/SimpleStories", description="Hub id or local folder.")
+    column_name: str = Field("story", description="Text (or token) column.")
+    train_data_split: str = Field("train", description="Training split.")
+    eval_data_split: str = Field("test", description="Eval split.")
+    shuffle_each_epoch: bool = Field(True, description="Reshuffle every epoch.")
+    is_tokenized: bool = Field(False, description="The column already holds token ids.")
+    streaming: bool = Field(False, description="Stream the dataset instead of downloading it.")
+
+
+TaskConfig = Annotated[
+    TMSTaskConfig | ResidMLPTaskConfig | IHTaskConfig | LMTaskConfig,
+    Field(discriminator="task_name"),
+]
+
+
+# ---------------------------------------------------------------------------------------------
+# Toy targets: model + how to train it (the trainer caches the result keyed by this config's hash)
+# ---------------------------------------------------------------------------------------------
+
+
+class TMSTargetConfig(BaseConfig):
+    model_type: Literal["tms"] = "tms"
+    n_features: int = Field(gt=0, description="Input/output features.")
+    n_hidden: int = Field(gt=0, description="Bottleneck width.")
+    n_hidden_layers: int = Field(0, ge=0, description="Hidden n_hidden x n_hidden layers.")
+    tied_weights: bool = Field(False, description="linear2.weight = linear1.weight^T.")
+    fix_hidden_identity: bool = Field(False, description="Hidden layers frozen at the identity.")
+    init_bias_to_zero: bool = Field(False, description="Start linear2's bias at zero.")
+    seed: int = Field(0, description="Seed of the target's training.")
+    steps: int = Field(10_000, gt=0, description="Training steps.")
+    batch_size: int = Field(1024, gt=0, description="Training batch size.")
+    lr: float = Field(5e-3, gt=0.0, description="Constant AdamW learning rate.")
+    weight_decay: float = Field(0.01, ge=0.0, description="AdamW weight decay.")
+    feature_probability: float = Field(0.05, gt=0.0, le=1.0, description="P(feature active).")
+
+
+class ResidMLPTargetConfig(BaseConfig):
+    model_type: Literal["resid_mlp"] = "resid_mlp"
+    n_features: int = Field(gt=0, description="Input features.")
+    d_embed: int = Field(gt=0, description="Residual stream width.")
+    d_mlp: int = Field(gt=0, description="Neurons per MLP.")
+    n_layers: int = Field(gt=0, description="Residual MLP blocks.")
+    act_fn_name: Literal["relu", "gelu"] = Field("relu", description="MLP nonlinearity.")
+    label_type: Literal["act_plus_resid", "abs"] = Field(
+        "act_plus_resid", description="Labels act(c*x)+x or |c*x|."
+    )
+    use_trivial_label_coeffs: bool = Field(True, description="c = 1 (else U[1,2] per feature).")
+    seed: int = Field(0, description="Seed of embedding, labels and training.")
+    steps: int = Field(1000, gt=0, description="Training steps.")
+    batch_size: int = Field(2048, gt=0, description="Training batch size.")
+    lr: float = Field(3e-3, gt=0.0, description="Peak AdamW learning rate (cosine to 0).")
+    weight_decay: float = Field(0.01, ge=0.0, description="AdamW weight decay.")
+    feature_probability: float = Field(0.01, gt=0.0, le=1.0, description="P(feature active).")
+
+
+class IHTargetConfig(BaseConfig):
+    model_type: Literal["ih"] = "ih"
+    vocab_size: int = Field(128, gt=0, description="Ordinary tokens (plus BOS and induction).")
+    seq_len: int = Field(64, gt=2, description="Sequence length.")
+    d_model: int = Field(16, gt=0, description="Residual width.")
+    n_heads: int = Field(1, gt=0, description="Attention heads.")
+    n_layers: int = Field(2, gt=0, description="Attention blocks.")
+    seed: int = Field(0, description="Training seed.")
+    steps: int = Field(100_000, gt=0, description="Training steps.")
+    batch_size: int = Field(1024, gt=0, description="Training batch size.")
+    lr: float = Field(1e-3, gt=0.0, description="AdamW learning rate.")
+    lr_warmup_steps: int = Field(1000, ge=0, description="Linear warmup steps.")
+    weight_decay: float = Field(0.01, ge=0.0, description="AdamW weight decay.")
+
+
+TargetModelConfig = Annotated[
+    TMSTargetConfig | ResidMLPTargetConfig | IHTargetConfig, Field(discriminator="model_type")
+]
+
+
+# ---------------------------------------------------------------------------------------------
+# The top-level config
+# ---------------------------------------------------------------------------------------------
+
+
+class Config(BaseConfig):
+    # Run identity / tracking
+    wandb_project: str | None = Field(None, description="W&B project (None: no W&B).")
+    wandb_run_name: str | None = Field(None, description="W&B run name.")
+    wandb_run_name_prefix: str = Field("", description="Prefix of generated W&B run names.")
+    seed: int = Field(0, description="Seed of component init, masks and data.")
+
+    # Components and CI functions
+    autocast_bf16: bool = Field(True, description="bf16 autocast on CUDA (CPU always runs fp32).")
+    n_mask_samples: int = Field(gt=0, description="Stochastic mask samples per step (S).")
+    ci_fn_type: Literal["mlp", "vector_mlp", "shared_mlp"] = Field(
+        "vector_mlp", description="Causal-importance function family."
+    )
+    ci_fn_hidden_dims: list[int] = Field([8], description="Hidden widths of the CI functions.")
+    sampling: Literal["continuous", "binomial"] = Field(
+        "continuous", description="Mask noise: U[0,1) or fair coin."
+    )
+    sigmoid_type: Literal["normal", "hard", "leaky_hard", "upper_leaky_hard", "swish_hard"] = Field(
+        "leaky_hard", description="Sigmoid applied to CI pre-activations."
+    )
+    module_info: list[ModulePatternInfo] = Field(description="Modules to decompose and their C.")
+    identity_module_info: list[ModulePatternInfo] | None = Field(
+        None, description="Modules that get an identity inserted before them, decomposed too."
+    )
+    use_delta_component: bool = Field(True, description="Add W - VU^T as an extra maskable term.")
+    reuse_clean_activations: bool = Field(
+        True,
+        description="Masked forwards reuse the clean run's activations until a copy diverges "
+        "(exact for models that run each decomposed module once per forward).",
+    )
+    compile_ci_fns: bool = Field(
+        False, description="torch.compile the CI functions (faster steps, slower start)."
+    )
+
+    # Losses
+    loss_metric_configs: list[LossMetricConfig] = Field(description="Training losses (coeff each).")
+    output_loss_type: Literal["mse", "kl"] = Field(description="Output reconstruction distance.")
+
+    # Optimisation
+    lr_schedule: ScheduleConfig = Field(description="Learning-rate schedule.")
+    steps: int = Field(gt=0, description="Optimizer steps.")
+    batch_size: int = Field(gt=0, description="Global batch size (split across workers).")
+    grad_clip_norm_components: float | None = Field(None, gt=0.0, description="Clip V/U grads.")
+    grad_clip_norm_ci_fns: float | None = Field(None, gt=0.0, description="Clip CI-fn grads.")
+    faithfulness_warmup_steps: int = Field(0, ge=0, description="Steps fitting VU to W first.")
+    faithfulness_warmup_lr: float = Field(1e-3, gt=0.0, description="LR of that warmup.")
+    faithfulness_warmup_weight_decay: float = Field(0.0, ge=0.0, description="Its weight decay.")
+
+    # Logging and evaluation
+    train_log_freq: int = Field(50, gt=0, description="Log train metrics every N steps.")
+    eval_freq: int = Field(gt=0, description="Evaluate every N steps.")
+    eval_batch_size: int | None = Field(None, gt=0, description="Eval batch (None: batch_size).")
+    slow_eval_freq: int | None = Field(None, gt=0, description="Figures every N steps.")
+    n_eval_steps: int = Field(gt=0, description="Eval batches per evaluation.")
+    slow_eval_on_first_step: bool = Field(True, description="Make figures at step 0 too.")
+    save_freq: int | None = Field(None, gt=0, description="Checkpoint every N steps.")
+    eval_metric_configs: list[EvalMetricConfig] = Field([], description="Eval-only metrics.")
+    ci_alive_threshold: float = Field(0.0, ge=0.0, description="CI above this counts as active.")
+
+    # Target
+    pretrained_model_class: str = Field(description="Dotted import path of the target class.")
+    pretrained_model_path: str | None = Field(None, description="Saved target file (toy models).")
+    pretrained_model_name: str | None = Field(
+        None, description="Hub id or folder (from_pretrained)."
+    )
+    pretrained_model_output_attr: str | None = Field(
+        None, description="Output attribute ('logits') or tuple index ('idx_0')."
+    )
+    tokenizer_name: str | None = Field(None, description="Tokenizer hub id or folder.")
+    target_model: TargetModelConfig | None = Field(
+        None, description="Toy target to train (cached by config hash) when no path is given."
+    )
+    task_config: TaskConfig = Field(description="Data generation.")
+
+    @model_validator(mode="after")
+    def _check(self) -> Config:
+        for i, loss in enumerate(self.loss_metric_configs):
+            if loss.coeff is None:
+                raise ValueError(
+                    f"loss_metric_configs.{loss.classname}.coeff is required "
+                    f"(item {i} of loss_metric_configs has no coeff)"
+                )
+        if self.slow_eval_freq is not None and self.slow_eval_freq % self.eval_freq != 0:
+            raise ValueError("slow_eval_freq must be a multiple of eval_freq")
+        names = [m.module_pattern for m in self.module_info]
+        if len(set(names)) != len(names):
+            raise ValueError(f"module_info: duplicate module_pattern in {names}")
+        sources = (self.pretrained_model_path, self.pretrained_model_name, self.target_model)
+        if all(s is None for s in sources):
+            raise ValueError(
+                "one of pretrained_model_path, pretrained_model_name or target_model is required"
+            )
+        classes = [m.classname for m in self.loss_metric_configs]
+        if len(set(classes)) != len(classes):
+            raise ValueError(f"loss_metric_configs: a classname appears twice in {classes}")
+        return self
+
+    @property
+    def all_module_info(self) -> list[ModulePatternInfo]:
+        extra = [
+            ModulePatternInfo(module_pattern=f"{m.module_pattern}.pre_identity", C=m.C)
+            for m in self.identity_module_info or []
+        ]
+        return [*self.module_info, *extra]
+
+    @property
+    def effective_eval_batch_size(self) -> int:
+        return self.eval_batch_size or self.batch_size
+
+    @property
+    def effective_slow_eval_freq(self) -> int:
+        return self.slow_eval_freq or self.eval_freq
+
+
+# ---------------------------------------------------------------------------------------------
+# IO and overrides
+# ---------------------------------------------------------------------------------------------
+
+
+class ConfigError(ValueError):
+    """A config that cannot be loaded; the message names the file and key."""
+
+
+def _format_validation_error(err: ValidationError, source: str) -> str:
+    first = err.errors()[0]
+    loc = ".".join(str(p) for p in first["loc"])
+    msg = first["msg"]
+    if first["type"] == "extra_forbidden":
+        msg = "unknown key"
+    where = f"{source}: " if source else ""
+    more = f" (+{err.error_count() - 1} more)" if err.error_count() > 1 else ""
+    return f"{where}{loc}: {msg}{more}" if loc else f"{where}{msg}{more}"
+
+
+def config_from_dict(data: dict[str, Any], source: str = "") -> Config:
+    try:
+        return Config.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_validation_error(err, source)) from None
+
+
+def read_config_dict(path: Path) -> dict[str, Any]:
+    if not path.exists():
+        raise ConfigError(f"config file not found: {path}")
+    text = path.read_text()
+    data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    return data
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
+    path = Path(path)
+    data = read_config_dict(path)
+    data = apply_overrides(data, overrides or [])
+    return config_from_dict(data, str(path))
+
+
+def save_config(config: Config, path: Path) -> None:
+    data = config.model_dump(mode="json", exclude_none=False)
+    if path.suffix == ".json":
+        path.write_text(json.dumps(data, indent=2))
+    else:
+        path.write_text(yaml.safe_dump(data, sort_keys=False))
+
+
+def config_hash(model: BaseModel) -> str:
+    blob = json.dumps(model.model_dump(mode="json"), sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+_LIST_BY_CLASSNAME = ("loss_metric_configs", "eval_metric_configs")
+
+
+def set_by_key(data: dict[str, Any], key: str, value: Any) -> dict[str, Any]:
+    """Return a copy of `data` with the dotted `key` set to `value`.
+
+    `loss_metric_configs.<ClassName>.<field>` updates the item of that classname (or appends a new
+    one); other dotted keys walk nested mappings, creating them where missing.
+    """
+    data = json.loads(json.dumps(data))  # deep copy of plain data
+    parts = key.split(".")
+    if any(not p for p in parts):
+        raise ConfigError(f"--set {key}: empty key component")
+    node: Any = data
+    i = 0
+    while i < len(parts) - 1:
+        part = parts[i]
+        if part in _LIST_BY_CLASSNAME and isinstance(node, dict):
+            items = node.setdefault(part, [])
+            if i + 1 >= len(parts):
+                raise ConfigError(f"--set {key}: expected {part}.<ClassName>[.<field>]")
+            cls = parts[i + 1]
+            match = [it for it in items if isinstance(it, dict) and it.get("classname") == cls]
+            if not match:
+                items.append({"classname": cls})
+                match = [items[-1]]
+            if i + 2 == len(parts):  # replace the whole item
+                if not isinstance(value, dict):
+                    raise ConfigError(f"--set {key}: expected a mapping for a whole item")
+                match[0].clear()
+                match[0].update({"classname": cls, **value})
+                return data
+            node = match[0]
+            i += 2
+            continue
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {key}: '{'.'.join(parts[:i])}' is not a mapping")
+        if node.get(part) is None:
+            node[part] = {}
+        node = node[part]
+        i += 1
+    if not isinstance(node, dict):
+        raise ConfigError(f"--set {key}: '{'.'.join(parts[:-1])}' is not a mapping")
+    node[parts[-1]] = value
+    return data
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected key=value")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError as err:
+        raise ConfigError(f"--set {key}: cannot parse value {raw!r}: {err}") from None
+    return key.strip(), value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    for text in overrides:
+        key, value = parse_override(text)
+        data = set_by_key(data, key, value)
+    return data

@@ -1,0 +1,194 @@
+"""Causal-importance functions and the sigmoids that turn their outputs into CI values in [0, 1].
+
+A CI function maps what a module sees (its component activations x @ V, or its input x) to one
+pre-activation per subcomponent. The *lower-leaky* sigmoid of it feeds masks and every
+reconstruction metric; the *upper-leaky* one feeds only the importance-minimality loss.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from jaxtyping import Float
+from torch import Tensor, nn
+
+from spd_ray.core.components import init_param_
+
+SigmoidType = Literal["normal", "hard", "leaky_hard", "upper_leaky_hard", "swish_hard"]
+CIFnType = Literal["mlp", "vector_mlp", "shared_mlp"]
+
+LEAK = 0.01
+
+
+class _LowerLeakyHard(torch.autograd.Function):
+    """clamp(z, 0, 1) forward; the backward leaks below 0, but only for gradients that push z up.
+
+    This keeps masks >= 0 while letting a dead subcomponent be revived by a loss that wants it
+    larger.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, z: Tensor) -> Tensor:
+        ctx.save_for_backward(z)
+        return z.clamp(0.0, 1.0)
+
+    @staticmethod
+    def backward(ctx: Any, g: Tensor) -> Tensor:
+        (z,) = ctx.saved_tensors
+        below = z <= 0
+        inside = (z > 0) & (z <= 1)
+        return torch.where(inside, g, torch.where(below & (g < 0), LEAK * g, torch.zeros_like(g)))
+
+
+def lower_leaky_hard_sigmoid(z: Tensor) -> Tensor:
+    return _LowerLeakyHard.apply(z)  # type: ignore[no-any-return]
+
+
+def upper_leaky_hard_sigmoid(z: Tensor) -> Tensor:
+    """clamp(z, 0, 1) below 1, 1 + 0.01 (z - 1) above (zero gradient below 0)."""
+    return torch.where(z > 1, 1 + LEAK * (z - 1), z.clamp(0.0, 1.0))
+
+
+def hard_sigmoid(z: Tensor) -> Tensor:
+    return z.clamp(0.0, 1.0)
+
+
+def swish_hard_sigmoid(z: Tensor) -> Tensor:
+    """A smooth hard sigmoid built from swish functions (beta 10), ~0 below 0 and ~1 above 1."""
+
+    def sw(t: Tensor) -> Tensor:
+        return t * torch.sigmoid(10 * t)
+
+    def usw(t: Tensor) -> Tensor:
+        return t * torch.sigmoid(-10 * t)
+
+    x = z - 0.5
+    return 0.5 + usw(x - 0.5) - sw(x) + sw(x + 0.5) - usw(x)
+
+
+_SIGMOIDS: dict[str, Callable[[Tensor], Tensor]] = {
+    "normal": torch.sigmoid,
+    "hard": hard_sigmoid,
+    "lower_leaky_hard": lower_leaky_hard_sigmoid,
+    "upper_leaky_hard": upper_leaky_hard_sigmoid,
+    "swish_hard": swish_hard_sigmoid,
+}
+
+
+def sigmoid_pair(
+    sigmoid_type: SigmoidType,
+) -> tuple[Callable[[Tensor], Tensor], Callable[[Tensor], Tensor]]:
+    """(lower, upper) sigmoids: `leaky_hard` pairs lower- and upper-leaky; others use one for
+    both."""
+    if sigmoid_type == "leaky_hard":
+        return _SIGMOIDS["lower_leaky_hard"], _SIGMOIDS["upper_leaky_hard"]
+    fn = _SIGMOIDS[sigmoid_type]
+    return fn, fn
+
+
+class ParallelLinear(nn.Module):
+    """C independent linear maps in_dim -> out_dim, applied to [..., C, in_dim]."""
+
+    def __init__(self, C: int, in_dim: int, out_dim: int, gain: float):
+        super().__init__()
+        self.W = nn.Parameter(torch.empty(C, in_dim, out_dim))
+        self.b = nn.Parameter(torch.zeros(C, out_dim))
+        init_param_(self.W, fan_in=in_dim, gain=gain)
+
+    def forward(self, x: Float[Tensor, "... C d_in"]) -> Float[Tensor, "... C d_out"]:
+        return torch.einsum("...ci,cio->...co", x, self.W) + self.b
+
+
+class _PerComponentMLP(nn.Module):
+    """Hidden layers and read-out shared by the two per-subcomponent CI function families."""
+
+    def __init__(self, C: int, hidden_dims: list[int]):
+        super().__init__()
+        assert hidden_dims, "per-subcomponent CI functions need at least one hidden layer"
+        self.C = C
+        self.b_in = nn.Parameter(torch.zeros(C, hidden_dims[0]))
+        self.hidden = nn.ModuleList(
+            ParallelLinear(C, hidden_dims[i], hidden_dims[i + 1], gain=math.sqrt(2))
+            for i in range(len(hidden_dims) - 1)
+        )
+        self.W_out = nn.Parameter(torch.empty(C, hidden_dims[-1]))
+        self.b_out = nn.Parameter(torch.zeros(C))
+        init_param_(self.W_out, fan_in=hidden_dims[-1])
+
+    def _rest(self, pre: Float[Tensor, "... C h1"]) -> Float[Tensor, "... C"]:
+        h = F.gelu(pre + self.b_in)
+        for layer in self.hidden:
+            h = F.gelu(layer(h))
+        return (h * self.W_out).sum(-1) + self.b_out
+
+
+class MLPCiFn(_PerComponentMLP):
+    """One scalar MLP 1 -> h1 -> ... -> 1 per subcomponent, reading that subcomponent's x @ V."""
+
+    takes_component_acts = True
+
+    def __init__(self, C: int, hidden_dims: list[int]):
+        super().__init__(C, hidden_dims)
+        self.W_in = nn.Parameter(torch.empty(C, hidden_dims[0]))
+        init_param_(self.W_in, fan_in=1, gain=math.sqrt(2))
+
+    def forward(self, acts: Float[Tensor, "... C"]) -> Float[Tensor, "... C"]:
+        return self._rest(acts.unsqueeze(-1) * self.W_in)
+
+
+class VectorMLPCiFn(_PerComponentMLP):
+    """One MLP d_in -> h1 -> ... -> 1 per subcomponent, reading the module input."""
+
+    takes_component_acts = False
+
+    def __init__(self, C: int, d_in: int, hidden_dims: list[int]):
+        super().__init__(C, hidden_dims)
+        self.W_in = nn.Parameter(torch.empty(d_in, C, hidden_dims[0]))
+        init_param_(self.W_in, fan_in=d_in, gain=math.sqrt(2))
+
+    def forward(self, x: Float[Tensor, "... d_in"]) -> Float[Tensor, "... C"]:
+        pre = (x @ self.W_in.flatten(1)).unflatten(
+            -1, (self.C, -1)
+        )  # all C first layers in one matmul
+        return self._rest(pre)
+
+
+class SharedMLPCiFn(nn.Module):
+    """One ordinary MLP d_in -> h1 -> ... -> C shared by all subcomponents of a module."""
+
+    takes_component_acts = False
+
+    def __init__(self, C: int, d_in: int, hidden_dims: list[int]):
+        super().__init__()
+        self.C = C
+        dims = [d_in, *hidden_dims, C]
+        self.layers = nn.ModuleList(nn.Linear(dims[i], dims[i + 1]) for i in range(len(dims) - 1))
+        for i, layer in enumerate(self.layers):
+            last = i == len(self.layers) - 1
+            init_param_(layer.weight, fan_in=dims[i], gain=1.0 if last else math.sqrt(2))
+            nn.init.zeros_(layer.bias)
+
+    def forward(self, x: Float[Tensor, "... d_in"]) -> Float[Tensor, "... C"]:
+        h = x
+        for i, layer in enumerate(self.layers):
+            h = layer(h)
+            if i < len(self.layers) - 1:
+                h = F.gelu(h)
+        return h
+
+
+CIFn = MLPCiFn | VectorMLPCiFn | SharedMLPCiFn
+
+
+def make_ci_fn(ci_fn_type: CIFnType, C: int, d_in: int, hidden_dims: list[int]) -> CIFn:
+    match ci_fn_type:
+        case "mlp":
+            return MLPCiFn(C, hidden_dims)
+        case "vector_mlp":
+            return VectorMLPCiFn(C, d_in, hidden_dims)
+        case "shared_mlp":
+            return SharedMLPCiFn(C, d_in, hidden_dims)

@@ -1,0 +1,253 @@
+"""Every SPD loss term as a function of one step's inputs.
+
+All reconstruction terms compare the model's output under some masks with the unmasked target output
+on the same batch (not dataset labels): `mse` is the mean squared error over all output elements,
+`kl` the mean over positions of KL(softmax(target) || softmax(pred)). Terms that need several masked
+forwards (samples, one module at a time) stack them into one forward of K copies of the batch; since
+every copy has the same size, the mean over the stacked output is the mean over copies.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor
+from torch.distributed.nn.functional import all_reduce as diff_all_reduce
+
+from spd_ray import config as C
+from spd_ray.core.masks import (
+    Noise,
+    Routes,
+    Sampling,
+    all_routes,
+    delta_mask,
+    single_module_routes,
+    static_probability_routes,
+    stochastic_mask,
+    uniform_k_subset_routes,
+)
+from spd_ray.core.model import CIOutputs, CleanCache, ComponentModel, ModuleMask
+from spd_ray.core.schedule import annealed_p
+
+OutputLossType = Literal["mse", "kl"]
+
+
+@dataclass
+class StepInputs:
+    """What one step's loss terms see. `cache` and `target_out` come from the clean forward."""
+
+    model: ComponentModel
+    batch: Tensor
+    target_out: Tensor
+    cache: CleanCache
+    ci: CIOutputs
+    output_loss_type: OutputLossType
+    use_delta_component: bool
+    sampling: Sampling
+    n_mask_samples: int
+    noise: Noise
+    step_frac: float = 0.0
+    world_size: int = 1
+
+    @property
+    def paths(self) -> list[str]:
+        return self.model.module_paths
+
+    @property
+    def batch_shape(self) -> tuple[int, ...]:
+        return tuple(self.ci.lower[self.paths[0]].shape[:-1])
+
+
+# -- distances -------------------------------------------------------------------------------
+
+
+def recon_loss(pred: Tensor, target: Tensor, kind: OutputLossType) -> Tensor:
+    """Mean reconstruction error of `pred` ([K * batch, ...] stacked copies allowed) vs `target`."""
+    if pred.shape != target.shape:
+        pred = pred.reshape(-1, *target.shape)
+    match kind:
+        case "mse":
+            return ((pred - target) ** 2).mean()
+        case "kl":
+            logp = F.log_softmax(pred.float(), dim=-1)
+            logq = F.log_softmax(target.float(), dim=-1)
+            return (logq.exp() * (logq - logp)).sum(-1).mean()
+
+
+# -- faithfulness and minimality -------------------------------------------------------------
+
+
+def faithfulness_loss(model: ComponentModel) -> Tensor:
+    """Mean squared entry of W - (VU)^T over all decomposed matrices."""
+    deltas = model.weight_deltas()
+    total = sum((d**2).sum() for d in deltas.values())
+    n = sum(d.numel() for d in deltas.values())
+    return total / n  # type: ignore[return-value]
+
+
+def importance_minimality_loss(
+    ci_upper: dict[str, Tensor], pnorm: float, beta: float, eps: float, world_size: int = 1
+) -> Tensor:
+    """sum_layers sum_c [m_c + beta m_c log2(1 + S_c)], S_c = sum over positions of (g_c + eps)^p,
+    m_c = S_c / N with N the number of positions.
+
+    Across data-parallel workers S_c and N are summed over all workers (S_c with a differentiable
+    all-reduce), so the loss and, after gradient averaging, its gradient equal a 1-worker run on the
+    global batch exactly (the reference approximates the global S_c by local S_c * world_size).
+    """
+    first = next(iter(ci_upper.values()))
+    n_positions = first.numel() // first.shape[-1] * world_size
+    total: Tensor | float = 0.0
+    for g in ci_upper.values():
+        S = ((g + eps) ** pnorm).flatten(0, -2).sum(0)
+        if world_size > 1:
+            S = diff_all_reduce(S)
+        m = S / n_positions
+        layer = m.sum()
+        if beta:
+            layer = layer + beta * (m * torch.log2(1 + S)).sum()
+        total = total + layer
+    # Each worker's gradient gets a factor world_size from the all-reduce backward; averaging the
+    # gradients over workers removes it again.
+    return total  # type: ignore[return-value]
+
+
+# -- masked reconstructions ------------------------------------------------------------------
+
+
+def _module_mask(
+    inp: StepInputs, path: str, ci: Tensor, stochastic: bool, route: Tensor | None
+) -> ModuleMask:
+    if stochastic:
+        mask = stochastic_mask(ci, inp.sampling, inp.noise)
+        delta = delta_mask(tuple(ci.shape[:-1]), ci, inp.noise) if inp.use_delta_component else None
+    else:
+        mask, delta = ci, None
+    return ModuleMask(mask=mask, delta=delta, route=route)
+
+
+def _copy(
+    inp: StepInputs, routes: Routes, stochastic: bool, ci: dict[str, Tensor]
+) -> dict[str, ModuleMask]:
+    return {p: _module_mask(inp, p, ci[p], stochastic, r) for p, r in routes.items()}
+
+
+def subset_routes(inp: StepInputs, routing: C.SubsetRoutingConfig) -> Routes:
+    device = inp.target_out.device
+    match routing:
+        case C.UniformKSubsetRouting():
+            return uniform_k_subset_routes(inp.paths, inp.batch_shape, device, inp.noise)  # type: ignore[return-value]
+        case C.StaticProbabilityRouting(p=p):
+            return static_probability_routes(inp.paths, inp.batch_shape, p, device, inp.noise)  # type: ignore[return-value]
+
+
+def masked_recon(inp: StepInputs, copies: list[dict[str, ModuleMask]]) -> Tensor:
+    out = inp.model.masked_forward(inp.batch, copies, inp.cache)
+    return recon_loss(out, inp.target_out, inp.output_loss_type)
+
+
+def unmasked_recon_loss(inp: StepInputs) -> Tensor:
+    ones = {p: torch.ones_like(c) for p, c in inp.ci.lower.items()}
+    return masked_recon(inp, [_copy(inp, all_routes(inp.paths), False, ones)])
+
+
+def ci_masked_recon_loss(inp: StepInputs, routes_per_copy: list[Routes]) -> Tensor:
+    return masked_recon(inp, [_copy(inp, r, False, inp.ci.lower) for r in routes_per_copy])
+
+
+def stochastic_recon_loss(inp: StepInputs, routes_per_copy: list[Routes]) -> Tensor:
+    return masked_recon(inp, [_copy(inp, r, True, inp.ci.lower) for r in routes_per_copy])
+
+
+def stochastic_hidden_acts_recon_loss(inp: StepInputs) -> Tensor:
+    """Squared distance of every decomposed module's input under stochastic masks from its clean
+    input, summed over modules and divided by the total element count."""
+    copies = [
+        _copy(inp, all_routes(inp.paths), True, inp.ci.lower) for _ in range(inp.n_mask_samples)
+    ]
+    recorded: dict[str, Tensor] = {}
+    inp.model.masked_forward(inp.batch, copies, inp.cache, record_inputs=recorded)
+    total: Tensor | float = 0.0
+    n = 0
+    for path in inp.paths:
+        clean = inp.cache.inputs[path]
+        got = recorded[path].reshape(len(copies), *clean.shape)
+        total = total + ((got.float() - clean.float()) ** 2).sum()
+        n += got.numel()
+    return total / n  # type: ignore[return-value]
+
+
+# -- dispatch --------------------------------------------------------------------------------
+
+
+def _layerwise(inp: StepInputs, repeats: int) -> list[Routes]:
+    return [single_module_routes(p) for _ in range(repeats) for p in inp.paths]
+
+
+def _samples(inp: StepInputs, make: Callable[[], Routes]) -> list[Routes]:
+    return [make() for _ in range(inp.n_mask_samples)]
+
+
+def loss_term(cfg: C.LossConfig | C.EvalOnlyConfig, inp: StepInputs) -> Tensor:
+    """The value of one loss/metric config on this step's inputs."""
+    from spd_ray.core.pgd import pgd_recon_loss
+
+    every = lambda: all_routes(inp.paths)  # noqa: E731
+    match cfg:
+        case C.FaithfulnessLoss():
+            return faithfulness_loss(inp.model)
+        case C.ImportanceMinimalityLoss():
+            p = annealed_p(
+                inp.step_frac,
+                cfg.pnorm,
+                cfg.p_anneal_final_p,
+                cfg.p_anneal_start_frac,
+                cfg.p_anneal_end_frac,
+            )
+            return importance_minimality_loss(inp.ci.upper, p, cfg.beta, cfg.eps, inp.world_size)
+        case C.UnmaskedReconLoss():
+            return unmasked_recon_loss(inp)
+        case C.CIMaskedReconLoss():
+            return ci_masked_recon_loss(inp, [every()])
+        case C.CIMaskedReconLayerwiseLoss():
+            return ci_masked_recon_loss(inp, _layerwise(inp, 1))
+        case C.CIMaskedReconSubsetLoss():
+            return ci_masked_recon_loss(inp, [subset_routes(inp, cfg.routing)])
+        case C.StochasticReconLoss():
+            return stochastic_recon_loss(inp, _samples(inp, every))
+        case C.StochasticReconLayerwiseLoss():
+            return stochastic_recon_loss(inp, _layerwise(inp, inp.n_mask_samples))
+        case C.StochasticReconSubsetLoss():
+            routing = cfg.routing
+            return stochastic_recon_loss(inp, _samples(inp, lambda: subset_routes(inp, routing)))
+        case C.StochasticHiddenActsReconLoss():
+            return stochastic_hidden_acts_recon_loss(inp)
+        case C.PGDReconLoss():
+            return pgd_recon_loss(inp, cfg, [every()])
+        case C.PGDReconLayerwiseLoss():
+            return pgd_recon_loss(inp, cfg, _layerwise(inp, 1))
+        case C.PGDReconSubsetLoss():
+            return pgd_recon_loss(inp, cfg, [subset_routes(inp, cfg.routing)])
+    raise TypeError(f"{type(cfg).__name__} is not a loss")
+
+
+def total_loss(cfgs: list[C.LossConfig], inp: StepInputs) -> tuple[Tensor, dict[str, Tensor]]:
+    """sum_i coeff_i * loss_i in config order, and each raw term under `loss/<ClassName>`."""
+    terms: dict[str, Tensor] = {}
+    total: Tensor | float = 0.0
+    for cfg in cfgs:
+        value = loss_term(cfg, inp)
+        terms[f"loss/{cfg.classname}"] = value
+        assert cfg.coeff is not None
+        total = total + cfg.coeff * value
+    assert isinstance(total, Tensor)
+    return total, terms
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1

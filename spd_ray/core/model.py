@@ -1,0 +1,486 @@
+"""ComponentModel: a target model whose chosen modules are swapped for decomposable wrappers.
+
+Each decomposed module is replaced in its parent by a `DecomposedModule` that holds the frozen
+original and its subcomponents. A forward runs in one of three modes, set for one call at a time:
+
+- plain: the original modules only (the target itself);
+- clean: the original modules, recording each wrapper's input and output (`CleanCache`);
+- masked: K stacked copies of the batch, copy k using its own `{path: ModuleMask}`; modules without
+  a mask in a copy run the target weights.
+
+Masked forwards reuse the clean run. Until a copy has passed through a replaced module its
+activations equal the clean ones, so a wrapper reads the cached input/output instead of recomputing
+them, and the component path of a replaced module on a still-clean copy costs one small [*, C] x [C,
+d_out] matmul. The delta component W - (VU)^T is never materialised per forward: with the component
+acts a = x V and the target output y = x W^T + b, (a * m) U + m_d (x (W - (VU)^T)^T) + b  ==  (a *
+(m - m_d)) U + m_d y + (1 - m_d) b. All-ones masks therefore return the target output exactly.
+
+The reuse assumes each wrapper runs once per forward and a module's input depends only on the model
+input and the modules run before it (true for feed-forward nets and transformers in eval mode); a
+second call of a wrapper within one forward raises.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from jaxtyping import Float
+from torch import Tensor, nn
+
+from spd_ray.core.ci import CIFn, CIFnType, SigmoidType, make_ci_fn, sigmoid_pair
+from spd_ray.core.components import (
+    Components,
+    EmbeddingComponents,
+    LinearComponents,
+    TiedLinearComponents,
+)
+from spd_ray.core.masks import Noise
+
+ModuleKind = Literal["linear", "conv1d", "embedding", "identity"]
+
+
+class Identity(nn.Module):
+    """An inserted identity layer of width d, decomposable like a bias-free Linear(d, d)."""
+
+    def __init__(self, d: int):
+        super().__init__()
+        self.d = d
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x
+
+
+def _is_conv1d(module: nn.Module) -> bool:
+    # transformers' GPT-2 Conv1D: y = x @ weight + bias with weight [d_in, d_out].
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
+
+
+def module_kind(module: nn.Module, path: str) -> ModuleKind:
+    if isinstance(module, nn.Linear):
+        return "linear"
+    if isinstance(module, nn.Embedding):
+        return "embedding"
+    if isinstance(module, Identity):
+        return "identity"
+    if _is_conv1d(module):
+        return "conv1d"
+    raise ValueError(
+        f"module '{path}' has type {type(module).__name__}; only nn.Linear, nn.Embedding, "
+        "GPT-2 Conv1D and inserted identities can be decomposed"
+    )
+
+
+def _dims(module: nn.Module, kind: ModuleKind) -> tuple[int, int]:
+    match kind:
+        case "linear":
+            return module.in_features, module.out_features  # type: ignore[return-value]
+        case "embedding":
+            return module.num_embeddings, module.embedding_dim  # type: ignore[return-value]
+        case "identity":
+            return module.d, module.d  # type: ignore[return-value]
+        case "conv1d":
+            d_in, d_out = module.weight.shape  # type: ignore[union-attr]
+            return int(d_in), int(d_out)
+
+
+def _pre_identity_hook(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
+    return (module.pre_identity(args[0]), *args[1:])
+
+
+def insert_identity_operations(target: nn.Module, patterns: list[str]) -> list[str]:
+    """Give each module matching a pattern a `pre_identity` layer its input passes through first.
+
+    Idempotent: a module that already has one is left alone. Returns the identity paths.
+    """
+    paths = []
+    for pattern in patterns:
+        matched = [n for n, m in target.named_modules() if n and fnmatch.fnmatch(n, pattern)]
+        matched = [n for n in matched if not n.endswith(".pre_identity")]
+        if not matched:
+            raise ValueError(f"identity_module_info pattern '{pattern}' matches no module")
+        for name in matched:
+            module = target.get_submodule(name)
+            kind = module_kind(module, name)
+            if kind not in ("linear", "conv1d"):
+                raise ValueError(f"identity insertion needs a Linear or Conv1D, '{name}' is {kind}")
+            if not hasattr(module, "pre_identity"):
+                module.pre_identity = Identity(_dims(module, kind)[0])
+                module._pre_identity_hook = module.register_forward_pre_hook(_pre_identity_hook)
+            paths.append(f"{name}.pre_identity")
+    return paths
+
+
+def expand_module_patterns(target: nn.Module, module_info: list[tuple[str, int]]) -> dict[str, int]:
+    """{path: C} for every module matched by a pattern, in module-registration order."""
+    names = [n for n, _ in target.named_modules() if n]
+    owner: dict[str, str] = {}
+    found: dict[str, int] = {}
+    for pattern, C in module_info:
+        matched = [n for n in names if fnmatch.fnmatch(n, pattern)]
+        if not matched:
+            raise ValueError(f"module_info pattern '{pattern}' matches no module of the target")
+        for name in matched:
+            if name in owner:
+                raise ValueError(
+                    f"module '{name}' is matched by two patterns: '{owner[name]}' and '{pattern}'"
+                )
+            owner[name] = pattern
+            found[name] = C
+    return {n: found[n] for n in names if n in found}
+
+
+@dataclass
+class ModuleMask:
+    """How one module is replaced in one copy of the batch."""
+
+    mask: Float[Tensor, "*batch C"]
+    delta: Float[Tensor, "*batch"] | None = None  # None: no weight-delta term
+    route: Tensor | None = None  # Bool[*batch]; None: every position routed
+
+
+@dataclass
+class CleanCache:
+    """Inputs and outputs of every wrapper in one clean forward, plus component acts x @ V
+    (lazy)."""
+
+    inputs: dict[str, Tensor] = field(default_factory=dict)
+    outputs: dict[str, Tensor] = field(default_factory=dict)
+    _acts: dict[str, Tensor] = field(default_factory=dict)
+    _components: dict[str, Components] = field(default_factory=dict)
+
+    def acts(self, path: str) -> Tensor:
+        if path not in self._acts:
+            self._acts[path] = self._components[path].acts(self.inputs[path])
+        return self._acts[path]
+
+
+@dataclass
+class _Plan:
+    mode: Literal["clean", "masked"]
+    copies: list[dict[str, ModuleMask]] = field(default_factory=list)
+    cache: CleanCache | None = None
+    record: dict[str, Tensor] | None = None
+    dirty: list[bool] = field(default_factory=list)
+    called: set[str] = field(default_factory=set)
+
+
+class _PlanHolder:
+    plan: _Plan | None = None
+
+
+class DecomposedModule(nn.Module):
+    """Stands in for a decomposed module: runs the original or its masked components."""
+
+    def __init__(
+        self,
+        original: nn.Module,
+        components: Components,
+        path: str,
+        kind: ModuleKind,
+        holder: _PlanHolder,
+    ):
+        super().__init__()
+        if hasattr(original, "pre_identity"):
+            # The inserted identity moves to the wrapper so that the component path sees its output
+            # too (and the identity stays decomposable at `<path>.pre_identity`).
+            self.pre_identity = original.pre_identity
+            original._pre_identity_hook.remove()
+            del original.pre_identity
+            self.register_forward_pre_hook(_pre_identity_hook)
+        self.original = original
+        self.path, self.kind = path, kind
+        self._components = [components]  # owned by the ComponentModel, not registered here
+        self._holder = holder
+        bias = getattr(original, "bias", None) if kind in ("linear", "conv1d") else None
+        self.register_buffer("_bias", None if bias is None else bias.detach(), persistent=False)
+
+    @property
+    def components(self) -> Components:
+        return self._components[0]
+
+    def target_weight(self) -> Float[Tensor, "d_out d_in"]:
+        match self.kind:
+            case "linear" | "embedding":
+                return self.original.weight  # type: ignore[return-value]
+            case "conv1d":
+                return self.original.weight.T  # type: ignore[union-attr]
+            case "identity":
+                d = self.original.d
+                return torch.eye(d, device=self.components.get_V().device)
+
+    def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        plan = self._holder.plan
+        if plan is None:
+            return self.original(x, *args, **kwargs)
+        assert not args and not kwargs, f"{self.path}: decomposed modules take one tensor input"
+        if plan.mode == "clean":
+            out = self.original(x)
+            assert plan.cache is not None
+            plan.cache.inputs[self.path] = x
+            plan.cache.outputs[self.path] = out
+            plan.cache._components[self.path] = self.components
+            return out
+        return self._masked_forward(x, plan)
+
+    def _masked_forward(self, x: Tensor, plan: _Plan) -> Tensor:
+        if plan.cache is not None and self.path in plan.called:
+            raise RuntimeError(
+                f"module '{self.path}' ran twice in one forward; clean-activation reuse assumes "
+                "each decomposed module runs once (set reuse_clean_activations: false)"
+            )
+        plan.called.add(self.path)
+        if plan.record is not None:
+            plan.record[self.path] = x
+        K = len(plan.copies)
+        rows = x.shape[0] // K
+        assert rows * K == x.shape[0], f"{self.path}: batch {x.shape[0]} not a multiple of {K}"
+        cache = plan.cache
+        pieces: list[Tensor] = []
+        k = 0
+        while k < K:
+            mm = plan.copies[k].get(self.path)
+            clean = cache is not None and not plan.dirty[k]
+            if mm is not None:
+                xk = x if K == 1 else x[k * rows : (k + 1) * rows]
+                pieces.append(self._replaced(xk, mm, cache if clean else None))
+                plan.dirty[k] = True
+                k += 1
+                continue
+            # A run of copies that keep the target weights here and agree on cleanliness.
+            j = k + 1
+            while j < K and self.path not in plan.copies[j] and plan.dirty[j] == plan.dirty[k]:
+                j += 1
+            if clean:
+                assert cache is not None
+                y = cache.outputs[self.path]
+                pieces.append(y if j - k == 1 else y.repeat(j - k, *([1] * (y.dim() - 1))))
+            else:
+                pieces.append(self.original(x[k * rows : j * rows]))
+            k = j
+        return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+
+    def _replaced(self, x: Tensor, mm: ModuleMask, cache: CleanCache | None) -> Tensor:
+        comps = self.components
+        if cache is not None:
+            assert cache.inputs[self.path].shape == x.shape, f"{self.path}: cache/batch mismatch"
+            a = cache.acts(self.path)
+            y: Tensor | None = cache.outputs[self.path]
+        else:
+            a = comps.acts(x)
+            y = self.original(x) if (mm.delta is not None or mm.route is not None) else None
+        bias = self._bias
+        if mm.delta is None:
+            out = (a * mm.mask) @ comps.get_U()
+            if bias is not None:
+                out = out + bias
+        else:
+            assert y is not None
+            d = mm.delta.unsqueeze(-1)
+            out = (a * (mm.mask - d)) @ comps.get_U() + d * y
+            if bias is not None:
+                out = out + (1 - d) * bias
+        if mm.route is not None:
+            assert y is not None
+            out = torch.where(mm.route.unsqueeze(-1), out, y)
+        return out
+
+
+@dataclass
+class CIOutputs:
+    lower: dict[str, Tensor]  # lower-leaky CI: masks and every recon metric
+    upper: dict[str, Tensor]  # upper-leaky CI: importance minimality only
+    pre_sigmoid: dict[str, Tensor]
+
+
+class ComponentModel(nn.Module):
+    """A target whose matched modules are decomposed into subcomponents with CI functions."""
+
+    def __init__(
+        self,
+        target: nn.Module,
+        module_info: list[tuple[str, int]],
+        ci_fn_type: CIFnType = "vector_mlp",
+        ci_fn_hidden_dims: list[int] | None = None,
+        sigmoid_type: SigmoidType = "leaky_hard",
+        identity_patterns: list[str] | None = None,
+        output_attr: str | None = None,
+        tied_pairs: list[tuple[str, str]] | None = None,
+        reuse_clean_activations: bool = True,
+    ):
+        super().__init__()
+        for name, p in target.named_parameters():
+            if p.requires_grad:
+                raise ValueError(f"target parameter '{name}' requires grad; freeze the target")
+        if identity_patterns:
+            insert_identity_operations(target, identity_patterns)
+        self.target = target
+        self.output_attr = output_attr
+        self.reuse_clean_activations = reuse_clean_activations
+        self._holder = _PlanHolder()
+        self._lower_sigmoid, self._upper_sigmoid = sigmoid_pair(sigmoid_type)
+        hidden = [8] if ci_fn_hidden_dims is None else ci_fn_hidden_dims
+
+        paths_C = expand_module_patterns(target, module_info)
+        self.module_paths: list[str] = list(paths_C)
+        tied = dict((dst, src) for src, dst in tied_pairs or [])
+        self.tied_pairs = [(s, d) for s, d in tied_pairs or [] if s in paths_C and d in paths_C]
+        self.components = nn.ModuleDict()
+        self.ci_fns = nn.ModuleDict()
+        self.wrappers: dict[str, DecomposedModule] = {}
+        comps_by_path: dict[str, Components] = {}
+        for path, C in paths_C.items():
+            module = target.get_submodule(path)
+            kind = module_kind(module, path)
+            d_in, d_out = _dims(module, kind)
+            comps: Components
+            if kind == "embedding":
+                if ci_fn_type != "mlp":
+                    raise ValueError(
+                        f"embedding '{path}' needs ci_fn_type 'mlp' (got {ci_fn_type})"
+                    )
+                comps = EmbeddingComponents(d_in, d_out, C)
+            elif path in tied and tied[path] in paths_C:
+                if tied[path] not in comps_by_path:
+                    raise ValueError(f"tied source '{tied[path]}' must come before '{path}'")
+                src = comps_by_path[tied[path]]
+                assert isinstance(src, LinearComponents)
+                if (src.d_in, src.d_out, src.C) != (d_out, d_in, C):
+                    raise ValueError(f"tied modules '{tied[path]}' and '{path}' differ in shape/C")
+                comps = TiedLinearComponents(src)
+            else:
+                comps = LinearComponents(d_in, d_out, C)
+            comps_by_path[path] = comps
+            self.components[_key(path)] = comps
+            self.ci_fns[_key(path)] = make_ci_fn(ci_fn_type, C, d_in, hidden)
+            wrapper = DecomposedModule(module, comps, path, kind, self._holder)
+            parent_name, _, child = path.rpartition(".")
+            parent = target.get_submodule(parent_name) if parent_name else target
+            setattr(parent, child, wrapper)
+            self.wrappers[path] = wrapper
+        self._ci_forward: dict[str, Callable[[Tensor], Tensor]] = {}
+
+    # -- structure ---------------------------------------------------------------------------
+
+    def C(self, path: str) -> int:
+        return self.components[_key(path)].C  # type: ignore[return-value]
+
+    def comps(self, path: str) -> Components:
+        return self.components[_key(path)]  # type: ignore[return-value]
+
+    def ci_fn(self, path: str) -> CIFn:
+        return self.ci_fns[_key(path)]  # type: ignore[return-value]
+
+    def component_weights(self, path: str) -> Float[Tensor, "C d_out d_in"]:
+        """Each subcomponent's rank-one weight, nn.Linear orientation ([C, vocab, d] for
+        embeddings)."""
+        return self.comps(path).subcomponent_weights()
+
+    def target_weight(self, path: str) -> Float[Tensor, "d_out d_in"]:
+        return self.wrappers[path].target_weight()
+
+    def weight_deltas(self) -> dict[str, Tensor]:
+        return {p: self.target_weight(p) - self.comps(p).weight() for p in self.module_paths}
+
+    def trainable_parameters(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+        """(component params, CI-function params), each shared parameter once."""
+        return list(self.components.parameters()), list(self.ci_fns.parameters())
+
+    def compile_ci_fns(self) -> None:
+        for path in self.module_paths:
+            self._ci_forward[path] = torch.compile(self.ci_fn(path), dynamic=False)
+
+    # -- forwards ----------------------------------------------------------------------------
+
+    def _extract(self, out: Any) -> Tensor:
+        attr = self.output_attr
+        if attr is None:
+            return out  # type: ignore[no-any-return]
+        if attr.startswith("idx_"):
+            return out[int(attr[4:])]  # type: ignore[no-any-return]
+        return getattr(out, attr)  # type: ignore[no-any-return]
+
+    @contextmanager
+    def _with_plan(self, plan: _Plan) -> Iterator[_Plan]:
+        assert self._holder.plan is None, "nested ComponentModel forwards are not supported"
+        self._holder.plan = plan
+        try:
+            yield plan
+        finally:
+            self._holder.plan = None
+
+    def forward(self, batch: Tensor) -> Tensor:
+        """The target's output (no masks)."""
+        return self._extract(self.target(batch))
+
+    def clean_forward(self, batch: Tensor) -> tuple[Tensor, CleanCache]:
+        cache = CleanCache()
+        with self._with_plan(_Plan(mode="clean", cache=cache)):
+            out = self._extract(self.target(batch))
+        return out, cache
+
+    def masked_forward(
+        self,
+        batch: Tensor,
+        copies: list[dict[str, ModuleMask]],
+        cache: CleanCache | None = None,
+        record_inputs: dict[str, Tensor] | None = None,
+    ) -> Tensor:
+        """Forward of len(copies) stacked copies of `batch`; copy k replaces the modules in
+        copies[k].
+
+        `cache` must come from `clean_forward(batch)` on the same batch; it lets still-clean copies
+        skip recomputation. Returns the outputs of all copies stacked along dim 0. `record_inputs`,
+        when given, receives every wrapper's (stacked) input.
+        """
+        K = len(copies)
+        assert K >= 1
+        for copy in copies:
+            for path in copy:
+                assert path in self.wrappers, f"unknown module path '{path}'"
+        stacked = batch if K == 1 else batch.repeat(K, *([1] * (batch.dim() - 1)))
+        plan = _Plan(
+            mode="masked",
+            copies=copies,
+            cache=cache if self.reuse_clean_activations else None,
+            record=record_inputs,
+            dirty=[False] * K,
+        )
+        with self._with_plan(plan):
+            return self._extract(self.target(stacked))
+
+    # -- causal importances ------------------------------------------------------------------
+
+    def ci_from_cache(
+        self,
+        cache: CleanCache,
+        sampling: Literal["continuous", "binomial"] = "continuous",
+        noise: Noise | None = None,
+    ) -> CIOutputs:
+        lower, upper, pre = {}, {}, {}
+        for path in self.module_paths:
+            fn = self.ci_fn(path)
+            inp = cache.acts(path) if fn.takes_component_acts else cache.inputs[path]
+            z = self._ci_forward.get(path, fn)(inp)
+            z_lower = z
+            if sampling == "binomial":
+                assert noise is not None, "binomial sampling needs noise"
+                u = noise.rand(tuple(z.shape), z.device, z.dtype)
+                z_lower = 1.05 * z - 0.05 * u
+            lower[path] = self._lower_sigmoid(z_lower)
+            upper[path] = self._upper_sigmoid(z)
+            pre[path] = z
+        return CIOutputs(lower=lower, upper=upper, pre_sigmoid=pre)
+
+    def causal_importances(self, batch: Tensor) -> dict[str, Tensor]:
+        """Lower-leaky CI values {path: [..., C]} of a batch (continuous sampling)."""
+        _, cache = self.clean_forward(batch)
+        return self.ci_from_cache(cache).lower
+
+
+def _key(path: str) -> str:
+    return path.replace(".", "-")

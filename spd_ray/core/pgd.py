@@ -1,0 +1,96 @@
+"""Adversarial mask search: masks ci + (1 - ci) * s with sources s chosen to maximise the recon
+loss.
+
+The sources start random / ones / zeroes and take `n_steps` signed-gradient ascent steps, clamped to
+[0, 1]; only the sources are differentiated in the inner steps (CI and component acts are detached).
+The last source column is the weight-delta mask when the delta component is used. The final forward
+is differentiable with respect to the components and CI functions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from spd_ray import config as C
+from spd_ray.core.losses import StepInputs, masked_recon
+from spd_ray.core.masks import Noise, Routes
+from spd_ray.core.model import CleanCache, ModuleMask
+
+
+def _init_source(
+    shape: tuple[int, ...], init: str, like: Tensor, noise: Noise, shared: bool
+) -> Tensor:
+    match init:
+        case "random":
+            draw = noise.rand_unbatched if shared else noise.rand
+            src = draw(shape, like.device, like.dtype)
+        case "ones":
+            src = torch.ones(shape, device=like.device, dtype=like.dtype)
+        case _:
+            src = torch.zeros(shape, device=like.device, dtype=like.dtype)
+    return src
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def pgd_recon_loss(inp: StepInputs, cfg: C._PGD, routes_per_copy: list[Routes]) -> Tensor:
+    delta = inp.use_delta_component
+    shared = cfg.mask_scope == "shared_across_batch"
+    sources: list[dict[str, Tensor]] = []
+    for routes in routes_per_copy:
+        copy_src = {}
+        for path in routes:
+            ci = inp.ci.lower[path]
+            n = ci.shape[-1] + (1 if delta else 0)
+            shape = (*([1] * (ci.dim() - 1)), n) if shared else (*ci.shape[:-1], n)
+            src = _init_source(shape, cfg.init, ci, inp.noise, shared)
+            if shared and _distributed():
+                dist.broadcast(src, src=0)
+            copy_src[path] = src
+        sources.append(copy_src)
+
+    def copies(detached: bool) -> list[dict[str, ModuleMask]]:
+        out = []
+        for routes, copy_src in zip(routes_per_copy, sources, strict=True):
+            masks = {}
+            for path, route in routes.items():
+                ci = inp.ci.lower[path]
+                if detached:
+                    ci = ci.detach()
+                src = copy_src[path]
+                comp = src[..., : ci.shape[-1]]
+                d = src[..., -1].expand(ci.shape[:-1]) if delta else None
+                masks[path] = ModuleMask(mask=ci + (1 - ci) * comp, delta=d, route=route)
+            out.append(masks)
+        return out
+
+    flat = [s for copy_src in sources for s in copy_src.values()]
+    for _ in range(cfg.n_steps):
+        for s in flat:
+            s.requires_grad_(True)
+        with torch.enable_grad():
+            loss = masked_recon(_detached_cache_inputs(inp), copies(detached=True))
+            grads = torch.autograd.grad(loss, flat)
+        with torch.no_grad():
+            for s, g in zip(flat, grads, strict=True):
+                if shared and _distributed():
+                    dist.all_reduce(g, op=dist.ReduceOp.AVG)
+                s.add_(cfg.step_size * g.sign()).clamp_(0.0, 1.0)
+        for s in flat:
+            s.requires_grad_(False)
+    return masked_recon(inp, copies(detached=False))
+
+
+def _detached_cache_inputs(inp: StepInputs) -> StepInputs:
+    """The same inputs, whose cached component acts are detached so inner steps build no graph
+    through the components."""
+    cache = CleanCache(inputs=inp.cache.inputs, outputs=inp.cache.outputs)
+    for path in inp.paths:
+        cache._acts[path] = inp.cache.acts(path).detach()
+    return replace(inp, cache=cache)

@@ -1,0 +1,73 @@
+"""One SPD training step as a function: batch in, loss terms out (no I/O, no logging, no syncs)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from spd_ray.config import Config
+from spd_ray.core.losses import StepInputs, total_loss
+from spd_ray.core.masks import Noise
+from spd_ray.core.model import ComponentModel
+
+
+def build_component_model(config: Config, target: torch.nn.Module) -> ComponentModel:
+    identity = [m.module_pattern for m in config.identity_module_info or []]
+    return ComponentModel(
+        target,
+        [(m.module_pattern, m.C) for m in config.all_module_info],
+        ci_fn_type=config.ci_fn_type,
+        ci_fn_hidden_dims=list(config.ci_fn_hidden_dims),
+        sigmoid_type=config.sigmoid_type,
+        identity_patterns=identity,
+        output_attr=config.pretrained_model_output_attr,
+        tied_pairs=list(getattr(target, "tied_module_pairs", [])),
+        reuse_clean_activations=config.reuse_clean_activations,
+    )
+
+
+def step_inputs(
+    config: Config,
+    model: ComponentModel,
+    batch: Tensor,
+    noise: Noise,
+    step_frac: float,
+    world_size: int = 1,
+) -> StepInputs:
+    """Clean forward (cached), then causal importances: everything a loss term needs."""
+    with torch.no_grad():
+        target_out, cache = model.clean_forward(batch)
+    ci = model.ci_from_cache(cache, sampling=config.sampling, noise=noise)
+    return StepInputs(
+        model=model,
+        batch=batch,
+        target_out=target_out,
+        cache=cache,
+        ci=ci,
+        output_loss_type=config.output_loss_type,
+        use_delta_component=config.use_delta_component,
+        sampling=config.sampling,
+        n_mask_samples=config.n_mask_samples,
+        noise=noise,
+        step_frac=step_frac,
+        world_size=world_size,
+    )
+
+
+def train_step_losses(
+    config: Config,
+    model: ComponentModel,
+    batch: Tensor,
+    noise: Noise,
+    step_frac: float,
+    world_size: int = 1,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Total loss (to backpropagate) and detached per-term values plus train L0 per layer."""
+    inp = step_inputs(config, model, batch, noise, step_frac, world_size)
+    total, terms = total_loss(list(config.loss_metric_configs), inp)
+    metrics = {k: v.detach() for k, v in terms.items()}
+    metrics["loss/total"] = total.detach()
+    thr = config.ci_alive_threshold
+    for path, ci in inp.ci.lower.items():
+        metrics[f"l0/{path}"] = (ci.detach() > thr).sum(-1).float().mean()
+    return total, metrics

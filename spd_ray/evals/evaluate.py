@@ -1,0 +1,160 @@
+"""One evaluation pass: every configured metric over a fixed set of eval batches.
+
+The metric list is `eval_metric_configs` plus every training loss not already listed there (the eval
+entry wins). Loss-type metrics are averaged over batches; CI statistics are accumulated; figures are
+made only on slow evals. Single-feature metrics (IdentityCIError, MMCS/ML2R, permuted CI plots) run
+the model on 0.75 * one-hot inputs, which the caller supplies for toy tasks.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Iterable
+
+import torch
+from matplotlib.figure import Figure
+from torch import Tensor
+
+from spd_ray import config as C
+from spd_ray.core.losses import loss_term
+from spd_ray.core.masks import Noise
+from spd_ray.core.model import ComponentModel
+from spd_ray.core.step import step_inputs
+from spd_ray.evals import figures as F
+from spd_ray.evals.metrics import CIStats, identity_ci_errors, mmcs_ml2r
+from spd_ray.evals.target_solutions import permute_by_pattern
+
+LM_ONLY = (C.CEandKLLosses, C.StochasticReconSubsetCEAndKL)
+
+
+def eval_metric_list(config: C.Config) -> list[C.LossConfig | C.EvalOnlyConfig]:
+    listed = {m.classname for m in config.eval_metric_configs}
+    extra = [m for m in config.loss_metric_configs if m.classname not in listed]
+    return [*config.eval_metric_configs, *extra]
+
+
+def check_eval_metrics(config: C.Config) -> None:
+    """Reject metrics that cannot run on this task before any work starts."""
+    if config.task_config.task_name == "lm":
+        return
+    for m in eval_metric_list(config):
+        if isinstance(m, LM_ONLY):
+            raise ValueError(
+                f"eval_metric_configs.{m.classname} needs a language-model task "
+                f"(task_config.task_name is '{config.task_config.task_name}')"
+            )
+
+
+def _matching(paths: list[str], patterns: list[str]) -> list[str]:
+    return [p for p in paths if any(fnmatch.fnmatch(p, pat) for pat in patterns)]
+
+
+@torch.no_grad()
+def evaluate(
+    config: C.Config,
+    model: ComponentModel,
+    batches: Iterable[Tensor],
+    noise: Noise,
+    step: int,
+    slow: bool,
+    single_feature_input: Tensor | None = None,
+    world_size: int = 1,
+) -> tuple[dict[str, Tensor], dict[str, Figure]]:
+    metrics = eval_metric_list(config)
+    loss_cfgs = [m for m in metrics if m.classname in C.LOSS_CLASSNAMES]
+    by_type = {type(m): m for m in metrics}
+    l0_cfg = by_type.get(C.CI_L0)
+    stats = CIStats(config.ci_alive_threshold, l0_cfg.groups if l0_cfg else None)  # type: ignore[union-attr]
+    hist_cfg = by_type.get(C.CIHistograms)
+    hist_lower: list[dict[str, Tensor]] = []
+    hist_pre: list[dict[str, Tensor]] = []
+
+    sums: dict[str, Tensor] = {}
+    n_batches = 0
+    for batch in batches:
+        inp = step_inputs(config, model, batch, noise, step / config.steps, world_size)
+        for cfg in loss_cfgs:
+            key = f"loss/{cfg.classname}"
+            value = loss_term(cfg, inp).detach().float()  # type: ignore[arg-type]
+            sums[key] = sums[key] + value if key in sums else value
+        stats.update(inp.ci.lower)
+        limit = hist_cfg.n_batches_accum if hist_cfg else None  # type: ignore[union-attr]
+        if slow and hist_cfg and (limit is None or len(hist_lower) < limit):
+            hist_lower.append({k: v.detach().cpu() for k, v in inp.ci.lower.items()})
+            hist_pre.append({k: v.detach().cpu() for k, v in inp.ci.pre_sigmoid.items()})
+        n_batches += 1
+    assert n_batches > 0, "evaluate needs at least one batch"
+    scalars = {k: v / n_batches for k, v in sums.items()}
+    ci_stats = stats.compute()
+    if l0_cfg is not None:
+        scalars.update(ci_stats.l0)
+    figures: dict[str, Figure] = {}
+    if slow:
+        if hist_cfg:
+            cat = lambda xs: {k: torch.cat([x[k] for x in xs]) for k in xs[0]}  # noqa: E731
+            figures["ci_histograms"] = F.ci_histograms(cat(hist_lower), "causal importances")
+            figures["pre_sigmoid_histograms"] = F.ci_histograms(cat(hist_pre), "pre-sigmoid")
+        if C.ComponentActivationDensity in by_type:
+            figures["activation_density"] = F.activation_density_hist(ci_stats.density)
+        if C.CIMeanPerComponent in by_type:
+            figures["ci_mean_per_component"] = F.ci_mean_per_component(ci_stats.mean)
+
+    device = next(iter(model.parameters())).device
+    out: dict[str, Tensor] = {f"eval/{k}": v for k, v in scalars.items()}
+    extra, figs = _single_feature_metrics(model, by_type, single_feature_input, slow)
+    out.update({f"eval/{k}": torch.tensor(v, device=device) for k, v in extra.items()})
+    figures.update(figs)
+    return out, figures
+
+
+def _single_feature_metrics(
+    model: ComponentModel,
+    by_type: dict[type, C.LossConfig | C.EvalOnlyConfig],
+    single_feature_input: Tensor | None,
+    slow: bool,
+) -> tuple[dict[str, float], dict[str, Figure]]:
+    wanted = (C.IdentityCIError, C.PermutedCIPlots, C.UVPlots)
+    out: dict[str, float] = {}
+    figures: dict[str, Figure] = {}
+    paths = model.module_paths
+    mm = by_type.get(C.MMCSAndML2R)
+    if isinstance(mm, C.MMCSAndML2R):
+        for path in _matching(paths, mm.module_patterns):
+            mmcs, ml2r = mmcs_ml2r(
+                model.target_weight(path), model.component_weights(path), mm.min_norm_frac
+            )
+            out[f"mmcs/{path}"], out[f"ml2r/{path}"] = mmcs, ml2r
+    if not any(t in by_type for t in wanted):
+        return out, figures
+    if single_feature_input is None:
+        raise ValueError("IdentityCIError / PermutedCIPlots / UVPlots need a toy task")
+    _, cache = model.clean_forward(single_feature_input)
+    ci = model.ci_from_cache(cache)
+    ici = by_type.get(C.IdentityCIError)
+    if isinstance(ici, C.IdentityCIError):
+        out.update(identity_ci_errors({p: v.cpu() for p, v in ci.lower.items()}, ici))
+    if not slow:
+        return out, figures
+    plots = by_type.get(C.PermutedCIPlots)
+    if isinstance(plots, C.PermutedCIPlots):
+        for name, values, cmap in (
+            ("causal_importances", ci.lower, "Blues"),
+            ("causal_importances_upper_leaky", ci.upper, "Reds"),
+        ):
+            figures[name] = F.permuted_ci_heatmaps(
+                {p: v.cpu() for p, v in values.items()},
+                plots.identity_patterns,
+                plots.dense_patterns,
+                cmap,
+            )
+    uv = by_type.get(C.UVPlots)
+    if isinstance(uv, C.UVPlots):
+        perms = permute_by_pattern(
+            {p: v.cpu() for p, v in ci.upper.items()}, uv.identity_patterns, uv.dense_patterns
+        )
+        figures["uv_matrices"] = F.uv_heatmaps(
+            {p: model.comps(p).get_V().detach().cpu() for p in paths},
+            {p: model.comps(p).get_U().detach().cpu() for p in paths},
+            {p: perm for p, (_, perm) in perms.items()},
+        )
+    return out, figures

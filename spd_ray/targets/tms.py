@@ -1,0 +1,174 @@
+"""Toy Model of Superposition: x_hat = ReLU(W2 H_k ... H_1 W1 x + b2), and its trainer.
+
+`train_tms` guarantees a good target: after training it checks that every input feature is
+represented (`tms_features_represented`) and retrains from a derived seed when one is not.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+from jaxtyping import Float
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from spd_ray.config import TMSTargetConfig
+from spd_ray.data.toy import SparseFeatureDataset
+
+MAX_TRAIN_ATTEMPTS = 5
+SEED_STRIDE = 1000
+MIN_FEATURE_NORM = 0.5
+ONE_HOT_VALUE = 1.0
+ONE_HOT_TOL = 0.3
+
+
+def _uniform_(param: Tensor, fan_in: int, generator: torch.Generator) -> None:
+    """nn.Linear's default init, U(-1/sqrt(fan_in), 1/sqrt(fan_in)), from an explicit generator."""
+    bound = 1.0 / math.sqrt(fan_in)
+    with torch.no_grad():
+        param.uniform_(-bound, bound, generator=generator)
+
+
+class TMSModel(nn.Module):
+    """linear1 (n_features -> n_hidden, no bias), hidden_layers (n_hidden -> n_hidden, no bias),
+    linear2 (n_hidden -> n_features, bias), ReLU on the output.
+
+    With `tied_weights` the model stays a plain module whose linear2.weight equals linear1.weight^T;
+    `tied_module_pairs` names the pair so a decomposition can tie its components too. The trainer
+    shares one parameter between them while training.
+    """
+
+    def __init__(self, config: TMSTargetConfig, generator: torch.Generator | None = None):
+        super().__init__()
+        self.config = config
+        self.model_type = config.model_type
+        self.n_features = config.n_features
+        gen = generator if generator is not None else torch.Generator().manual_seed(config.seed)
+        n_f, n_h = config.n_features, config.n_hidden
+
+        self.linear1 = nn.Linear(n_f, n_h, bias=False)
+        if config.n_hidden_layers > 0:
+            self.hidden_layers = nn.ModuleList(
+                [nn.Linear(n_h, n_h, bias=False) for _ in range(config.n_hidden_layers)]
+            )
+        self.linear2 = nn.Linear(n_h, n_f, bias=True)
+
+        _uniform_(self.linear1.weight, n_f, gen)
+        for layer in self.hidden_list:
+            _uniform_(layer.weight, n_h, gen)
+        _uniform_(self.linear2.weight, n_h, gen)
+        _uniform_(self.linear2.bias, n_h, gen)
+        with torch.no_grad():
+            if config.tied_weights:
+                self.linear2.weight.copy_(self.linear1.weight.T)
+            if config.init_bias_to_zero:
+                self.linear2.bias.zero_()
+            if config.fix_hidden_identity:
+                for layer in self.hidden_list:
+                    layer.weight.copy_(torch.eye(n_h))
+                    layer.weight.requires_grad_(False)
+
+        self.tied_module_pairs: list[tuple[str, str]] = (
+            [("linear1", "linear2")] if config.tied_weights else []
+        )
+
+    @property
+    def hidden_list(self) -> list[nn.Linear]:
+        if self.config.n_hidden_layers == 0:
+            return []
+        return [layer for layer in self.hidden_layers if isinstance(layer, nn.Linear)]
+
+    def forward(self, x: Float[Tensor, "... n_features"]) -> Float[Tensor, "... n_features"]:
+        h = self.linear1(x)
+        for layer in self.hidden_list:
+            h = layer(h)
+        return F.relu(self.linear2(h))
+
+
+@contextmanager
+def shared_tied_weight(model: TMSModel) -> Iterator[None]:
+    """While inside, linear2.weight is linear1.weight^T recomputed each forward: one parameter, so
+    gradients of both uses add up and the optimizer updates it once. On exit linear2.weight becomes a
+    plain parameter again, an exact copy of linear1.weight^T."""
+    if not model.config.tied_weights:
+        yield
+        return
+    lin1, lin2 = model.linear1, model.linear2
+    del lin2.weight
+
+    def tie(module: nn.Module, args: tuple[Tensor, ...]) -> None:
+        module.weight = lin1.weight.T
+
+    handle = lin2.register_forward_pre_hook(tie)
+    try:
+        yield
+    finally:
+        handle.remove()
+        lin2.__dict__.pop("weight", None)
+        lin2.weight = nn.Parameter(lin1.weight.detach().T.clone(memory_format=torch.contiguous_format))
+
+
+@torch.no_grad()
+def tms_features_represented(model: TMSModel) -> list[bool]:
+    """Per input feature f: its hidden embedding (e_f through linear1 and the hidden layers) has norm
+    >= MIN_FEATURE_NORM, and the model reconstructs the one-hot input ONE_HOT_VALUE * e_f with
+    |x_hat[f] - ONE_HOT_VALUE| <= ONE_HOT_TOL."""
+    n = model.n_features
+    eye = torch.eye(n, device=model.linear1.weight.device)
+    h = model.linear1(eye)
+    for layer in model.hidden_list:
+        h = layer(h)
+    norms = h.norm(dim=1)
+    recon = model(ONE_HOT_VALUE * eye).diagonal()
+    ok = (norms >= MIN_FEATURE_NORM) & ((recon - ONE_HOT_VALUE).abs() <= ONE_HOT_TOL)
+    return [bool(v) for v in ok.tolist()]
+
+
+def _train_once(cfg: TMSTargetConfig, seed: int, progress: bool) -> TMSModel:
+    gen = torch.Generator().manual_seed(seed)
+    model = TMSModel(cfg, generator=gen)
+    data = SparseFeatureDataset(
+        cfg.n_features, cfg.feature_probability, "at_least_zero_active", value_range=(0.0, 1.0)
+    )
+    with shared_tied_weight(model):
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        bar = tqdm(range(cfg.steps), desc=f"tms seed {seed}", disable=not progress)
+        for _ in bar:
+            x = data.generate_batch(cfg.batch_size, gen)
+            loss = ((model(x) - x) ** 2).mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        bar.close()
+    return model
+
+
+def train_tms(cfg: TMSTargetConfig, progress: bool = False) -> TMSModel:
+    """Train a TMS target: AdamW at constant lr, inputs with features active w.p.
+    feature_probability and values U[0, 1], loss mean((x - x_hat)^2).
+
+    Guarantee: the returned model represents every feature (`tms_features_represented` is all True).
+    Some seeds leave a feature unlearned (e.g. 4 of 5 in TMS 5-2); then training restarts from seed
+    `cfg.seed + SEED_STRIDE * attempt`, at most MAX_TRAIN_ATTEMPTS times, and raises if all fail.
+    The returned model's config is `cfg` either way; the seed used only changes the weights.
+    """
+    failures: list[str] = []
+    for attempt in range(MAX_TRAIN_ATTEMPTS):
+        seed = cfg.seed + SEED_STRIDE * attempt
+        model = _train_once(cfg, seed, progress)
+        represented = tms_features_represented(model)
+        if all(represented):
+            return model.eval()
+        missing = [f for f, ok in enumerate(represented) if not ok]
+        failures.append(f"seed {seed}: features {missing} not represented")
+        if progress:
+            tqdm.write(f"TMS target {failures[-1]}; retrying with another seed")
+    raise RuntimeError(
+        f"TMS target training failed to represent every feature after {MAX_TRAIN_ATTEMPTS} "
+        f"attempts ({'; '.join(failures)}); change target_model.seed or the training settings"
+    )

@@ -1,0 +1,220 @@
+"""Set up and run one decomposition in this process: `spd_ray.decompose` and each Ray worker use it.
+
+`build_worker` turns a config into everything the loop needs (target, ComponentModel, data,
+evaluation); `train` runs the loop with resume from the run directory's checkpoint; `decompose` is
+the in-process entry point that writes the run directory itself.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from matplotlib.figure import Figure
+from torch import nn
+from tqdm import tqdm
+
+from spd_ray.config import Config, ResidMLPTargetConfig, TMSTargetConfig
+from spd_ray.core.masks import Noise
+from spd_ray.core.model import ComponentModel
+from spd_ray.core.step import build_component_model
+from spd_ray.data.toy import ToyBatches, make_toy_dataset
+from spd_ray.evals.evaluate import check_eval_metrics, evaluate
+from spd_ray.targets import cached_target_path, load_target
+from spd_ray.train.loop import LoopContext, load_state, make_state, run_loop
+from spd_ray.train.rundir import RunDir, output_root, tune_malloc
+
+EVAL_SEED_OFFSET = 1_000_003
+
+
+@dataclass
+class Worker:
+    config: Config
+    target: nn.Module
+    model: ComponentModel
+    ctx: LoopContext
+
+
+def build_worker(
+    config: Config,
+    target: nn.Module | None = None,
+    out_root: Path | None = None,
+    device: torch.device | str = "cpu",
+    rank: int = 0,
+    world_size: int = 1,
+) -> Worker:
+    """Target, component model, data streams and evaluation for one worker of a run."""
+    device = torch.device(device)
+    check_eval_metrics(config)
+    if config.batch_size % world_size:
+        raise ValueError(f"batch_size {config.batch_size} is not divisible by {world_size} workers")
+    if target is None:
+        target = load_target(config, output_root(out_root))
+    torch.manual_seed(config.seed)  # component and CI-function init: identical on every worker
+    model = build_component_model(config, target).to(device)
+    if config.compile_ci_fns:
+        model.compile_ci_fns()
+    task = config.task_config
+    if task.task_name not in ("tms", "resid_mlp"):
+        raise NotImplementedError(f"task {task.task_name!r} arrives with the language-model issue")
+    dataset = make_toy_dataset(task, target)
+    train_batches = ToyBatches(dataset, config.batch_size, config.seed, rank, world_size, device)
+    n_features = dataset.n_features
+    single = 0.75 * torch.eye(n_features, device=device)
+    eval_bs = config.effective_eval_batch_size
+
+    def run_eval(
+        m: ComponentModel, step: int, slow: bool
+    ) -> tuple[dict[str, Any], dict[str, Figure]]:
+        # The same eval batches and mask noise at every eval, so evals are comparable across steps
+        # and a resumed run evaluates exactly like an uninterrupted one.
+        seed = config.seed + EVAL_SEED_OFFSET
+        batches = ToyBatches(dataset, eval_bs, seed, rank, world_size, device)
+        noise = Noise(torch.Generator(device=device).manual_seed(seed), rank, world_size)
+        return evaluate(
+            config,
+            m,
+            (next(batches) for _ in range(config.n_eval_steps)),
+            noise,
+            step,
+            slow,
+            single_feature_input=single,
+            world_size=world_size,
+        )
+
+    ctx = LoopContext(model, train_batches, run_eval, device, rank, world_size)
+    return Worker(config, target, model, ctx)
+
+
+class LocalReporter:
+    """Writes the run directory and shows progress in this process."""
+
+    def __init__(self, run_dir: RunDir, total_steps: int, progress: bool, start_step: int = 0):
+        self.run_dir = run_dir
+        self.bar = (
+            tqdm(total=total_steps, initial=start_step, desc=run_dir.path.name, file=sys.stderr)
+            if progress
+            else None
+        )
+        self.last: dict[str, float] = {}
+
+    def on_step(self, step: int, seconds: float) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        self.run_dir.append_metrics(step, metrics)
+        self.last.update(metrics)
+        if self.bar is not None and "train/loss/total" in metrics:
+            self.bar.set_postfix(
+                loss=f"{metrics['train/loss/total']:.3g}",
+                steps_s=f"{metrics.get('train/steps_per_s', 0.0):.1f}",
+            )
+
+    def figures(self, step: int, figures: dict[str, Figure]) -> None:
+        self.run_dir.save_figures(step, figures)
+
+    def checkpoint(self, step: int, state: dict[str, Any], final: bool) -> None:
+        self.run_dir.save_checkpoint(state)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    metrics: dict[str, float]
+    model: ComponentModel
+    resumed_from: int = 0
+    already_finished: bool = False
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def default_run_name(experiment: str) -> str:
+    return f"{experiment}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def summarize(
+    run_dir: RunDir, final_eval: dict[str, float], wall_s: float, workers: int
+) -> dict[str, Any]:
+    metrics = run_dir.read_metrics()
+    train = [m for m in metrics if "train/loss/total" in m]
+    summary: dict[str, Any] = {
+        "final_step": metrics[-1]["step"] if metrics else 0,
+        "final_eval": final_eval,
+        "final_train": {k: v for k, v in train[-1].items() if k != "step"} if train else {},
+        "initial_eval": next(
+            (m for m in metrics if m["step"] == 0 and any(k.startswith("eval/") for k in m)), {}
+        ),
+        "checkpoint": str(run_dir.checkpoint_path),
+        "wall_seconds": wall_s,
+        "workers": workers,
+    }
+    return summary
+
+
+def decompose(
+    config: Config,
+    target: nn.Module | None = None,
+    *,
+    out: str | Path | None = None,
+    name: str | None = None,
+    fresh: bool = False,
+    device: torch.device | str = "cpu",
+    progress: bool = True,
+) -> RunResult:
+    """Run one decomposition in this process (no Ray) and write its run directory.
+
+    A given `target` is wrapped in place (its decomposed modules are swapped for wrappers that
+    behave like the originals outside SPD forwards).
+
+    Rerunning with the same `name` and `out` resumes from the run's checkpoint; `fresh=True` deletes
+    the old run first. Returns the final eval metrics and the trained model.
+    """
+    tune_malloc()
+    root = output_root(out)
+    run_dir = RunDir(root / (name or default_run_name("run")))
+    if fresh and run_dir.path.exists():
+        shutil.rmtree(run_dir.path)
+    if target is None:
+        target = load_target(config, root)
+    worker = build_worker(config, target, root, device)  # validates modules and metrics first
+    run_dir.init(config)
+    copy_target_file(config, root, run_dir)
+    state = make_state(config, worker.ctx)
+    resumed_from = 0
+    if run_dir.checkpoint_path.exists():
+        load_state(state, worker.model, worker.ctx.train_batches, run_dir.load_checkpoint(device))
+        resumed_from = state.step
+        if run_dir.finished() and state.step >= config.steps:
+            summary = run_dir.read_summary()
+            return RunResult(run_dir.path, summary["final_eval"], worker.model, resumed_from, True)
+        run_dir.truncate_metrics_after(state.step)
+    reporter = LocalReporter(run_dir, config.steps, progress, state.step)
+    worker.ctx.on_step = reporter.on_step
+    t0 = time.perf_counter()
+    try:
+        final_eval = run_loop(config, worker.ctx, state, reporter)
+    finally:
+        reporter.close()
+    wall = time.perf_counter() - t0
+    run_dir.write_summary(summarize(run_dir, final_eval, wall, 1))
+    return RunResult(run_dir.path, final_eval, worker.model, resumed_from, timings={"wall_s": wall})
+
+
+def copy_target_file(config: Config, root: Path, run_dir: RunDir) -> None:
+    """Keep the toy target's file beside the run so the run directory loads on its own."""
+    dest = run_dir.path / "target.pt"
+    if dest.exists():
+        return
+    if config.pretrained_model_path is not None:
+        shutil.copyfile(config.pretrained_model_path, dest)
+    elif isinstance(config.target_model, TMSTargetConfig | ResidMLPTargetConfig):
+        shutil.copyfile(cached_target_path(config.target_model, root), dest)

@@ -1,0 +1,209 @@
+"""The config tree: shipped YAMLs load, errors name the key, `--set` overrides, IO round trip."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from spd_ray import config as C
+from spd_ray.config import ConfigError, apply_overrides, load_config, read_config_dict, save_config
+from spd_ray.registry import registry
+
+EXPERIMENTS = Path(__file__).resolve().parent.parent / "experiments"
+SHIPPED = sorted(EXPERIMENTS.rglob("*.yaml")) + sorted(EXPERIMENTS.rglob("*.yml"))
+# Sweep files hold parameter grids, not run configs.
+RUN_CONFIGS = [p for p in SHIPPED if "sweeps" not in p.relative_to(EXPERIMENTS).parts]
+
+
+def test_experiments_exist():
+    assert RUN_CONFIGS, f"no YAML under {EXPERIMENTS}"
+
+
+@pytest.mark.parametrize("path", RUN_CONFIGS, ids=lambda p: str(p.relative_to(EXPERIMENTS)))
+def test_shipped_yaml_loads(path):
+    cfg = load_config(path)
+    assert isinstance(cfg, C.Config)
+    assert path.read_text().startswith("#"), f"{path} should start with a header comment"
+
+
+def test_registry_names():
+    names = set(registry())
+    expected = {
+        "tms_5-2",
+        "tms_5-2-id",
+        "tms_40-10",
+        "tms_40-10-id",
+        "resid_mlp1",
+        "resid_mlp2",
+        "resid_mlp3",
+    }
+    assert expected <= names
+    for name, path in registry().items():
+        assert path.stem == name
+        load_config(path)
+
+
+def _base() -> dict[str, Any]:
+    return read_config_dict(EXPERIMENTS / "tms_5-2.yaml")
+
+
+def _write(tmp_path: Path, data: dict[str, Any]) -> Path:
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_unknown_key_is_named(tmp_path):
+    data = _base()
+    data["learning_rat"] = 0.1
+    with pytest.raises(ConfigError, match="learning_rat"):
+        load_config(_write(tmp_path, data))
+
+
+def test_unknown_nested_key_is_named(tmp_path):
+    data = _base()
+    data["loss_metric_configs"][0]["pnrom"] = 2.0
+    with pytest.raises(ConfigError, match="pnrom") as err:
+        load_config(_write(tmp_path, data))
+    assert str(tmp_path / "cfg.yaml") in str(err.value)
+
+
+def test_loss_without_coeff_is_named(tmp_path):
+    data = _base()
+    data["loss_metric_configs"] = [{"classname": "StochasticReconLoss"}]
+    with pytest.raises(ConfigError, match="coeff"):
+        load_config(_write(tmp_path, data))
+
+
+def test_C_zero_is_named(tmp_path):
+    data = _base()
+    data["module_info"][0]["C"] = 0
+    with pytest.raises(ConfigError, match=r"module_info\.0\.C"):
+        load_config(_write(tmp_path, data))
+
+
+def test_unknown_classname_is_rejected(tmp_path):
+    data = _base()
+    data["loss_metric_configs"].append({"classname": "NoSuchLoss", "coeff": 1.0})
+    with pytest.raises(ConfigError, match="NoSuchLoss|classname"):
+        load_config(_write(tmp_path, data))
+
+
+def test_constant_schedule_needs_flat_end():
+    with pytest.raises(ValueError, match="final_val_frac"):
+        C.ScheduleConfig(start_val=1.0, fn_type="constant", final_val_frac=0.5)
+
+
+def test_configs_are_frozen():
+    cfg = load_config(EXPERIMENTS / "tms_5-2.yaml")
+    with pytest.raises(ValueError):
+        cfg.steps = 3  # type: ignore[misc]
+
+
+def test_overrides_scalars_lists_and_mappings():
+    data = apply_overrides(
+        _base(),
+        [
+            "steps=5",
+            "lr_schedule.start_val=0.25",
+            "use_delta_component=false",
+            "wandb_project=null",
+            "slow_eval_freq=null",
+            "ci_fn_hidden_dims=[4, 8]",
+            "task_config={task_name: tms, feature_probability: 0.2}",
+            "seed=7",
+        ],
+    )
+    cfg = C.config_from_dict(data)
+    assert cfg.steps == 5
+    assert cfg.lr_schedule.start_val == 0.25
+    assert cfg.lr_schedule.fn_type == "cosine"  # untouched siblings stay
+    assert cfg.use_delta_component is False
+    assert cfg.wandb_project is None
+    assert cfg.slow_eval_freq is None
+    assert cfg.ci_fn_hidden_dims == [4, 8]
+    assert isinstance(cfg.task_config, C.TMSTaskConfig)
+    assert cfg.task_config.feature_probability == 0.2
+    assert cfg.seed == 7
+
+
+def test_override_exponent_float():
+    # YAML 1.1 reads "1e-3" as a string; the validated config must still hold the number.
+    cfg = C.config_from_dict(apply_overrides(_base(), ["lr_schedule.start_val=1e-3"]))
+    assert cfg.lr_schedule.start_val == pytest.approx(1e-3)
+
+
+def test_override_does_not_mutate_input():
+    data = _base()
+    apply_overrides(data, ["steps=5"])
+    assert data["steps"] == _base()["steps"]
+
+
+def test_override_loss_item_by_classname():
+    data = apply_overrides(
+        _base(),
+        [
+            "loss_metric_configs.ImportanceMinimalityLoss.coeff=0.5",
+            "loss_metric_configs.ImportanceMinimalityLoss.pnorm=2",
+        ],
+    )
+    cfg = C.config_from_dict(data)
+    items = {c.classname: c for c in cfg.loss_metric_configs}
+    im = items["ImportanceMinimalityLoss"]
+    assert isinstance(im, C.ImportanceMinimalityLoss)
+    assert (im.coeff, im.pnorm) == (0.5, 2.0)
+    assert len(cfg.loss_metric_configs) == len(_base()["loss_metric_configs"])
+    assert [c.classname for c in cfg.loss_metric_configs] == [
+        c["classname"] for c in _base()["loss_metric_configs"]
+    ]
+
+
+def test_override_new_classname_appends_item():
+    data = apply_overrides(_base(), ["loss_metric_configs.FaithfulnessLoss.coeff=2"])
+    cfg = C.config_from_dict(data)
+    assert len(cfg.loss_metric_configs) == len(_base()["loss_metric_configs"]) + 1
+    last = cfg.loss_metric_configs[-1]
+    assert isinstance(last, C.FaithfulnessLoss) and last.coeff == 2.0
+
+
+def test_override_whole_item():
+    data = apply_overrides(
+        _base(),
+        ["loss_metric_configs.PGDReconLoss={coeff: 1, init: ones, step_size: 0.1, n_steps: 2}"],
+    )
+    last = C.config_from_dict(data).loss_metric_configs[-1]
+    assert isinstance(last, C.PGDReconLoss)
+    assert (last.init, last.n_steps) == ("ones", 2)
+
+
+def test_bad_overrides():
+    with pytest.raises(ConfigError, match="key=value"):
+        apply_overrides(_base(), ["steps"])
+    with pytest.raises(ConfigError, match="steps"):
+        apply_overrides(_base(), ["steps.inner=1"])
+
+
+def test_load_config_applies_overrides():
+    cfg = load_config(EXPERIMENTS / "tms_5-2.yaml", ["steps=11", "batch_size=3"])
+    assert (cfg.steps, cfg.batch_size) == (11, 3)
+
+
+@pytest.mark.parametrize("suffix", [".yaml", ".json"])
+@pytest.mark.parametrize("path", RUN_CONFIGS, ids=lambda p: p.stem)
+def test_save_load_round_trip(tmp_path, suffix, path):
+    cfg = load_config(path)
+    out = tmp_path / f"saved{suffix}"
+    save_config(cfg, out)
+    assert load_config(out) == cfg
+
+
+def test_all_module_info_adds_identity_paths():
+    data = _base()
+    data["identity_module_info"] = [{"module_pattern": "linear2", "C": 3}]
+    cfg = C.config_from_dict(data)
+    pats = [(m.module_pattern, m.C) for m in cfg.all_module_info]
+    assert pats[-1] == ("linear2.pre_identity", 3)
+    assert pats[:-1] == [(m["module_pattern"], m["C"]) for m in data["module_info"]]
