@@ -1,10 +1,26 @@
-"""Target models and how to get them: toy models with their trainers (cached), saved files."""
+"""Target models to decompose: toy models (TMS, ResidMLP), their trainers, and loading with a cache."""
 
 from spd_ray.targets.loading import (
+    build_toy,
     cached_target_path,
     load_target,
     load_target_file,
     save_target,
+    train_toy,
 )
+from spd_ray.targets.resid_mlp import ResidMLP, train_resid_mlp
+from spd_ray.targets.tms import TMSModel, tms_features_represented, train_tms
 
-__all__ = ["cached_target_path", "load_target", "load_target_file", "save_target"]
+__all__ = [
+    "ResidMLP",
+    "TMSModel",
+    "build_toy",
+    "cached_target_path",
+    "load_target",
+    "load_target_file",
+    "save_target",
+    "tms_features_represented",
+    "train_resid_mlp",
+    "train_tms",
+    "train_toy",
+]

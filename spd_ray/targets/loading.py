@@ -1,12 +1,19 @@
-"""Getting the target model of a run: a saved file, a toy target trained once and cached, or (with the
-language-model issue) a Hugging Face model."""
+"""Getting the target model of a decomposition: a saved target file, or a toy target trained once and
+cached under `<out_root>/targets/<model_type>-<config hash>/`.
+
+A target file is a torch file holding `{"target_config": <TargetModelConfig dump>, "state_dict": ...}`;
+the model class is rebuilt from `target_config.model_type`.
+"""
 
 from __future__ import annotations
 
+import fcntl
 import importlib
 import os
 import sys
-import tempfile
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +24,7 @@ from torch import nn
 
 from spd_ray.config import (
     Config,
+    IHTargetConfig,
     ResidMLPTargetConfig,
     TargetModelConfig,
     TMSTargetConfig,
@@ -25,99 +33,158 @@ from spd_ray.config import (
 from spd_ray.targets.resid_mlp import ResidMLP, train_resid_mlp
 from spd_ray.targets.tms import TMSModel, train_tms
 
-ToyTarget = TMSModel | ResidMLP
-_TARGET_ADAPTER: TypeAdapter[Any] = TypeAdapter(TargetModelConfig)
+ToyTargetConfig = TMSTargetConfig | ResidMLPTargetConfig | IHTargetConfig
+ToyModel = TMSModel | ResidMLP
+
+TARGET_FILE = "target.pt"
+TARGET_CONFIG_FILE = "target_config.yaml"
+
+_TARGET_CONFIG_ADAPTER: TypeAdapter[ToyTargetConfig] = TypeAdapter(TargetModelConfig)
 
 
-def build_toy(cfg: TMSTargetConfig | ResidMLPTargetConfig) -> ToyTarget:
+def _no_ih_target(cfg: IHTargetConfig) -> NotImplementedError:
+    return NotImplementedError(
+        f"target_model.model_type {cfg.model_type!r}: the induction-head target arrives with its "
+        "own issue"
+    )
+
+
+def build_toy(cfg: ToyTargetConfig) -> ToyModel:
+    """An untrained toy target of this config (the deterministic init of its class)."""
     match cfg:
         case TMSTargetConfig():
             return TMSModel(cfg)
         case ResidMLPTargetConfig():
             return ResidMLP(cfg)
-    raise ValueError(f"target_model.model_type '{cfg.model_type}' has no toy model yet")
+        case IHTargetConfig():
+            raise _no_ih_target(cfg)
 
 
-def train_toy(cfg: TMSTargetConfig | ResidMLPTargetConfig, progress: bool = False) -> ToyTarget:
+def train_toy(cfg: ToyTargetConfig, progress: bool = False) -> ToyModel:
     match cfg:
         case TMSTargetConfig():
             return train_tms(cfg, progress=progress)
         case ResidMLPTargetConfig():
             return train_resid_mlp(cfg, progress=progress)
-    raise ValueError(f"target_model.model_type '{cfg.model_type}' has no trainer yet")
+        case IHTargetConfig():
+            raise _no_ih_target(cfg)
 
 
-def save_target(model: nn.Module, cfg: TMSTargetConfig | ResidMLPTargetConfig, path: Path) -> None:
-    """Write {target_config, state_dict} atomically (temp file in the same folder, then rename)."""
+def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """Write through a temporary file in the same folder, then rename: readers see the old file or
+    the whole new one, never a partial file, and concurrent writers cannot interleave."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def save_target(model: nn.Module, target_cfg: ToyTargetConfig, path: Path) -> None:
+    """Save a toy target file (atomically) that `load_target_file` reads back."""
+    payload = {"target_config": target_cfg.model_dump(mode="json"), "state_dict": model.state_dict()}
     path.parent.mkdir(parents=True, exist_ok=True)
-    payload = {"target_config": cfg.model_dump(mode="json"), "state_dict": model.state_dict()}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    os.close(fd)
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+    _atomic_write(path, lambda tmp: torch.save(payload, tmp))
 
 
-def _frozen(model: nn.Module) -> nn.Module:
-    model.eval()
-    model.requires_grad_(False)
-    return model
-
-
-def load_target_file(path: str | Path) -> nn.Module:
-    """A target saved by `save_target`, rebuilt from its config, frozen and in eval mode."""
+def load_target_file(path: str | Path) -> ToyModel:
+    """The toy target saved at `path` (relative paths resolve against the current directory), on
+    the CPU, frozen (eval mode, no parameter requires grad)."""
     path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"target file not found: {path}")
-    payload = torch.load(path, map_location="cpu", weights_only=False)
-    if not isinstance(payload, dict) or "target_config" not in payload:
-        raise ValueError(f"{path} is not a target saved by spd-ray (no target_config)")
-    cfg = _TARGET_ADAPTER.validate_python(payload["target_config"])
+    if not path.is_file():
+        raise FileNotFoundError(f"target file not found: {path.resolve()}")
+    payload: dict[str, Any] = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(payload, dict) or {"target_config", "state_dict"} - payload.keys():
+        raise ValueError(f"{path}: not a target file (expected keys target_config, state_dict)")
+    cfg = _TARGET_CONFIG_ADAPTER.validate_python(payload["target_config"])
     model = build_toy(cfg)
     model.load_state_dict(payload["state_dict"])
     return _frozen(model)
 
 
-def cached_target_path(cfg: TMSTargetConfig | ResidMLPTargetConfig, out_root: Path) -> Path:
-    return out_root / "targets" / f"{cfg.model_type}-{config_hash(cfg)}" / "target.pt"
+def _frozen(model: ToyModel) -> ToyModel:
+    model.eval()
+    model.requires_grad_(False)
+    return model
 
 
-def _check_class(model: nn.Module, class_path: str) -> None:
-    module_name, _, cls_name = class_path.rpartition(".")
+def cached_target_path(target_cfg: ToyTargetConfig, out_root: Path) -> Path:
+    """Where the toy target of this config is cached: the folder name carries its config hash."""
+    name = f"{target_cfg.model_type}-{config_hash(target_cfg)}"
+    return Path(out_root) / "targets" / name / TARGET_FILE
+
+
+@contextmanager
+def _exclusive_lock(lock_path: Path) -> Iterator[None]:
+    """An fcntl lock, so concurrent processes (e.g. data-parallel workers) train a target once."""
+    with open(lock_path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def load_or_train_toy(
+    target_cfg: ToyTargetConfig, out_root: Path, progress: bool = True
+) -> ToyModel:
+    """The cached toy target of `target_cfg`, trained and cached first when missing (announced on
+    stderr with a progress bar when `progress`)."""
+    path = cached_target_path(target_cfg, out_root)
+    if path.is_file():
+        return load_target_file(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with _exclusive_lock(path.parent / ".lock"):
+        if path.is_file():  # another process trained it while we waited for the lock
+            return load_target_file(path)
+        if progress:
+            print(f"training target {path.parent.name} (cached afterwards)", file=sys.stderr)
+        model = train_toy(target_cfg, progress=progress)
+        config_text = yaml.safe_dump(target_cfg.model_dump(mode="json"), sort_keys=False)
+        _atomic_write(path.parent / TARGET_CONFIG_FILE, lambda tmp: tmp.write_text(config_text))
+        save_target(model, target_cfg, path)
+    # Load the file rather than returning the trained module, so the first and later runs see
+    # exactly the same target.
+    return load_target_file(path)
+
+
+def import_class(dotted: str) -> type:
+    """The class that `pretrained_model_class` names, e.g. 'spd_ray.targets.tms.TMSModel'."""
+    module_name, _, attr = dotted.rpartition(".")
+    if not module_name:
+        raise ValueError(f"pretrained_model_class {dotted!r} is not a dotted path module.Class")
     try:
-        cls = getattr(importlib.import_module(module_name), cls_name)
-    except (ImportError, AttributeError, ValueError):
-        raise ValueError(f"pretrained_model_class '{class_path}' cannot be imported") from None
-    if not isinstance(model, cls):
-        raise ValueError(
-            f"pretrained_model_class is '{class_path}' but the target is {type(model).__name__}"
-        )
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as err:
+        raise ValueError(f"pretrained_model_class {dotted!r}: cannot import {err.name!r}") from None
+    cls = getattr(module, attr, None)
+    if not isinstance(cls, type):
+        raise ValueError(f"pretrained_model_class {dotted!r}: {module_name} has no class {attr!r}")
+    return cls
 
 
 def load_target(config: Config, out_root: Path, progress: bool = True) -> nn.Module:
-    """The run's target, frozen and in eval mode.
+    """The target of `config`, frozen (eval mode, no parameter requires grad).
 
-    `pretrained_model_path` names a saved file; otherwise `target_model` is trained once and cached
-    under `<out_root>/targets/<model_type>-<config hash>/target.pt`, so later runs start at once.
+    Precedence: `pretrained_model_path` (a saved target file), then `target_model` (a toy target
+    trained once and cached under `out_root`), then `pretrained_model_name` (Hugging Face). The
+    result must be an instance of the class `pretrained_model_class` names.
     """
+    if config.pretrained_model_path is None and config.target_model is None:
+        raise NotImplementedError("Hugging Face targets arrive with the language-model issue")
+    expected = import_class(config.pretrained_model_class)
+    model: nn.Module
     if config.pretrained_model_path is not None:
         model = load_target_file(config.pretrained_model_path)
-    elif config.target_model is not None:
-        cfg = config.target_model
-        if not isinstance(cfg, TMSTargetConfig | ResidMLPTargetConfig):
-            raise NotImplementedError(f"target_model '{cfg.model_type}' has no trainer yet")
-        path = cached_target_path(cfg, out_root)
-        if path.exists():
-            model = load_target_file(path)
-        else:
-            if progress:
-                print(f"training target {path.parent.name} (cached afterwards)", file=sys.stderr)
-            model = train_toy(cfg, progress=progress)
-            save_target(model, cfg, path)
-            (path.parent / "target_config.yaml").write_text(
-                yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
-            )
-            model = _frozen(model)
     else:
-        raise NotImplementedError("Hugging Face targets arrive with the language-model issue")
-    _check_class(model, config.pretrained_model_class)
+        assert config.target_model is not None
+        model = load_or_train_toy(config.target_model, out_root, progress)
+    if not isinstance(model, expected):
+        raise TypeError(
+            f"pretrained_model_class is {config.pretrained_model_class!r}, but the target is a "
+            f"{type(model).__module__}.{type(model).__qualname__}"
+        )
+    model.eval()
+    model.requires_grad_(False)
     return model

@@ -154,7 +154,7 @@ def faithfulness_warmup(config: Config, model: ComponentModel, reporter: Reporte
         loss = faithfulness_loss(model)
         loss.backward()
         opt.step()
-    reporter.log(0, {"warmup/faithfulness": float(loss)})
+    reporter.log(0, {"warmup/faithfulness": float(loss.detach())})
 
 
 def run_loop(

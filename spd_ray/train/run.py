@@ -26,6 +26,7 @@ from spd_ray.core.step import build_component_model
 from spd_ray.data.toy import ToyBatches, make_toy_dataset
 from spd_ray.evals.evaluate import check_eval_metrics, evaluate
 from spd_ray.targets import cached_target_path, load_target
+from spd_ray.targets.loading import build_toy
 from spd_ray.train.loop import LoopContext, load_state, make_state, run_loop
 from spd_ray.train.rundir import RunDir, output_root, tune_malloc
 
@@ -89,6 +90,15 @@ def build_worker(
 
     ctx = LoopContext(model, train_batches, run_eval, device, rank, world_size)
     return Worker(config, target, model, ctx)
+
+
+def preflight(config: Config) -> None:
+    """Check the config against an untrained copy of its toy target before any training, so a bad
+    module pattern or metric fails at once instead of after the target has been trained."""
+    check_eval_metrics(config)
+    if isinstance(config.target_model, TMSTargetConfig | ResidMLPTargetConfig):
+        skeleton = build_toy(config.target_model).requires_grad_(False)
+        build_component_model(config, skeleton)
 
 
 class LocalReporter:
@@ -184,6 +194,7 @@ def decompose(
     if fresh and run_dir.path.exists():
         shutil.rmtree(run_dir.path)
     if target is None:
+        preflight(config)
         target = load_target(config, root)
     worker = build_worker(config, target, root, device)  # validates modules and metrics first
     run_dir.init(config)
