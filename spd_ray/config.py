@@ -393,7 +393,9 @@ class Config(BaseConfig):
     seed: int = Field(0, description="Seed of component init, masks and data.")
 
     # Components and CI functions
-    autocast_bf16: bool = Field(True, description="bf16 autocast on CUDA (CPU always runs fp32).")
+    autocast_bf16: bool = Field(
+        True, description="Run forwards under bf16 autocast (CPU and CUDA); losses reduce in fp32."
+    )
     n_mask_samples: int = Field(gt=0, description="Stochastic mask samples per step (S).")
     ci_fn_type: Literal["mlp", "vector_mlp", "shared_mlp"] = Field(
         "vector_mlp", description="Causal-importance function family."

@@ -70,6 +70,7 @@ def recon_loss(pred: Tensor, target: Tensor, kind: OutputLossType) -> Tensor:
     """Mean reconstruction error of `pred` ([K * batch, ...] stacked copies allowed) vs `target`."""
     if pred.shape != target.shape:
         pred = pred.reshape(-1, *target.shape)
+    pred, target = pred.float(), target.float()
     match kind:
         case "mse":
             return ((pred - target) ** 2).mean()
@@ -84,7 +85,9 @@ def recon_loss(pred: Tensor, target: Tensor, kind: OutputLossType) -> Tensor:
 
 def faithfulness_loss(model: ComponentModel) -> Tensor:
     """Mean squared entry of W - (VU)^T over all decomposed matrices."""
-    deltas = model.weight_deltas()
+    device = next(iter(model.components.parameters())).device
+    with torch.autocast(device.type, enabled=False):  # W - VU^T is tiny: keep it exact
+        deltas = model.weight_deltas()
     total = sum((d**2).sum() for d in deltas.values())
     n = sum(d.numel() for d in deltas.values())
     return total / n  # type: ignore[return-value]
@@ -104,7 +107,7 @@ def importance_minimality_loss(
     n_positions = first.numel() // first.shape[-1] * world_size
     total: Tensor | float = 0.0
     for g in ci_upper.values():
-        S = ((g + eps) ** pnorm).flatten(0, -2).sum(0)
+        S = ((g.float() + eps) ** pnorm).flatten(0, -2).sum(0)
         if world_size > 1:
             S = diff_all_reduce(S)
         m = S / n_positions

@@ -274,14 +274,16 @@ class DecomposedModule(nn.Module):
             a = comps.acts(x)
             y = self.original(x) if (mm.delta is not None or mm.route is not None) else None
         bias = self._bias
+        # Masks follow the activations' dtype (bf16 under autocast), so the output keeps it too.
+        mask = mm.mask.to(a.dtype)
         if mm.delta is None:
-            out = (a * mm.mask) @ comps.get_U()
+            out = (a * mask) @ comps.get_U()
             if bias is not None:
                 out = out + bias
         else:
             assert y is not None
-            d = mm.delta.unsqueeze(-1)
-            out = (a * (mm.mask - d)) @ comps.get_U() + d * y
+            d = mm.delta.unsqueeze(-1).to(a.dtype)
+            out = (a * (mask - d)) @ comps.get_U() + d * y
             if bias is not None:
                 out = out + (1 - d) * bias
         if mm.route is not None:

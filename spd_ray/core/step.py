@@ -26,6 +26,11 @@ def build_component_model(config: Config, target: torch.nn.Module) -> ComponentM
     )
 
 
+def autocast(config: Config, device: torch.device) -> torch.autocast:
+    """bf16 autocast for training and eval forwards alike, so their numbers are comparable."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.autocast_bf16)
+
+
 def step_inputs(
     config: Config,
     model: ComponentModel,

@@ -19,7 +19,7 @@ from spd_ray import config as C
 from spd_ray.core.losses import loss_term
 from spd_ray.core.masks import Noise
 from spd_ray.core.model import ComponentModel
-from spd_ray.core.step import step_inputs
+from spd_ray.core.step import autocast, step_inputs
 from spd_ray.evals import figures as F
 from spd_ray.evals.metrics import CIStats, identity_ci_errors, mmcs_ml2r
 from spd_ray.evals.target_solutions import permute_by_pattern
@@ -71,11 +71,12 @@ def evaluate(
 
     sums: dict[str, Tensor] = {}
     n_batches = 0
+    device = next(iter(model.parameters())).device
     for batch in batches:
-        inp = step_inputs(config, model, batch, noise, step / config.steps, world_size)
-        for cfg in loss_cfgs:
-            key = f"loss/{cfg.classname}"
-            value = loss_term(cfg, inp).detach().float()  # type: ignore[arg-type]
+        with autocast(config, device):
+            inp = step_inputs(config, model, batch, noise, step / config.steps, world_size)
+            values = {f"loss/{c.classname}": loss_term(c, inp).detach().float() for c in loss_cfgs}  # type: ignore[arg-type]
+        for key, value in values.items():
             sums[key] = sums[key] + value if key in sums else value
         stats.update(inp.ci.lower)
         limit = hist_cfg.n_batches_accum if hist_cfg else None  # type: ignore[union-attr]
@@ -99,7 +100,6 @@ def evaluate(
         if C.CIMeanPerComponent in by_type:
             figures["ci_mean_per_component"] = F.ci_mean_per_component(ci_stats.mean)
 
-    device = next(iter(model.parameters())).device
     out: dict[str, Tensor] = {f"eval/{k}": v for k, v in scalars.items()}
     extra, figs = _single_feature_metrics(model, by_type, single_feature_input, slow)
     out.update({f"eval/{k}": torch.tensor(v, device=device) for k, v in extra.items()})

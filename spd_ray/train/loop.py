@@ -26,7 +26,7 @@ from spd_ray.core.losses import faithfulness_loss
 from spd_ray.core.masks import Noise
 from spd_ray.core.model import ComponentModel
 from spd_ray.core.schedule import scheduled_value
-from spd_ray.core.step import train_step_losses
+from spd_ray.core.step import autocast, train_step_losses
 
 
 class Reporter(Protocol):
@@ -182,9 +182,10 @@ def run_loop(
             group["lr"] = lr
         state.optimizer.zero_grad(set_to_none=True)
         batch = next(ctx.train_batches).to(ctx.device)
-        total, metrics = train_step_losses(
-            config, model, batch, state.noise, step / config.steps, ws
-        )
+        with autocast(config, ctx.device):
+            total, metrics = train_step_losses(
+                config, model, batch, state.noise, step / config.steps, ws
+            )
         total.backward()
         if ws > 1:
             _all_reduce_grads(all_params, ws)
