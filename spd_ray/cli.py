@@ -7,7 +7,6 @@ run directory on the last line of standard output.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from collections.abc import Callable
 
@@ -39,25 +38,27 @@ def load_target_config(target: str, overrides: list[str], steps: int | None) -> 
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from spd_ray.train.run import decompose, default_run_name
+    from spd_ray.train.run import default_run_name, run_experiment
 
-    if args.workers != 1 or args.gpu:
-        raise ConfigError(
-            "--workers > 1 and --gpu need the Ray Train driver, which is not built yet"
-        )
     experiment, config = load_target_config(args.target, args.overrides, args.steps)
     name = args.name or default_run_name(experiment)
-    threads = int(os.environ.get("SPD_RAY_THREADS", "0")) or os.cpu_count() or 1
-    import torch
-
-    torch.set_num_threads(threads)
-    result = decompose(config, out=args.out, name=name, fresh=args.fresh)
-    if result.already_finished:
+    outcome = run_experiment(
+        config,
+        name=name,
+        out=args.out,
+        fresh=args.fresh,
+        workers=args.workers,
+        use_gpu=args.gpu,
+        cpus_per_worker=args.cpus_per_worker,
+        max_failures=args.max_failures,
+        in_process=args.in_process,
+    )
+    if outcome.already_finished:
         print(f"run {name} already finished at step {config.steps}", file=sys.stderr)
-    elif result.resumed_from:
-        print(f"resumed {name} from step {result.resumed_from}", file=sys.stderr)
-    _print_headline(result.metrics)
-    print(result.run_dir)
+    elif outcome.resumed_from:
+        print(f"resumed {name} from step {outcome.resumed_from}", file=sys.stderr)
+    _print_headline(outcome.metrics)
+    print(outcome.run_dir)
     return 0
 
 
@@ -96,8 +97,21 @@ def build_parser() -> argparse.ArgumentParser:
         "--name", help="run name (default: <experiment>-<timestamp>); reuse it to resume"
     )
     p.add_argument("--fresh", action="store_true", help="delete an existing run of that name first")
-    p.add_argument("--workers", type=int, default=1, help="data-parallel workers")
-    p.add_argument("--gpu", action="store_true", help="one GPU per worker")
+    p.add_argument("--workers", type=int, default=1, help="data-parallel Ray Train workers")
+    p.add_argument("--gpu", action="store_true", help="one GPU per worker (NCCL)")
+    p.add_argument(
+        "--cpus-per-worker",
+        type=float,
+        help="CPUs (and torch threads) per worker (default: a local Ray's CPUs split evenly)",
+    )
+    p.add_argument(
+        "--max-failures", type=int, default=3, help="worker-group restarts from the last checkpoint"
+    )
+    p.add_argument(
+        "--in-process",
+        action="store_true",
+        help="run the loop in this process without Ray (1 worker, CPU or the first GPU)",
+    )
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("list", help="list the registry")

@@ -61,12 +61,15 @@ class SparseFeatureDataset:
         """Draw on the generator's device, then move to `device`."""
         shape = (batch_size, self.n_features)
         if self.data_generation_type == "at_least_zero_active":
-            values = self._values(shape, generator)
-            active = torch.rand(shape, generator=generator, device=generator.device)
-            x = torch.where(active < self.feature_probability, values, torch.zeros_like(values))
+            # One uniform u per entry decides both: active iff u < p, and then u / p ~ U[0, 1)
+            # independently of which entries are active. Half the draws of a separate mask.
+            p = self.feature_probability
+            u = torch.rand(shape, generator=generator, device=generator.device)
+            lo, hi = self.value_range
+            x = torch.where(u < p, lo + (hi - lo) / p * u, torch.zeros_like(u))
         else:
             n_active = _N_ACTIVE[self.data_generation_type]
-            # The n_active largest of i.i.d. uniforms are a uniformly random set of distinct features.
+            # The n_active largest of i.i.d. uniforms: a uniformly random set of distinct features.
             scores = torch.rand(shape, generator=generator, device=generator.device)
             idx = scores.topk(n_active, dim=1).indices
             values = self._values((batch_size, n_active), generator)
@@ -77,11 +80,12 @@ class SparseFeatureDataset:
 class ToyBatches:
     """An endless, resumable stream of toy batches, optionally sharded over data-parallel ranks.
 
-    Every rank draws the full global batch of `batch_size` rows from the same seeded CPU generator and
-    keeps rows `[rank * b, (rank + 1) * b)` with `b = batch_size // world_size`. Concatenating the
-    shards in rank order therefore gives exactly the batch that `world_size=1` yields at that step;
-    the redundant draws are cheap for toy data. Because the generator state does not depend on the
-    rank or the world size, `state_dict()` from any rank resumes the stream on any number of ranks.
+    Every rank draws the full global batch of `batch_size` rows from the same seeded CPU generator
+    and keeps rows `[rank * b, (rank + 1) * b)` with `b = batch_size // world_size`. Concatenating
+    the shards in rank order therefore gives exactly the batch that `world_size=1` yields at that
+    step; the redundant draws are cheap for toy data. Because the generator state does not depend on
+    the rank or the world size, `state_dict()` from any rank resumes the stream on any number of
+    ranks.
     """
 
     def __init__(

@@ -1,4 +1,4 @@
-"""Target models to decompose: toy models (TMS, ResidMLP), their trainers, and loading with a cache."""
+"""Target models to decompose: toy models (TMS, ResidMLP), their trainers, cached loading."""
 
 from spd_ray.targets.loading import (
     build_toy,

@@ -1,7 +1,7 @@
-"""Getting the target model of a decomposition: a saved target file, or a toy target trained once and
-cached under `<out_root>/targets/<model_type>-<config hash>/`.
+"""Getting the target model of a decomposition: a saved target file, or a toy target trained once
+and cached under `<out_root>/targets/<model_type>-<config hash>/`.
 
-A target file is a torch file holding `{"target_config": <TargetModelConfig dump>, "state_dict": ...}`;
+A target file is a torch file holding `{"target_config": <target config dump>, "state_dict": ...}`;
 the model class is rebuilt from `target_config.model_type`.
 """
 
@@ -70,7 +70,7 @@ def train_toy(cfg: ToyTargetConfig, progress: bool = False) -> ToyModel:
             raise _no_ih_target(cfg)
 
 
-def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+def _atomic_write(path: Path, write: Callable[[Path], object]) -> None:
     """Write through a temporary file in the same folder, then rename: readers see the old file or
     the whole new one, never a partial file, and concurrent writers cannot interleave."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
@@ -83,12 +83,15 @@ def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
 
 def save_target(model: nn.Module, target_cfg: ToyTargetConfig, path: Path) -> None:
     """Save a toy target file (atomically) that `load_target_file` reads back."""
-    payload = {"target_config": target_cfg.model_dump(mode="json"), "state_dict": model.state_dict()}
+    payload = {
+        "target_config": target_cfg.model_dump(mode="json"),
+        "state_dict": model.state_dict(),
+    }
     path.parent.mkdir(parents=True, exist_ok=True)
     _atomic_write(path, lambda tmp: torch.save(payload, tmp))
 
 
-def load_target_file(path: str | Path) -> ToyModel:
+def load_target_file(path: str | Path) -> nn.Module:
     """The toy target saved at `path` (relative paths resolve against the current directory), on
     the CPU, frozen (eval mode, no parameter requires grad)."""
     path = Path(path)
@@ -103,7 +106,7 @@ def load_target_file(path: str | Path) -> ToyModel:
     return _frozen(model)
 
 
-def _frozen(model: ToyModel) -> ToyModel:
+def _frozen(model: nn.Module) -> nn.Module:
     model.eval()
     model.requires_grad_(False)
     return model
@@ -128,7 +131,7 @@ def _exclusive_lock(lock_path: Path) -> Iterator[None]:
 
 def load_or_train_toy(
     target_cfg: ToyTargetConfig, out_root: Path, progress: bool = True
-) -> ToyModel:
+) -> nn.Module:
     """The cached toy target of `target_cfg`, trained and cached first when missing (announced on
     stderr with a progress bar when `progress`)."""
     path = cached_target_path(target_cfg, out_root)
@@ -185,6 +188,4 @@ def load_target(config: Config, out_root: Path, progress: bool = True) -> nn.Mod
             f"pretrained_model_class is {config.pretrained_model_class!r}, but the target is a "
             f"{type(model).__module__}.{type(model).__qualname__}"
         )
-    model.eval()
-    model.requires_grad_(False)
-    return model
+    return model  # frozen by load_target_file

@@ -7,6 +7,7 @@ the in-process entry point that writes the run directory itself.
 
 from __future__ import annotations
 
+import os
 import shutil
 import sys
 import time
@@ -229,3 +230,56 @@ def copy_target_file(config: Config, root: Path, run_dir: RunDir) -> None:
         shutil.copyfile(config.pretrained_model_path, dest)
     elif isinstance(config.target_model, TMSTargetConfig | ResidMLPTargetConfig):
         shutil.copyfile(cached_target_path(config.target_model, root), dest)
+
+
+@dataclass
+class Outcome:
+    run_dir: Path
+    metrics: dict[str, float]
+    resumed_from: int = 0
+    already_finished: bool = False
+
+
+def run_experiment(
+    config: Config,
+    *,
+    name: str,
+    out: str | Path | None = None,
+    fresh: bool = False,
+    workers: int = 1,
+    use_gpu: bool = False,
+    cpus_per_worker: float | None = None,
+    max_failures: int = 3,
+    in_process: bool = False,
+) -> Outcome:
+    """What `spd-ray run` does: the run on Ray Train (or in this process), resumable by name."""
+    root = output_root(out)
+    run_dir = RunDir(root / name)
+    if workers < 1:
+        raise ValueError(f"--workers must be >= 1 (got {workers})")
+    if config.batch_size % workers:
+        raise ValueError(f"batch_size {config.batch_size} is not divisible by --workers {workers}")
+    if in_process:
+        if workers != 1:
+            raise ValueError("--in-process runs exactly one worker")
+        threads = int(os.environ.get("SPD_RAY_THREADS", "0")) or os.cpu_count() or 1
+        torch.set_num_threads(threads)
+        device = "cuda" if use_gpu else "cpu"
+        r = decompose(config, out=root, name=name, fresh=fresh, device=device)
+        return Outcome(r.run_dir, r.metrics, r.resumed_from, r.already_finished)
+
+    from spd_ray.train.ray_driver import run_on_ray
+
+    if fresh and run_dir.path.exists():
+        shutil.rmtree(run_dir.path)
+    preflight(config)
+    load_target(config, root)  # trained once here and cached; the workers load the cached file
+    run_dir.init(config)
+    copy_target_file(config, root, run_dir)
+    resumed_from = 0
+    if run_dir.checkpoint_path.exists():
+        resumed_from = int(run_dir.load_checkpoint()["step"])
+        if run_dir.finished() and resumed_from >= config.steps:
+            return Outcome(run_dir.path, run_dir.read_summary()["final_eval"], resumed_from, True)
+    run_on_ray(config, run_dir, root, workers, use_gpu, cpus_per_worker, max_failures)
+    return Outcome(run_dir.path, run_dir.read_summary()["final_eval"], resumed_from)

@@ -20,8 +20,13 @@ from spd_ray.train.rundir import RunDir
 TINY = Path(__file__).resolve().parents[1] / "fixtures" / "tiny_resid_mlp.yaml"
 
 
-def _cli(*args: str, out: Path, env_extra: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+def _cli(
+    *args: str, out: Path, env_extra: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "SPD_RAY_OUT": str(out), "SPD_RAY_THREADS": "1", **(env_extra or {})}
+    if args and args[0] == "run" and "--ray" not in args:
+        args = (*args, "--in-process")
+    args = tuple(a for a in args if a != "--ray")
     return subprocess.run(
         [sys.executable, "-m", "spd_ray.cli", *args],
         capture_output=True,
@@ -61,13 +66,34 @@ def test_run_writes_the_run_directory_and_rerun_says_finished(tmp_path: Path) ->
 
 
 def test_killed_run_resumes_from_checkpoint_and_matches_uninterrupted(tmp_path: Path) -> None:
-    ref = _cli("run", str(TINY), "--name", "ref", "--set", "steps=400", "--set", "save_freq=100",
-               out=tmp_path)
+    ref = _cli(
+        "run",
+        str(TINY),
+        "--name",
+        "ref",
+        "--set",
+        "steps=400",
+        "--set",
+        "save_freq=100",
+        out=tmp_path,
+    )
     assert ref.returncode == 0, ref.stderr
 
     env = {**os.environ, "SPD_RAY_OUT": str(tmp_path), "SPD_RAY_THREADS": "1"}
-    args = [sys.executable, "-m", "spd_ray.cli", "run", str(TINY), "--name", "killed",
-            "--set", "steps=400", "--set", "save_freq=100"]
+    args = [
+        sys.executable,
+        "-m",
+        "spd_ray.cli",
+        "run",
+        str(TINY),
+        "--name",
+        "killed",
+        "--set",
+        "steps=400",
+        "--set",
+        "save_freq=100",
+        "--in-process",
+    ]
     proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     ckpt = tmp_path / "killed" / "checkpoint.pt"
     deadline = time.time() + 300
@@ -86,15 +112,26 @@ def test_killed_run_resumes_from_checkpoint_and_matches_uninterrupted(tmp_path: 
     proc.wait()
     assert 200 <= step < 400
 
-    resumed = _cli("run", str(TINY), "--name", "killed", "--set", "steps=400", "--set",
-                   "save_freq=100", out=tmp_path)
+    resumed = _cli(
+        "run",
+        str(TINY),
+        "--name",
+        "killed",
+        "--set",
+        "steps=400",
+        "--set",
+        "save_freq=100",
+        out=tmp_path,
+    )
     assert resumed.returncode == 0, resumed.stderr
     assert f"resumed killed from step {step}" in resumed.stderr
     a, b = _final_eval(tmp_path / "ref"), _final_eval(tmp_path / "killed")
     assert a.keys() == b.keys()
     for key in a:
         assert b[key] == pytest.approx(a[key], rel=1e-6, abs=1e-9), key
-    steps = [m["step"] for m in RunDir(tmp_path / "killed").read_metrics() if "train/loss/total" in m]
+    steps = [
+        m["step"] for m in RunDir(tmp_path / "killed").read_metrics() if "train/loss/total" in m
+    ]
     assert steps == sorted(set(steps)), "metrics duplicated after resume"
 
 
@@ -104,7 +141,8 @@ def test_killed_run_resumes_from_checkpoint_and_matches_uninterrupted(tmp_path: 
         ("bogus_key=1", "bogus_key"),
         ("module_info=[{module_pattern: 'nope.*', C: 4}]", "nope.*"),
         (
-            "module_info=[{module_pattern: 'layers.*', C: 4}, {module_pattern: 'layers.0.mlp_in', C: 4}]",
+            "module_info=[{module_pattern: 'layers.*', C: 4},"
+            " {module_pattern: 'layers.0.mlp_in', C: 4}]",
             "matched by two patterns",
         ),
         ("module_info=[{module_pattern: 'layers.0.mlp_in', C: 0}]", "module_info.0.C"),
@@ -125,8 +163,15 @@ def test_list_shows_the_registry(tmp_path: Path) -> None:
     res = _cli("list", out=tmp_path)
     assert res.returncode == 0
     names = [line.split()[0] for line in res.stdout.splitlines()]
-    for name in ("tms_5-2", "tms_5-2-id", "tms_40-10", "tms_40-10-id", "resid_mlp1", "resid_mlp2",
-                 "resid_mlp3"):
+    for name in (
+        "tms_5-2",
+        "tms_5-2-id",
+        "tms_40-10",
+        "tms_40-10-id",
+        "resid_mlp1",
+        "resid_mlp2",
+        "resid_mlp3",
+    ):
         assert name in names
 
 
@@ -146,3 +191,22 @@ def test_decompose_and_load_run_api(tmp_path: Path) -> None:
     # The loaded model is the trained one: same CI as the in-process result.
     torch.testing.assert_close(ci, result.model.causal_importances(x))
     assert run.step == 20
+
+
+def test_run_on_ray_train_writes_the_same_run_contract(tmp_path: Path) -> None:
+    """One worker through Ray Train: run directory, metrics and a Ray checkpoint beside them."""
+    res = _cli("run", str(TINY), "--name", "r", "--ray", out=tmp_path)
+    assert res.returncode == 0, res.stderr[-2000:]
+    run_dir = Path(res.stdout.strip().splitlines()[-1])
+    assert run_dir == tmp_path / "r"
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["final_step"] == 40
+    steps = [m["step"] for m in RunDir(run_dir).read_metrics() if "train/loss/total" in m]
+    assert steps == [10, 20, 30, 40]
+    assert any((run_dir / "ray").glob("checkpoint_*"))
+    # Same seed, same loop: the Ray worker reproduces the in-process run.
+    local = _cli("run", str(TINY), "--name", "l", out=tmp_path)
+    assert local.returncode == 0, local.stderr
+    a, b = _final_eval(run_dir), _final_eval(tmp_path / "l")
+    for key in a:
+        assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-7), key

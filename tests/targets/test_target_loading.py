@@ -1,0 +1,150 @@
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import yaml
+
+import spd_ray.targets.loading as loading
+from spd_ray.config import Config, ResidMLPTargetConfig, TMSTargetConfig, config_from_dict
+from spd_ray.targets import (
+    ResidMLP,
+    TMSModel,
+    cached_target_path,
+    load_target,
+    load_target_file,
+    save_target,
+)
+
+TINY_RESID = {
+    "model_type": "resid_mlp",
+    "n_features": 5,
+    "d_embed": 16,
+    "d_mlp": 4,
+    "n_layers": 1,
+    "steps": 20,
+    "batch_size": 64,
+    "feature_probability": 0.1,
+}
+
+
+def make_config(**target: Any) -> Config:
+    data: dict[str, Any] = {
+        "n_mask_samples": 1,
+        "module_info": [{"module_pattern": "layers.*.mlp_in", "C": 4}],
+        "loss_metric_configs": [{"classname": "StochasticReconLoss", "coeff": 1.0}],
+        "output_loss_type": "mse",
+        "lr_schedule": {"start_val": 1e-3},
+        "steps": 10,
+        "batch_size": 8,
+        "eval_freq": 10,
+        "n_eval_steps": 1,
+        "pretrained_model_class": "spd_ray.targets.resid_mlp.ResidMLP",
+        "target_model": TINY_RESID,
+        "task_config": {"task_name": "resid_mlp", "feature_probability": 0.1},
+    }
+    return config_from_dict(data | target)
+
+
+def assert_frozen(model: torch.nn.Module) -> None:
+    assert not model.training
+    assert not any(p.requires_grad for p in model.parameters())
+
+
+def test_toy_target_is_trained_once_then_loaded_from_cache(tmp_path, monkeypatch, capsys):
+    config = make_config()
+    first = load_target(config, tmp_path)
+    assert isinstance(first, ResidMLP)
+    assert_frozen(first)
+    path = cached_target_path(config.target_model, tmp_path)  # type: ignore[arg-type]
+    assert path.parent.name.startswith("resid_mlp-")
+    assert "training target resid_mlp-" in capsys.readouterr().err
+    saved_cfg = yaml.safe_load((path.parent / "target_config.yaml").read_text())
+    assert ResidMLPTargetConfig(**saved_cfg) == config.target_model
+    assert [p.name for p in path.parent.iterdir() if p.name.endswith(".tmp")] == []
+    mtime = path.stat().st_mtime_ns
+
+    def no_training(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("the cached target was retrained")
+
+    monkeypatch.setattr(loading, "train_toy", no_training)
+    second = load_target(config, tmp_path)
+    assert path.stat().st_mtime_ns == mtime
+    assert capsys.readouterr().err == ""
+    for a, b in zip(first.state_dict().values(), second.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_pretrained_model_path_relative_to_cwd(tmp_path, monkeypatch):
+    cfg = TMSTargetConfig(n_features=5, n_hidden=2, tied_weights=True)
+    model = TMSModel(cfg)
+    with torch.no_grad():
+        model.linear1.weight.mul_(2.0)
+        model.linear2.weight.copy_(model.linear1.weight.T)
+    save_target(model, cfg, tmp_path / "sub" / "tms.pt")
+    monkeypatch.chdir(tmp_path)
+    config = make_config(
+        pretrained_model_path="sub/tms.pt",
+        pretrained_model_class="spd_ray.targets.tms.TMSModel",
+        target_model=None,
+        task_config={"task_name": "tms", "feature_probability": 0.05},
+    )
+    loaded = load_target(config, tmp_path / "out")
+    assert isinstance(loaded, TMSModel)
+    assert_frozen(loaded)
+    assert loaded.tied_module_pairs == [("linear1", "linear2")]
+    assert torch.equal(loaded.linear1.weight, model.linear1.weight)
+    assert torch.equal(loaded.linear2.weight, loaded.linear1.weight.T)
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_target_file_names_the_path(tmp_path):
+    missing = tmp_path / "nope" / "target.pt"
+    with pytest.raises(FileNotFoundError, match=str(missing)):
+        load_target(make_config(pretrained_model_path=str(missing)), tmp_path)
+    with pytest.raises(FileNotFoundError, match=str(missing)):
+        load_target_file(missing)
+
+
+def test_wrong_pretrained_model_class(tmp_path):
+    save_target(
+        ResidMLP(ResidMLPTargetConfig(**TINY_RESID)),
+        ResidMLPTargetConfig(**TINY_RESID),
+        tmp_path / "t.pt",
+    )
+    wrong = make_config(
+        pretrained_model_path=str(tmp_path / "t.pt"),
+        pretrained_model_class="spd_ray.targets.tms.TMSModel",
+    )
+    with pytest.raises(TypeError, match="pretrained_model_class is 'spd_ray.targets.tms.TMSModel'"):
+        load_target(wrong, tmp_path)
+    bad = make_config(pretrained_model_class="spd_ray.targets.nowhere.Model")
+    with pytest.raises(ValueError, match="pretrained_model_class 'spd_ray.targets.nowhere.Model'"):
+        load_target(bad, tmp_path)
+
+
+def test_hugging_face_targets_not_yet(tmp_path):
+    config = make_config(target_model=None, pretrained_model_name="gpt2")
+    with pytest.raises(NotImplementedError, match="language-model issue"):
+        load_target(config, tmp_path)
+
+
+def test_not_a_target_file(tmp_path):
+    path = tmp_path / "x.pt"
+    torch.save({"weights": torch.zeros(2)}, path)
+    with pytest.raises(ValueError, match="not a target file"):
+        load_target_file(path)
+
+
+def test_atomic_write_leaves_old_file_on_failure(tmp_path):
+    path = tmp_path / "f.txt"
+    path.write_text("old")
+
+    def fail(tmp: Path) -> None:
+        tmp.write_text("half")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        loading._atomic_write(path, fail)
+    assert path.read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["f.txt"]
