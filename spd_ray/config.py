@@ -246,7 +246,7 @@ class MMCSAndML2R(BaseConfig):
     min_norm_frac: float = Field(
         0.1,
         ge=0.0,
-        description="Match only subcomponents with at least this fraction of the largest norm.",
+        description="Per feature, match only columns with this fraction of the target column norm.",
     )
 
 

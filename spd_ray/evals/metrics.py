@@ -174,9 +174,9 @@ def mmcs_ml2r(
 ) -> tuple[float, float]:
     """Mean max cosine similarity and mean L2 ratio (paper Table 1).
 
-    For each input feature j, among the subcomponents whose Frobenius norm is at least
-    min_norm_frac * the largest, pick the one whose column j is most cosine-similar to the target's
-    column j. MMCS = mean_j of that cosine; ML2R = mean_j of
+    For each input feature j, among the subcomponents whose column j has at least min_norm_frac
+    times the norm of the target's column j, pick the one whose column j is most cosine-similar to
+    the target's column j. MMCS = mean_j of that cosine; ML2R = mean_j of
     ||best column j|| / ||target column j||.
     The filter keeps near-zero subcomponents (e.g. spares left over next to an identity layer's
     components) from winning a feature on direction alone with a negligible norm.
@@ -192,13 +192,15 @@ def mmcs_ml2r(
     if dead:
         raise ValueError(f"target weight has zero columns {dead}: MMCS/ML2R undefined")
 
-    comp_norm = comps.flatten(1).norm(dim=1)  # [C]
-    keep = comp_norm >= min_norm_frac * comp_norm.max()
-    comps = comps[keep]  # [C', d_out, d_in]
-
-    col_norm = comps.norm(dim=1)  # [C', d_in]
+    col_norm = comps.norm(dim=1)  # [C, d_in]
+    # Per feature, only subcomponents whose column carries a non-negligible share of the target
+    # column's norm compete; a global norm filter would drop the true match of a feature whose
+    # target column is much shorter than another feature's.
+    keep = col_norm >= min_norm_frac * target_norm
+    keep |= ~keep.any(dim=0, keepdim=True)  # no candidate at all: let every subcomponent compete
     dots = torch.einsum("coi,oi->ci", comps, target)
     cos = dots / (col_norm * target_norm).clamp_min(torch.finfo(torch.float64).tiny)
+    cos = torch.where(keep, cos, torch.full_like(cos, -2.0))
     best_cos, best = cos.max(dim=0)  # [d_in]
     best_norm = col_norm.gather(0, best[None]).squeeze(0)
     mmcs = best_cos.mean().item()
