@@ -77,10 +77,11 @@ class TMSModel(nn.Module):
         )
 
     @property
-    def hidden_list(self) -> list[nn.Linear]:
+    def hidden_list(self) -> list[nn.Module]:
+        # Every hidden module, whatever it is now: SPD swaps decomposed ones for wrappers.
         if self.config.n_hidden_layers == 0:
             return []
-        return [layer for layer in self.hidden_layers if isinstance(layer, nn.Linear)]
+        return list(self.hidden_layers)
 
     def forward(self, x: Float[Tensor, "... n_features"]) -> Float[Tensor, "... n_features"]:
         h = self.linear1(x)

@@ -79,3 +79,19 @@ def test_train_tms_raises_when_no_seed_works():
     # Three steps never learn 5 features in 2 dims.
     with pytest.raises(RuntimeError, match="failed to represent every feature"):
         train_tms(TMSTargetConfig(n_features=5, n_hidden=2, steps=3, lr=1e-6))
+
+
+def test_decomposed_hidden_layer_still_runs_in_the_forward() -> None:
+    """SPD swaps hidden_layers.0 for a wrapper; the TMS forward must still call it."""
+    from spd_ray.config import TMSTargetConfig
+    from spd_ray.core.model import ComponentModel
+    from spd_ray.targets.tms import TMSModel
+
+    cfg = TMSTargetConfig(n_features=5, n_hidden=2, n_hidden_layers=1, fix_hidden_identity=True)
+    target = TMSModel(cfg).requires_grad_(False)
+    x = torch.rand(4, 5)
+    expected = target(x)
+    model = ComponentModel(target, [("linear1", 3), ("hidden_layers.0", 3), ("linear2", 3)])
+    out, cache = model.clean_forward(x)
+    assert list(cache.inputs) == ["linear1", "hidden_layers.0", "linear2"]
+    torch.testing.assert_close(out, expected)
