@@ -10,13 +10,16 @@ import argparse
 import sys
 from collections.abc import Callable
 
-from pydantic import ValidationError
-
-from spd_ray.config import Config, ConfigError
+from spd_ray.config import USER_ERRORS, Config
 
 
 def _common_run_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("target", help="registry name (see `spd-ray list`) or a YAML/JSON config path")
+    p.add_argument(
+        "target",
+        nargs="?",
+        help="registry name (see `spd-ray list`) or a YAML/JSON config path; "
+        "`spd-ray run` also takes several, comma-separated",
+    )
     p.add_argument("--steps", type=int, help="override the number of training steps")
     p.add_argument(
         "--set",
@@ -40,7 +43,10 @@ def load_target_config(target: str, overrides: list[str], steps: int | None) -> 
 def cmd_run(args: argparse.Namespace) -> int:
     from spd_ray.train.run import default_run_name, run_experiment
 
-    experiment, config = load_target_config(args.target, args.overrides, args.steps)
+    targets = _run_targets(args)
+    if len(targets) > 1:
+        return _run_several(args, targets)
+    experiment, config = load_target_config(targets[0], args.overrides, args.steps)
     name = args.name or default_run_name(experiment)
     outcome = run_experiment(
         config,
@@ -60,6 +66,47 @@ def cmd_run(args: argparse.Namespace) -> int:
     _print_headline(outcome.metrics)
     print(outcome.run_dir)
     return 0
+
+
+def _run_targets(args: argparse.Namespace) -> list[str]:
+    from spd_ray.registry import registry
+
+    if args.all:
+        if args.target:
+            raise ValueError("give either TARGET or --all, not both")
+        return list(registry())
+    if not args.target:
+        raise ValueError("TARGET is required (a registry name, a config path, or a,b,c), or --all")
+    targets = [t.strip() for t in args.target.split(",") if t.strip()]
+    if len(set(targets)) != len(targets):
+        raise ValueError(f"TARGET {args.target!r} names a target twice")
+    return targets
+
+
+def _run_several(args: argparse.Namespace, targets: list[str]) -> int:
+    """One Ray Train run per target, concurrently as resources allow; a table of outcomes."""
+    from spd_ray.train.ray_driver import format_outcomes, run_many
+    from spd_ray.train.run import default_run_name
+
+    if args.in_process:
+        raise ValueError("--in-process runs one target; several targets run on Ray")
+    jobs = []
+    for target in targets:
+        experiment, config = load_target_config(target, args.overrides, args.steps)
+        # --name is a prefix here: <name>-<experiment> keeps every run resumable by rerunning.
+        name = f"{args.name}-{experiment}" if args.name else default_run_name(experiment)
+        jobs.append((name, config))
+    outcomes = run_many(
+        jobs,
+        out=args.out,
+        fresh=args.fresh,
+        workers=args.workers,
+        use_gpu=args.gpu,
+        cpus_per_worker=args.cpus_per_worker,
+        max_failures=args.max_failures,
+    )
+    print(format_outcomes(outcomes))
+    return 1 if any(o.error is not None for o in outcomes) else 0
 
 
 def _print_headline(metrics: dict[str, float]) -> None:
@@ -97,6 +144,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--name", help="run name (default: <experiment>-<timestamp>); reuse it to resume"
     )
     p.add_argument("--fresh", action="store_true", help="delete an existing run of that name first")
+    p.add_argument(
+        "--all", action="store_true", help="run every registry experiment (one Ray Train run each)"
+    )
     p.add_argument("--workers", type=int, default=1, help="data-parallel Ray Train workers")
     p.add_argument("--gpu", action="store_true", help="one GPU per worker (NCCL)")
     p.add_argument(
@@ -131,15 +181,17 @@ def main(argv: list[str] | None = None) -> int:
     func: Callable[[argparse.Namespace], int] = args.func
     try:
         return func(args)
-    except (
-        ConfigError,
-        ValidationError,
-        ValueError,
-        FileNotFoundError,
-        NotImplementedError,
-    ) as err:
+    except USER_ERRORS as err:
         print(f"spd-ray {args.command}: error: {_one_line(err)}", file=sys.stderr)
         return 2
+    except RuntimeError as err:
+        from spd_ray.train.loop import NonFiniteLossError
+        from spd_ray.train.ray_driver import RunFailedError
+
+        if not isinstance(err, NonFiniteLossError | RunFailedError):
+            raise
+        print(f"spd-ray {args.command}: run failed: {_one_line(err)}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(
             f"spd-ray {args.command}: interrupted; rerun the same command to resume",

@@ -510,6 +510,16 @@ class ConfigError(ValueError):
     """A config that cannot be loaded; the message names the file and key."""
 
 
+# What a user can get wrong (config, paths, flags): reported as one line, exit code 2.
+USER_ERRORS: tuple[type[Exception], ...] = (
+    ConfigError,
+    ValidationError,
+    ValueError,
+    FileNotFoundError,
+    NotImplementedError,
+)
+
+
 def _format_validation_error(err: ValidationError, source: str) -> str:
     first = err.errors()[0]
     loc = ".".join(str(p) for p in first["loc"])

@@ -1,11 +1,38 @@
-"""Test-session settings: Ray on loopback, without auth or usage stats."""
+"""Test-session settings (Ray on loopback, without auth or usage stats; Hugging Face offline) and
+the one Ray cluster that every Ray test of the session shares."""
+
+from __future__ import annotations
 
 import os
+import sys
+from collections.abc import Iterator
+from pathlib import Path
 
-os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
-os.environ.setdefault("RAY_prestart_worker_first_driver", "0")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from ray_head import RAY_TEST_ENV, RayHead, start_head, stop_head  # noqa: E402
+
+for _key, _value in RAY_TEST_ENV.items():
+    os.environ.setdefault(_key, _value)
+os.environ.pop("RAY_ADDRESS", None)  # tests choose their cluster explicitly
+
+
+@pytest.fixture(scope="session")
+def ray_head() -> Iterator[RayHead]:
+    """A `ray start --head` cluster on 127.0.0.1 (2 CPUs, dashboard for job submission), started
+    once per test session and stopped by process id at the end."""
+    venv_bin = str(Path(sys.executable).parent)
+    os.environ["PATH"] = venv_bin + os.pathsep + os.environ.get("PATH", "")
+    head = start_head(num_cpus=2)
+    try:
+        yield head
+    finally:
+        stop_head(head)
+
+
+@pytest.fixture(scope="session")
+def shared_out(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An output root shared by the session's Ray tests, so each toy target trains once."""
+    return tmp_path_factory.mktemp("out")

@@ -17,7 +17,6 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
-from torch.distributed.nn.functional import all_reduce as diff_all_reduce
 
 from spd_ray import config as C
 from spd_ray.core.masks import (
@@ -93,6 +92,27 @@ def faithfulness_loss(model: ComponentModel) -> Tensor:
     return total / n  # type: ignore[return-value]
 
 
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over data-parallel workers, differentiably: every worker's output is the global sum, so
+    the backward sums the incoming gradients over workers too."""
+
+    @staticmethod
+    def forward(ctx: torch.autograd.function.FunctionCtx, x: Tensor) -> Tensor:  # type: ignore[override]
+        out = x.clone()
+        dist.all_reduce(out)
+        return out
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad: Tensor) -> Tensor:  # type: ignore[override]
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad)
+        return grad
+
+
+def all_reduce_sum(x: Tensor) -> Tensor:
+    return _AllReduceSum.apply(x)  # type: ignore[no-any-return]
+
+
 def importance_minimality_loss(
     ci_upper: dict[str, Tensor], pnorm: float, beta: float, eps: float, world_size: int = 1
 ) -> Tensor:
@@ -109,7 +129,7 @@ def importance_minimality_loss(
     for g in ci_upper.values():
         S = ((g.float() + eps) ** pnorm).flatten(0, -2).sum(0)
         if world_size > 1:
-            S = diff_all_reduce(S)
+            S = all_reduce_sum(S)
         m = S / n_positions
         layer = m.sum()
         if beta:

@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import fcntl
 import importlib
-import os
 import sys
-import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -30,6 +28,7 @@ from spd_ray.config import (
     TMSTargetConfig,
     config_hash,
 )
+from spd_ray.io import atomic_write
 from spd_ray.targets.resid_mlp import ResidMLP, train_resid_mlp
 from spd_ray.targets.tms import TMSModel, train_tms
 
@@ -70,17 +69,6 @@ def train_toy(cfg: ToyTargetConfig, progress: bool = False) -> ToyModel:
             raise _no_ih_target(cfg)
 
 
-def _atomic_write(path: Path, write: Callable[[Path], object]) -> None:
-    """Write through a temporary file in the same folder, then rename: readers see the old file or
-    the whole new one, never a partial file, and concurrent writers cannot interleave."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def save_target(model: nn.Module, target_cfg: ToyTargetConfig, path: Path) -> None:
     """Save a toy target file (atomically) that `load_target_file` reads back."""
     payload = {
@@ -88,7 +76,7 @@ def save_target(model: nn.Module, target_cfg: ToyTargetConfig, path: Path) -> No
         "state_dict": model.state_dict(),
     }
     path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write(path, lambda tmp: torch.save(payload, tmp))
+    atomic_write(path, lambda tmp: torch.save(payload, tmp))
 
 
 def load_target_file(path: str | Path) -> nn.Module:
@@ -145,7 +133,7 @@ def load_or_train_toy(
             print(f"training target {path.parent.name} (cached afterwards)", file=sys.stderr)
         model = train_toy(target_cfg, progress=progress)
         config_text = yaml.safe_dump(target_cfg.model_dump(mode="json"), sort_keys=False)
-        _atomic_write(path.parent / TARGET_CONFIG_FILE, lambda tmp: tmp.write_text(config_text))
+        atomic_write(path.parent / TARGET_CONFIG_FILE, lambda tmp: tmp.write_text(config_text))
         save_target(model, target_cfg, path)
     # Load the file rather than returning the trained module, so the first and later runs see
     # exactly the same target.

@@ -9,18 +9,25 @@ Ray's, or the run directory's `checkpoint.pt` - on any number of workers.
 
 from __future__ import annotations
 
+import logging
 import os
+import socket
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from matplotlib.figure import Figure
 
-from spd_ray.config import Config, config_from_dict
+from spd_ray.config import USER_ERRORS, Config, config_from_dict
 from spd_ray.train.rundir import RunDir, tune_malloc
+from spd_ray.train.tracking import RunWriter
+
+if TYPE_CHECKING:
+    from spd_ray.train.run import Outcome  # noqa: F401
 
 ERROR_FILE = "error.txt"
 RAY_SUBDIR = "ray"
@@ -39,29 +46,70 @@ def ray_env() -> dict[str, str]:
     return env
 
 
-def connect_ray(num_cpus: int | None = None) -> bool:
-    """Attach to a running cluster (RAY_ADDRESS, or one started with `ray start` on this machine);
-    otherwise start a local Ray sized to this machine. Returns True when a local Ray was started."""
+def _recorded_cluster() -> str | None:
+    """The address of a cluster started with `ray start` on this machine (Ray records it in its
+    temp dir), if that cluster still answers."""
+    try:
+        from ray._private.utils import read_ray_address
+
+        address = read_ray_address()
+    except Exception:  # noqa: BLE001 - a private helper; without it we just start a local Ray
+        return None
+    if not address or ":" not in address:
+        return None
+    host, port = address.rsplit(":", 1)
+    try:
+        socket.create_connection((host, int(port)), timeout=1.0).close()
+    except (OSError, ValueError):
+        return None
+    return address
+
+
+def local_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def connect_ray() -> bool:
+    """Attach to a running cluster - `RAY_ADDRESS`, or one started with `ray start` on this
+    machine - or else start a local Ray sized to this machine (`RAY_ADDRESS=local` forces a
+    private local Ray). Returns True when this process started a local Ray."""
     import ray
 
     if ray.is_initialized():
         return False
     for key, value in ray_env().items():
         os.environ.setdefault(key, value)
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(log_to_driver=True)
+    address = os.environ.get("RAY_ADDRESS") or _recorded_cluster()
+    if address and address != "local":
+        # No num_cpus here: a cluster's resources are its own.
+        ray.init(address=address, log_to_driver=True)
         return False
-    try:
-        ray.init(address="auto", log_to_driver=True)
-        return False
-    except ConnectionError:
-        pass
     ray.init(
-        num_cpus=num_cpus or os.cpu_count() or 1,
+        address="local",
+        num_cpus=local_cpus(),
         include_dashboard=False,
         log_to_driver=True,
     )
     return True
+
+
+def is_local_cluster() -> bool:
+    """True when the connected Ray has exactly one node, and it is this machine."""
+    import ray
+
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    return len(nodes) == 1 and nodes[0].get("NodeManagerAddress") == ray.util.get_node_ip_address()
+
+
+def say(line: str) -> None:
+    """A progress line from a worker, to standard error (the driver keeps standard output for its
+    results). Ray Train V2 patches `print` to tee into its logger, which shows every line twice
+    on the driver; writing to the stream shows it once."""
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
 
 
 @dataclass
@@ -74,10 +122,19 @@ class WorkerArgs:
 
 
 class RayReporter:
-    """Rank 0 writes the run directory; every rank reports to Ray (they must report together)."""
+    """Rank 0 writes the run directory and the trackers; every rank reports to Ray (they must
+    report together), at checkpoints and, throttled, at log points."""
 
-    def __init__(self, run_dir: RunDir, rank: int, total_steps: int, min_interval_s: float):
-        self.run_dir = run_dir
+    def __init__(
+        self,
+        writer: RunWriter | None,
+        name: str,
+        rank: int,
+        total_steps: int,
+        min_interval_s: float,
+    ):
+        self.writer = writer
+        self.name = name
         self.rank = rank
         self.total_steps = total_steps
         self.min_interval_s = min_interval_s
@@ -88,14 +145,13 @@ class RayReporter:
         import ray.train
 
         self.last.update(metrics)
-        if self.rank == 0:
-            self.run_dir.append_metrics(step, metrics)
+        if self.writer is not None:
+            self.writer.log(step, metrics)
             if "train/loss/total" in metrics:
-                print(
-                    f"[{self.run_dir.path.name}] step {step}/{self.total_steps} "
+                say(
+                    f"[{self.name}] step {step}/{self.total_steps} "
                     f"loss {metrics['train/loss/total']:.4g} "
-                    f"{metrics.get('train/steps_per_s', 0.0):.1f} steps/s",
-                    flush=True,
+                    f"{metrics.get('train/steps_per_s', 0.0):.1f} steps/s"
                 )
         # report() blocks until the controller polls, so log points report at most this often.
         now = time.monotonic()
@@ -104,17 +160,17 @@ class RayReporter:
             self.last_report = time.monotonic()
 
     def figures(self, step: int, figures: dict[str, Figure]) -> None:
-        if self.rank == 0:
-            self.run_dir.save_figures(step, figures)
+        if self.writer is not None:
+            self.writer.figures(step, figures)
 
     def checkpoint(self, step: int, state: dict[str, Any], final: bool) -> None:
         import ray.train
 
         metrics = {"step": step, **{k: v for k, v in self.last.items() if "/" in k}}
-        if self.rank != 0:
+        if self.writer is None:
             ray.train.report(metrics, checkpoint=None)
             return
-        self.run_dir.save_checkpoint(state)
+        self.writer.checkpoint(state)
         with tempfile.TemporaryDirectory() as tmp:
             torch.save(state, Path(tmp) / "checkpoint.pt")
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
@@ -143,6 +199,12 @@ def train_worker(args_dict: dict[str, Any]) -> None:
     from spd_ray.train.run import build_worker, summarize
 
     args = WorkerArgs(**args_dict)
+    if not os.environ.get("SPD_RAY_VERBOSE"):
+        # Ray Train logs every report and checkpoint at INFO; on the console the progress lines
+        # say enough (its log files under the session's logs/train/ keep everything).
+        for handler in logging.getLogger("ray.train").handlers:
+            if handler.get_name() == "console":
+                handler.setLevel(logging.WARNING)
     tune_malloc()
     torch.set_num_threads(max(1, args.threads))
     ctx_train = ray.train.get_context()
@@ -152,6 +214,7 @@ def train_worker(args_dict: dict[str, Any]) -> None:
         device = ray.train.torch.get_device()
     config = config_from_dict(args.config)
     run_dir = RunDir(Path(args.run_dir))
+    name = run_dir.path.name
     worker = build_worker(config, None, Path(args.out_root), device, rank, world)
     state = make_state(config, worker.ctx)
     saved = _newest_state(run_dir)
@@ -159,18 +222,39 @@ def train_worker(args_dict: dict[str, Any]) -> None:
         load_state(state, worker.model, worker.ctx.train_batches, saved)
         if rank == 0:
             run_dir.truncate_metrics_after(state.step)
-            print(f"[{run_dir.path.name}] resumed from step {state.step}", flush=True)
-    reporter = RayReporter(run_dir, rank, config.steps, min_interval_s=1.0)
+            say(f"[{name}] resumed from step {state.step}")
+    if rank == 0:
+        say(
+            f"[{name}] {world} worker(s) on {device}, {torch.get_num_threads()} torch thread(s) "
+            f"each; rank 0 pid {os.getpid()}"
+        )
+    writer = RunWriter(run_dir, config, state.step) if rank == 0 else None
+    reporter = RayReporter(writer, name, rank, config.steps, min_interval_s=1.0)
     t0 = time.perf_counter()
+    summary: dict[str, Any] | None = None
     try:
         final_eval = run_loop(config, worker.ctx, state, reporter)
+        if rank == 0:
+            summary = summarize(run_dir, final_eval, time.perf_counter() - t0, world)
+            run_dir.write_summary(summary)
     except NonFiniteLossError as err:
         # Retrying would only repeat it: record why and end the run; the last good checkpoint stays.
         if rank == 0:
             (run_dir.path / ERROR_FILE).write_text(str(err) + "\n")
-        return
-    if rank == 0:
-        run_dir.write_summary(summarize(run_dir, final_eval, time.perf_counter() - t0, world))
+    finally:
+        if writer is not None:
+            writer.close(summary)
+
+
+def default_cpus_per_worker(workers: int, concurrent_runs: int = 1) -> float:
+    """On a one-machine Ray the workers of all concurrent runs share its CPUs evenly; on a
+    multi-node cluster each worker takes 1 CPU unless told otherwise."""
+    import ray
+
+    if not is_local_cluster():
+        return 1.0
+    cpus = ray.cluster_resources().get("CPU", 1.0)
+    return max(1.0, float(int(cpus // (workers * concurrent_runs))))
 
 
 def run_on_ray(
@@ -183,14 +267,12 @@ def run_on_ray(
     max_failures: int,
 ) -> None:
     """Fit one decomposition with a TorchTrainer; returns when the run finished or failed."""
-    import ray
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    local = connect_ray()
-    cluster_cpus = ray.cluster_resources().get("CPU", 1.0)
+    connect_ray()
     if cpus_per_worker is None:
-        cpus_per_worker = max(1.0, float(int(cluster_cpus // workers))) if local else 1.0
+        cpus_per_worker = default_cpus_per_worker(workers)
     threads = max(1, int(cpus_per_worker))
     (run_dir.path / ERROR_FILE).unlink(missing_ok=True)
     trainer = TorchTrainer(
@@ -214,7 +296,122 @@ def run_on_ray(
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
         ),
     )
-    trainer.fit()
+    from spd_ray.train.loop import NonFiniteLossError
+
+    try:
+        trainer.fit()
+    except Exception as err:  # noqa: BLE001 - Ray's error types vary across versions
+        raise RunFailedError(
+            f"run {run_dir.path.name} failed (worker group restarted up to {max_failures} "
+            f"times; the last checkpoint stays in {run_dir.path}): {_first_line(err)}"
+        ) from err
     error = run_dir.path / ERROR_FILE
     if error.exists():
-        raise RuntimeError(error.read_text().strip())
+        raise NonFiniteLossError(error.read_text().strip())
+
+
+class RunFailedError(RuntimeError):
+    """A Ray Train run that ended without finishing (workers kept failing)."""
+
+
+def _first_line(err: BaseException) -> str:
+    cause: BaseException = err
+    while cause.__cause__ is not None:
+        cause = cause.__cause__
+    lines = [ln for ln in str(cause).splitlines() if ln.strip()]
+    return lines[-1].strip() if lines else type(cause).__name__
+
+
+def _fit_remote(
+    config_dict: dict[str, Any],
+    run_dir: str,
+    out_root: str,
+    workers: int,
+    use_gpu: bool,
+    cpus_per_worker: float,
+    max_failures: int,
+) -> tuple[dict[str, float], float]:
+    """One run of `run_many`, as a Ray task (holding no CPU itself) that drives a TorchTrainer."""
+    t0 = time.perf_counter()
+    rd = RunDir(Path(run_dir))
+    config = config_from_dict(config_dict)
+    run_on_ray(config, rd, Path(out_root), workers, use_gpu, cpus_per_worker, max_failures)
+    return rd.read_summary()["final_eval"], time.perf_counter() - t0
+
+
+def run_many(
+    jobs: list[tuple[str, Config]],
+    *,
+    out: str | Path | None = None,
+    fresh: bool = False,
+    workers: int = 1,
+    use_gpu: bool = False,
+    cpus_per_worker: float | None = None,
+    max_failures: int = 3,
+) -> list[Outcome]:
+    """Several runs (name, config), one TorchTrainer each, as many at once as the cluster's CPUs
+    (or GPUs) allow. A run that fails - bad config, non-finite loss, too many worker failures -
+    is reported as failed; the others go on."""
+    import ray
+
+    from spd_ray.train.run import Outcome, check_workers, prepare_ray_run
+    from spd_ray.train.rundir import output_root
+
+    root = output_root(out)
+    outcomes: dict[str, Outcome] = {}
+    pending: list[tuple[Config, Outcome]] = []
+    for name, config in jobs:
+        try:
+            check_workers(config, workers)
+            outcome = prepare_ray_run(config, name, root, fresh)
+        except USER_ERRORS as e:
+            outcomes[name] = Outcome(name, root / name, error=" ".join(str(e).split()))
+            continue
+        outcomes[name] = outcome
+        if not outcome.already_finished:
+            pending.append((config, outcome))
+    if pending:
+        connect_ray()
+        per_worker = cpus_per_worker or default_cpus_per_worker(workers, len(pending))
+        resources = ray.cluster_resources()
+        if use_gpu:
+            slots = int(resources.get("GPU", 0) // workers)
+        else:
+            slots = int(resources.get("CPU", 1) // (workers * per_worker))
+        slots = max(1, slots)
+        fit = ray.remote(num_cpus=0, max_retries=0)(_fit_remote)
+        running: dict[Any, Outcome] = {}
+        queue = list(pending)
+        while queue or running:
+            while queue and len(running) < slots:
+                config, outcome = queue.pop(0)
+                ref = fit.remote(
+                    config.model_dump(mode="json"),
+                    str(outcome.run_dir),
+                    str(root),
+                    workers,
+                    use_gpu,
+                    per_worker,
+                    max_failures,
+                )
+                running[ref] = outcome
+            done, _ = ray.wait(list(running), num_returns=1)
+            outcome = running.pop(done[0])
+            try:
+                outcome.metrics, outcome.wall_s = ray.get(done[0])
+            except Exception as err:  # noqa: BLE001 - recorded in the outcome table
+                cause = getattr(err, "cause", None) or err
+                outcome.error = " ".join(str(cause).split())[:300] or type(cause).__name__
+    return [outcomes[name] for name, _ in jobs]
+
+
+def format_outcomes(outcomes: list[Outcome]) -> str:
+    """The table `spd-ray run a,b,...` prints: one line per run."""
+    rows = [("run", "outcome", "wall s", "run directory")]
+    for o in outcomes:
+        status = o.status if o.error is None else f"failed: {o.error}"
+        rows.append((o.name, status, f"{o.wall_s:.0f}", str(o.run_dir)))
+    widths = [max(len(r[i]) for r in rows) for i in range(3)]
+    return "\n".join(
+        f"{r[0]:<{widths[0]}}  {r[1]:<{widths[1]}}  {r[2]:>{widths[2]}}  {r[3]}" for r in rows
+    )

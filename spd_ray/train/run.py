@@ -30,6 +30,7 @@ from spd_ray.targets import cached_target_path, load_target
 from spd_ray.targets.loading import build_toy
 from spd_ray.train.loop import LoopContext, load_state, make_state, run_loop
 from spd_ray.train.rundir import RunDir, output_root, tune_malloc
+from spd_ray.train.tracking import RunWriter
 
 EVAL_SEED_OFFSET = 1_000_003
 
@@ -103,24 +104,24 @@ def preflight(config: Config) -> None:
 
 
 class LocalReporter:
-    """Writes the run directory and shows progress in this process."""
+    """Writes the run directory (and the trackers) and shows progress in this process."""
 
-    def __init__(self, run_dir: RunDir, total_steps: int, progress: bool, start_step: int = 0):
-        self.run_dir = run_dir
+    def __init__(
+        self, run_dir: RunDir, config: Config, progress: bool, start_step: int = 0
+    ) -> None:
+        self.writer = RunWriter(run_dir, config, start_step)
         self.bar = (
-            tqdm(total=total_steps, initial=start_step, desc=run_dir.path.name, file=sys.stderr)
+            tqdm(total=config.steps, initial=start_step, desc=run_dir.path.name, file=sys.stderr)
             if progress
             else None
         )
-        self.last: dict[str, float] = {}
 
     def on_step(self, step: int, seconds: float) -> None:
         if self.bar is not None:
             self.bar.update(1)
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
-        self.run_dir.append_metrics(step, metrics)
-        self.last.update(metrics)
+        self.writer.log(step, metrics)
         if self.bar is not None and "train/loss/total" in metrics:
             self.bar.set_postfix(
                 loss=f"{metrics['train/loss/total']:.3g}",
@@ -128,24 +129,44 @@ class LocalReporter:
             )
 
     def figures(self, step: int, figures: dict[str, Figure]) -> None:
-        self.run_dir.save_figures(step, figures)
+        self.writer.figures(step, figures)
 
     def checkpoint(self, step: int, state: dict[str, Any], final: bool) -> None:
-        self.run_dir.save_checkpoint(state)
+        self.writer.checkpoint(state)
 
-    def close(self) -> None:
+    def close(self, summary: dict[str, Any] | None = None) -> None:
         if self.bar is not None:
             self.bar.close()
+        self.writer.close(summary)
 
 
 @dataclass
-class RunResult:
+class Outcome:
+    """How one run ended: `status` is finished, resumed (finished after resuming), already
+    finished, or failed (with `error`)."""
+
+    name: str
     run_dir: Path
-    metrics: dict[str, float]
-    model: ComponentModel
+    metrics: dict[str, float] = field(default_factory=dict)
     resumed_from: int = 0
     already_finished: bool = False
-    timings: dict[str, float] = field(default_factory=dict)
+    error: str | None = None
+    wall_s: float = 0.0
+
+    @property
+    def status(self) -> str:
+        if self.error is not None:
+            return "failed"
+        if self.already_finished:
+            return "already finished"
+        return f"resumed at {self.resumed_from}" if self.resumed_from else "finished"
+
+
+@dataclass
+class RunResult(Outcome):
+    """`decompose`'s result: the outcome plus the trained model."""
+
+    model: ComponentModel | None = None
 
 
 def default_run_name(experiment: str) -> str:
@@ -167,6 +188,7 @@ def summarize(
         "checkpoint": str(run_dir.checkpoint_path),
         "wall_seconds": wall_s,
         "workers": workers,
+        "torch_threads": torch.get_num_threads(),
     }
     return summary
 
@@ -191,7 +213,8 @@ def decompose(
     """
     tune_malloc()
     root = output_root(out)
-    run_dir = RunDir(root / (name or default_run_name("run")))
+    run_name = name or default_run_name("run")
+    run_dir = RunDir(root / run_name)
     if fresh and run_dir.path.exists():
         shutil.rmtree(run_dir.path)
     if target is None:
@@ -201,24 +224,27 @@ def decompose(
     run_dir.init(config)
     copy_target_file(config, root, run_dir)
     state = make_state(config, worker.ctx)
-    resumed_from = 0
+    result = RunResult(run_name, run_dir.path, model=worker.model)
     if run_dir.checkpoint_path.exists():
         load_state(state, worker.model, worker.ctx.train_batches, run_dir.load_checkpoint(device))
-        resumed_from = state.step
+        result.resumed_from = state.step
         if run_dir.finished() and state.step >= config.steps:
-            summary = run_dir.read_summary()
-            return RunResult(run_dir.path, summary["final_eval"], worker.model, resumed_from, True)
+            result.metrics = run_dir.read_summary()["final_eval"]
+            result.already_finished = True
+            return result
         run_dir.truncate_metrics_after(state.step)
-    reporter = LocalReporter(run_dir, config.steps, progress, state.step)
+    reporter = LocalReporter(run_dir, config, progress, state.step)
     worker.ctx.on_step = reporter.on_step
     t0 = time.perf_counter()
+    summary: dict[str, Any] | None = None
     try:
-        final_eval = run_loop(config, worker.ctx, state, reporter)
+        result.metrics = run_loop(config, worker.ctx, state, reporter)
+        result.wall_s = time.perf_counter() - t0
+        summary = summarize(run_dir, result.metrics, result.wall_s, 1)
+        run_dir.write_summary(summary)
     finally:
-        reporter.close()
-    wall = time.perf_counter() - t0
-    run_dir.write_summary(summarize(run_dir, final_eval, wall, 1))
-    return RunResult(run_dir.path, final_eval, worker.model, resumed_from, timings={"wall_s": wall})
+        reporter.close(summary)
+    return result
 
 
 def copy_target_file(config: Config, root: Path, run_dir: RunDir) -> None:
@@ -230,14 +256,6 @@ def copy_target_file(config: Config, root: Path, run_dir: RunDir) -> None:
         shutil.copyfile(config.pretrained_model_path, dest)
     elif isinstance(config.target_model, TMSTargetConfig | ResidMLPTargetConfig):
         shutil.copyfile(cached_target_path(config.target_model, root), dest)
-
-
-@dataclass
-class Outcome:
-    run_dir: Path
-    metrics: dict[str, float]
-    resumed_from: int = 0
-    already_finished: bool = False
 
 
 def run_experiment(
@@ -254,11 +272,7 @@ def run_experiment(
 ) -> Outcome:
     """What `spd-ray run` does: the run on Ray Train (or in this process), resumable by name."""
     root = output_root(out)
-    run_dir = RunDir(root / name)
-    if workers < 1:
-        raise ValueError(f"--workers must be >= 1 (got {workers})")
-    if config.batch_size % workers:
-        raise ValueError(f"batch_size {config.batch_size} is not divisible by --workers {workers}")
+    check_workers(config, workers)
     if in_process:
         if workers != 1:
             raise ValueError("--in-process runs exactly one worker")
@@ -266,20 +280,45 @@ def run_experiment(
         torch.set_num_threads(threads)
         device = "cuda" if use_gpu else "cpu"
         r = decompose(config, out=root, name=name, fresh=fresh, device=device)
-        return Outcome(r.run_dir, r.metrics, r.resumed_from, r.already_finished)
+        return Outcome(
+            name, r.run_dir, r.metrics, r.resumed_from, r.already_finished, wall_s=r.wall_s
+        )
 
-    from spd_ray.train.ray_driver import run_on_ray
+    from spd_ray.train.ray_driver import connect_ray, run_on_ray
 
+    t0 = time.perf_counter()
+    outcome = prepare_ray_run(config, name, root, fresh)
+    if outcome.already_finished:
+        return outcome
+    run_dir = RunDir(outcome.run_dir)
+    connect_ray()
+    run_on_ray(config, run_dir, root, workers, use_gpu, cpus_per_worker, max_failures)
+    outcome.metrics = run_dir.read_summary()["final_eval"]
+    outcome.wall_s = time.perf_counter() - t0
+    return outcome
+
+
+def check_workers(config: Config, workers: int) -> None:
+    if workers < 1:
+        raise ValueError(f"--workers must be >= 1 (got {workers})")
+    if config.batch_size % workers:
+        raise ValueError(f"batch_size {config.batch_size} is not divisible by --workers {workers}")
+
+
+def prepare_ray_run(config: Config, name: str, root: Path, fresh: bool) -> Outcome:
+    """Driver-side work before the workers start: validate, train (or find) the target, create
+    the run directory; says whether the run already finished."""
+    run_dir = RunDir(root / name)
     if fresh and run_dir.path.exists():
         shutil.rmtree(run_dir.path)
     preflight(config)
     load_target(config, root)  # trained once here and cached; the workers load the cached file
     run_dir.init(config)
     copy_target_file(config, root, run_dir)
-    resumed_from = 0
+    outcome = Outcome(name, run_dir.path)
     if run_dir.checkpoint_path.exists():
-        resumed_from = int(run_dir.load_checkpoint()["step"])
-        if run_dir.finished() and resumed_from >= config.steps:
-            return Outcome(run_dir.path, run_dir.read_summary()["final_eval"], resumed_from, True)
-    run_on_ray(config, run_dir, root, workers, use_gpu, cpus_per_worker, max_failures)
-    return Outcome(run_dir.path, run_dir.read_summary()["final_eval"], resumed_from)
+        outcome.resumed_from = int(run_dir.load_checkpoint()["step"])
+        if run_dir.finished() and outcome.resumed_from >= config.steps:
+            outcome.metrics = run_dir.read_summary()["final_eval"]
+            outcome.already_finished = True
+    return outcome

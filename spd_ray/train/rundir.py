@@ -18,6 +18,7 @@ import yaml
 from matplotlib.figure import Figure
 
 from spd_ray.config import Config, ConfigError, config_from_dict, save_config
+from spd_ray.io import atomic_write
 
 CHECKPOINT = "checkpoint.pt"
 SUMMARY = "summary.json"
@@ -45,12 +46,6 @@ def tune_malloc() -> None:
     m_trim_threshold, m_mmap_threshold = -1, -3
     libc.mallopt(m_mmap_threshold, 16 * 1024 * 1024)
     libc.mallopt(m_trim_threshold, 128 * 1024 * 1024)
-
-
-def atomic_write_bytes(path: Path, write: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
 
 
 def _first_difference(a: Any, b: Any, prefix: str = "") -> str | None:
@@ -108,7 +103,7 @@ class RunDir:
             return
         lines = path.read_text().splitlines()
         kept = [ln for ln in lines if ln.strip() and json.loads(ln)["step"] <= step]
-        path.write_text("".join(ln + "\n" for ln in kept))
+        atomic_write(path, lambda p: p.write_text("".join(ln + "\n" for ln in kept)))
 
     def append_metrics(self, step: int, metrics: dict[str, float]) -> None:
         with (self.path / METRICS).open("a") as f:
@@ -126,7 +121,7 @@ class RunDir:
         save_figures(figures, self.figures_dir, step)
 
     def save_checkpoint(self, state: dict[str, Any]) -> None:
-        atomic_write_bytes(self.checkpoint_path, lambda p: torch.save(state, p))
+        atomic_write(self.checkpoint_path, lambda p: torch.save(state, p))
 
     def load_checkpoint(self, map_location: str | torch.device = "cpu") -> dict[str, Any]:
         if not self.checkpoint_path.exists():
@@ -134,9 +129,7 @@ class RunDir:
         return torch.load(self.checkpoint_path, map_location=map_location, weights_only=False)  # type: ignore[no-any-return]
 
     def write_summary(self, summary: dict[str, Any]) -> None:
-        atomic_write_bytes(
-            self.path / SUMMARY, lambda p: p.write_text(json.dumps(summary, indent=2))
-        )
+        atomic_write(self.path / SUMMARY, lambda p: p.write_text(json.dumps(summary, indent=2)))
 
     def read_summary(self) -> dict[str, Any]:
         return json.loads((self.path / SUMMARY).read_text())  # type: ignore[no-any-return]

@@ -191,22 +191,3 @@ def test_decompose_and_load_run_api(tmp_path: Path) -> None:
     # The loaded model is the trained one: same CI as the in-process result.
     torch.testing.assert_close(ci, result.model.causal_importances(x))
     assert run.step == 20
-
-
-def test_run_on_ray_train_writes_the_same_run_contract(tmp_path: Path) -> None:
-    """One worker through Ray Train: run directory, metrics and a Ray checkpoint beside them."""
-    res = _cli("run", str(TINY), "--name", "r", "--ray", out=tmp_path)
-    assert res.returncode == 0, res.stderr[-2000:]
-    run_dir = Path(res.stdout.strip().splitlines()[-1])
-    assert run_dir == tmp_path / "r"
-    summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["final_step"] == 40
-    steps = [m["step"] for m in RunDir(run_dir).read_metrics() if "train/loss/total" in m]
-    assert steps == [10, 20, 30, 40]
-    assert any((run_dir / "ray").glob("checkpoint_*"))
-    # Same seed, same loop: the Ray worker reproduces the in-process run.
-    local = _cli("run", str(TINY), "--name", "l", out=tmp_path)
-    assert local.returncode == 0, local.stderr
-    a, b = _final_eval(run_dir), _final_eval(tmp_path / "l")
-    for key in a:
-        assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-7), key
