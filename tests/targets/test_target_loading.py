@@ -7,6 +7,7 @@ import yaml
 
 import spd_ray.targets.loading as loading
 from spd_ray.config import Config, ResidMLPTargetConfig, TMSTargetConfig, config_from_dict
+from spd_ray.io import atomic_write
 from spd_ray.targets import (
     ResidMLP,
     TMSModel,
@@ -145,6 +146,6 @@ def test_atomic_write_leaves_old_file_on_failure(tmp_path):
         raise OSError("disk full")
 
     with pytest.raises(OSError, match="disk full"):
-        loading._atomic_write(path, fail)
+        atomic_write(path, fail)
     assert path.read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["f.txt"]
