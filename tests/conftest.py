@@ -36,3 +36,7 @@ def ray_head() -> Iterator[RayHead]:
 def shared_out(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An output root shared by the session's Ray tests, so each toy target trains once."""
     return tmp_path_factory.mktemp("out")
+
+
+# Language-model fixtures (tiny-LM assets built once per session): see lm_conftest_fixtures.py.
+from lm_conftest_fixtures import hf_datasets_cache, tiny_lm_assets  # noqa: E402, F401

@@ -15,7 +15,9 @@ from spd_ray.registry import registry
 EXPERIMENTS = Path(__file__).resolve().parent.parent / "experiments"
 SHIPPED = sorted(EXPERIMENTS.rglob("*.yaml")) + sorted(EXPERIMENTS.rglob("*.yml"))
 # Sweep files hold parameter grids, not run configs.
-RUN_CONFIGS = [p for p in SHIPPED if "sweeps" not in p.relative_to(EXPERIMENTS).parts]
+RUN_CONFIGS = [
+    p for p in SHIPPED if not {"sweeps", "pretrain"} & set(p.relative_to(EXPERIMENTS).parts)
+]
 
 
 def test_experiments_exist():
