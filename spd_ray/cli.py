@@ -117,6 +117,42 @@ def _print_headline(metrics: dict[str, float]) -> None:
         print(f"  {key} = {metrics[key]:.6g}", file=sys.stderr)
 
 
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from spd_ray.sweep.results import parse_objective
+    from spd_ray.sweep.tune_driver import run_sweep, sweep_status
+
+    outcome = run_sweep(
+        args.target,
+        args.space,
+        name=args.name,
+        out=args.out,
+        trials=args.trials,
+        concurrent=args.concurrent,
+        workers_per_trial=args.workers_per_trial,
+        gpu=args.gpu,
+        steps=args.steps,
+        overrides=args.overrides,
+        objectives=[parse_objective(o) for o in args.objective] or None,
+        scheduler=args.scheduler,
+        seed=args.seed,
+    )
+    print(sweep_status(outcome.sweep_dir.name, outcome.sweep_dir.parent), file=sys.stderr)
+    if not outcome.complete:
+        print(
+            f"sweep {outcome.sweep_dir.name} is not complete; rerun the same command to go on",
+            file=sys.stderr,
+        )
+    print(outcome.sweep_dir)
+    return 0 if outcome.complete else 1
+
+
+def cmd_sweep_status(args: argparse.Namespace) -> int:
+    from spd_ray.sweep.tune_driver import sweep_status
+
+    print(sweep_status(args.name, args.out))
+    return 0
+
+
 def cmd_list(args: argparse.Namespace) -> int:
     from spd_ray.registry import describe, registry
 
@@ -163,6 +199,36 @@ def build_parser() -> argparse.ArgumentParser:
         help="run the loop in this process without Ray (1 worker, CPU or the first GPU)",
     )
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("sweep", help="search hyperparameters with Ray Tune + Optuna")
+    _common_run_args(p)
+    p.add_argument("--space", required=True, help="search-space YAML (see experiments/sweeps/)")
+    p.add_argument("--trials", type=int, default=8, help="trials to sample (a grid runs them all)")
+    p.add_argument("--concurrent", type=int, help="trials at once (default: as CPUs allow)")
+    p.add_argument("--workers-per-trial", type=int, default=1, help="Ray Train workers per trial")
+    p.add_argument("--gpu", action="store_true", help="one GPU per trial worker")
+    p.add_argument(
+        "--objective",
+        action="append",
+        default=[],
+        metavar="METRIC:min|max",
+        help="repeatable; default: eval/loss/StochasticReconLoss:min and eval/l0/total:min",
+    )
+    p.add_argument("--scheduler", choices=["asha", "none"], default="none")
+    p.add_argument("--seed", type=int, default=0, help="sampler seed")
+    p.add_argument(
+        "--name", help="sweep name (default: sweep-<experiment>-<timestamp>); reuse it to resume"
+    )
+    p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser("sweep-status", help="print a sweep's results table")
+    p.add_argument("name", help="sweep name under the output root")
+    p.add_argument("--out", help="output root (default: $SPD_RAY_OUT, else ~/spd_ray_out)")
+    p.set_defaults(func=cmd_sweep_status)
+
+    from spd_ray.targets.tiny_lm import add_cli as add_tiny_lm_cli
+
+    add_tiny_lm_cli(sub)  # make-tiny-lm, pretrain
 
     p = sub.add_parser("list", help="list the registry")
     p.set_defaults(func=cmd_list)

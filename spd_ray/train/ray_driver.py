@@ -15,6 +15,7 @@ import socket
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -119,6 +120,7 @@ class WorkerArgs:
     out_root: str
     threads: int
     use_gpu: bool
+    require: tuple[str, ...] = ()
 
 
 class RayReporter:
@@ -132,7 +134,17 @@ class RayReporter:
         rank: int,
         total_steps: int,
         min_interval_s: float,
+        report: Callable[..., None] | None = None,
+        quiet: bool = False,
+        require: tuple[str, ...] = (),
     ):
+        """`report` is `ray.train.report` (default) or, in a Tune trial, `ray.tune.report`;
+        `quiet` drops the progress lines (Tune shows its own table); log points report only
+        once every `require`d metric has a value (a Tune searcher reads its objectives from
+        every report)."""
+        self.report = report
+        self.require = require
+        self.quiet = quiet
         self.writer = writer
         self.name = name
         self.rank = rank
@@ -141,22 +153,49 @@ class RayReporter:
         self.last_report = 0.0
         self.last: dict[str, float] = {}
 
-    def log(self, step: int, metrics: dict[str, float]) -> None:
+    def _with_steps(self, step: int, metrics: dict[str, float]) -> dict[str, Any]:
+        """`step`, and `rung_step` until the last step: an early-stopping scheduler keyed on
+        `rung_step` can stop a trial at any step but never in its final eval and save."""
+        steps: dict[str, Any] = {"step": step}
+        if step < self.total_steps:
+            steps["rung_step"] = step
+        return {**steps, **metrics}
+
+    @staticmethod
+    def _agree(decision: bool) -> bool:
+        """Rank 0's decision on every rank: Train pairs the ranks' reports by their order, so all
+        ranks must report at the same log points."""
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            return decision
+        flag = torch.tensor([1 if decision else 0], dtype=torch.int32)
+        if dist.get_backend() == "nccl":
+            flag = flag.cuda()
+        dist.broadcast(flag, src=0)
+        return bool(flag.item())
+
+    def _report(self, metrics: dict[str, Any], checkpoint: Any = None) -> None:
         import ray.train
 
+        (self.report or ray.train.report)(metrics, checkpoint=checkpoint)
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
         self.last.update(metrics)
         if self.writer is not None:
             self.writer.log(step, metrics)
-            if "train/loss/total" in metrics:
+            if "train/loss/total" in metrics and not self.quiet:
                 say(
                     f"[{self.name}] step {step}/{self.total_steps} "
                     f"loss {metrics['train/loss/total']:.4g} "
                     f"{metrics.get('train/steps_per_s', 0.0):.1f} steps/s"
                 )
-        # report() blocks until the controller polls, so log points report at most this often.
+        # report() blocks until the controller polls, so log points report at most this often;
+        # each report carries the latest value of every metric (schedulers compare any of them).
         now = time.monotonic()
-        if now - self.last_report >= self.min_interval_s:
-            ray.train.report({"step": step, **metrics})
+        ready = all(k in self.last for k in self.require)
+        if self._agree(ready and now - self.last_report >= self.min_interval_s):
+            self._report(self._with_steps(step, self.last))
             self.last_report = time.monotonic()
 
     def figures(self, step: int, figures: dict[str, Figure]) -> None:
@@ -166,14 +205,14 @@ class RayReporter:
     def checkpoint(self, step: int, state: dict[str, Any], final: bool) -> None:
         import ray.train
 
-        metrics = {"step": step, **{k: v for k, v in self.last.items() if "/" in k}}
+        metrics = self._with_steps(step, {k: v for k, v in self.last.items() if "/" in k})
         if self.writer is None:
-            ray.train.report(metrics, checkpoint=None)
+            self._report(metrics, checkpoint=None)
             return
         self.writer.checkpoint(state)
         with tempfile.TemporaryDirectory() as tmp:
             torch.save(state, Path(tmp) / "checkpoint.pt")
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+            self._report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
         self.last_report = time.monotonic()
 
 
@@ -229,7 +268,9 @@ def train_worker(args_dict: dict[str, Any]) -> None:
             f"each; rank 0 pid {os.getpid()}"
         )
     writer = RunWriter(run_dir, config, state.step) if rank == 0 else None
-    reporter = RayReporter(writer, name, rank, config.steps, min_interval_s=1.0)
+    reporter = RayReporter(
+        writer, name, rank, config.steps, min_interval_s=1.0, require=tuple(args.require)
+    )
     t0 = time.perf_counter()
     summary: dict[str, Any] | None = None
     try:

@@ -49,6 +49,8 @@ TMS = [
     f"slow_eval_freq={TMS_STEPS}",
     "--set",
     "train_log_freq=100",
+    "--set",
+    "batch_size=1024",
 ]
 
 

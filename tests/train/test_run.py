@@ -15,6 +15,7 @@ import torch
 
 import spd_ray
 from spd_ray.config import load_config
+from spd_ray.train import tracking
 from spd_ray.train.rundir import RunDir
 
 TINY = Path(__file__).resolve().parents[1] / "fixtures" / "tiny_resid_mlp.yaml"
@@ -191,3 +192,32 @@ def test_decompose_and_load_run_api(tmp_path: Path) -> None:
     # The loaded model is the trained one: same CI as the in-process result.
     torch.testing.assert_close(ci, result.model.causal_importances(x))
     assert run.step == 20
+
+
+def test_tensorboard_and_offline_wandb_tracking(tmp_path: Path) -> None:
+    """Rank 0 logs every metric to TensorBoard and, with wandb_project set and no API key, to an
+    offline wandb run inside the run directory (figures included)."""
+    res = _cli(
+        "run", str(TINY), "--name", "wb", "--set", "wandb_project=spd-test", out=tmp_path,
+        env_extra={"WANDB_MODE": "offline"},
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    run_dir = tmp_path / "wb"
+    runs = list((run_dir / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1
+    assert runs[0].name.endswith(tracking.wandb_run_id(run_dir))
+    assert next(runs[0].glob("run-*.wandb")).stat().st_size > 1000
+    images = [p.name for p in (runs[0] / "files" / "media" / "images" / "figures").iterdir()]
+    assert any(n.startswith("causal_importances_0_") for n in images)
+    assert any(n.startswith("causal_importances_40_") for n in images)
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir / "tb"))
+    events.Reload()
+    logged = RunDir(run_dir).read_metrics()
+    evals = [m for m in logged if "eval/loss/FaithfulnessLoss" in m]
+    tb = events.Scalars("eval/loss/FaithfulnessLoss")
+    assert [e.step for e in tb] == [m["step"] for m in evals] == [0, 20, 40]
+    assert [e.value for e in tb] == pytest.approx([m["eval/loss/FaithfulnessLoss"] for m in evals])
+    assert "figures/causal_importances" in events.Tags()["images"]

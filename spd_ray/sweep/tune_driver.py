@@ -1,0 +1,462 @@
+"""`spd-ray sweep`: a Ray Tune experiment over a search space, resumable by rerunning it.
+
+Layout of `<out>/<sweep name>/`:
+- `sweep.json`: what was asked (experiment, space, objectives, ...); a rerun must match it.
+- `trials/<trial id>/`: each trial's run directory (the run contract: config.yaml, metrics.jsonl,
+  summary.json, tb/ events, checkpoint.pt), so `load_run` and TensorBoard work on it.
+- `tune/`: Ray Tune's experiment state (`Tuner.restore` continues from it).
+- `study.db`: the Optuna study (SQLite; `optuna-dashboard sqlite:///.../study.db`).
+- `results.csv` (+ parquet), `best.yaml` or `pareto_<i>.yaml`, `objectives.png`: rewritten as
+  trials finish and at the end.
+
+Search: a space made only of `values` leaves runs as a grid (Tune's variant generator, every
+combination once). Otherwise Optuna's TPE sampler picks `--trials` configs - multi-objective when
+several objectives are given - optionally with ASHA early stopping (one objective only) on the
+training step. A trial with one worker runs the training loop inside the Tune trial; a trial with
+several workers drives its own `TorchTrainer` and forwards its reports with `TuneReportCallback`.
+Trials hold fractional CPUs so that trials x workers fit the cluster (ray-notes: a Tune trial that
+reserves a CPU and then asks for Train workers deadlocks on 2 CPUs).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from spd_ray.config import Config, ConfigError, config_from_dict
+from spd_ray.sweep.results import (
+    Objective,
+    TrialRow,
+    format_table,
+    make_row,
+    plot_objectives,
+    read_table,
+    write_best_configs,
+    write_table,
+)
+from spd_ray.sweep.space import SearchSpace, load_space
+from spd_ray.sweep.trials import trial_config, validate_space
+from spd_ray.train.rundir import RunDir, output_root
+
+SPEC_FILE = "sweep.json"
+TABLE = "results.csv"
+TUNE_SUBDIR = "tune"
+DEFAULT_OBJECTIVES: list[Objective] = [
+    ("eval/loss/StochasticReconLoss", "min"),
+    ("eval/l0/total", "min"),
+]
+
+
+@dataclass
+class SweepSpec:
+    """Everything that defines a sweep; stored in sweep.json and checked on resume."""
+
+    experiment: str
+    target: str
+    space_file: str
+    space: dict[str, Any]  # the parsed leaves, {dotted key: description}
+    overrides: list[str]
+    objectives: list[tuple[str, str]]
+    trials: int
+    concurrent: int
+    workers_per_trial: int
+    gpu: bool
+    scheduler: str
+    seed: int
+    base_config: dict[str, Any] = field(default_factory=dict)
+
+    # Fields a rerun may not change (they define which trials exist and what they mean).
+    FIXED = ("experiment", "space", "overrides", "objectives", "trials", "scheduler", "seed")
+
+    def objective_list(self) -> list[Objective]:
+        return [(m, d) for m, d in self.objectives]  # type: ignore[misc]
+
+
+def _describe_space(space: SearchSpace) -> dict[str, Any]:
+    return {k: repr(p) for k, p in space.params.items()}
+
+
+def _check_resume(old: dict[str, Any], new: SweepSpec, path: Path) -> None:
+    for key in SweepSpec.FIXED:
+        a, b = old.get(key), json.loads(json.dumps(getattr(new, key)))
+        if a != b:
+            raise ConfigError(
+                f"{path} is a sweep with a different {key} ({a!r}, now {b!r}); "
+                "rerun it with the same settings to resume, or use another --name"
+            )
+
+
+# ---------------------------------------------------------------------------------------------
+# The trial
+# ---------------------------------------------------------------------------------------------
+
+
+def _trial_run_dir(sweep_dir: Path, trial_id: str) -> RunDir:
+    return RunDir(sweep_dir / "trials" / trial_id)
+
+
+def sweep_trial(params: dict[str, Any], spec: dict[str, Any], sweep_dir: str, cpus: float) -> None:
+    """One Tune trial: the base config with `params`, trained in its own run directory; `cpus`
+    is what the trial (one worker) or each of its Train workers holds."""
+    from ray import tune
+
+    from spd_ray.train.loop import NonFiniteLossError, load_state, make_state, run_loop
+    from spd_ray.train.ray_driver import RayReporter
+    from spd_ray.train.run import build_worker, copy_target_file, summarize
+    from spd_ray.train.rundir import tune_malloc
+    from spd_ray.train.tracking import RunWriter
+
+    s = SweepSpec(**spec)
+    config = trial_config(config_from_dict(s.base_config), params)
+    trial_id = tune.get_context().get_trial_id()
+    run_dir = _trial_run_dir(Path(sweep_dir), trial_id)
+    run_dir.init(config)
+    root = Path(sweep_dir).parent
+    copy_target_file(config, root, run_dir)
+    if s.workers_per_trial > 1:
+        _trial_on_train(config, run_dir, root, s, cpus)
+        return
+
+    tune_malloc()
+    torch.set_num_threads(max(1, int(cpus)))
+    device = torch.device("cuda" if s.gpu and torch.cuda.is_available() else "cpu")
+    worker = build_worker(config, None, root, device)
+    state = make_state(config, worker.ctx)
+    if run_dir.checkpoint_path.exists():
+        load_state(state, worker.model, worker.ctx.train_batches, run_dir.load_checkpoint(device))
+        run_dir.truncate_metrics_after(state.step)
+        if run_dir.finished() and state.step >= config.steps:
+            done = run_dir.read_summary()
+            tune.report({"step": state.step, **done["final_eval"]})
+            return
+    writer = RunWriter(run_dir, config, state.step)
+    objectives = tuple(m for m, _ in s.objectives)
+    reporter = RayReporter(
+        writer, trial_id, 0, config.steps, 1.0, tune.report, quiet=True, require=objectives
+    )
+    t0 = time.perf_counter()
+    summary: dict[str, Any] | None = None
+    try:
+        final = run_loop(config, worker.ctx, state, reporter)
+        summary = summarize(run_dir, final, time.perf_counter() - t0, 1)
+        run_dir.write_summary(summary)
+    except NonFiniteLossError as err:
+        (run_dir.path / "error.txt").write_text(str(err) + "\n")
+        raise
+    finally:
+        writer.close(summary)
+
+
+def _trial_on_train(config: Config, run_dir: RunDir, root: Path, s: SweepSpec, cpus: float) -> None:
+    """A several-worker trial: its own TorchTrainer, reports forwarded to Tune."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from spd_ray.train.ray_driver import RAY_SUBDIR, WorkerArgs, train_worker
+
+    trainer = TorchTrainer(
+        train_worker,
+        train_loop_config=WorkerArgs(
+            config=config.model_dump(mode="json"),
+            run_dir=str(run_dir.path),
+            out_root=str(root),
+            threads=max(1, int(cpus)),
+            use_gpu=s.gpu,
+            require=tuple(m for m, _ in s.objectives),
+        ).__dict__,
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=s.workers_per_trial,
+            use_gpu=s.gpu,
+            resources_per_worker={"CPU": cpus, **({"GPU": 1} if s.gpu else {})},
+        ),
+        run_config=ray.train.RunConfig(
+            name=RAY_SUBDIR,
+            storage_path=str(run_dir.path),
+            failure_config=ray.train.FailureConfig(max_failures=1),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1),
+            callbacks=[TuneReportCallback()],  # type: ignore[list-item]
+        ),
+    )
+    trainer.fit()
+
+
+# ---------------------------------------------------------------------------------------------
+# Results
+# ---------------------------------------------------------------------------------------------
+
+
+def _row(
+    sweep_dir: Path,
+    trial_id: str,
+    params: dict[str, Any],
+    last: dict[str, Any],
+    failed: bool,
+) -> TrialRow:
+    """A table row: the final eval metrics when the trial finished, else its last report."""
+    run_dir = _trial_run_dir(sweep_dir, trial_id)
+    if run_dir.finished():
+        summary = run_dir.read_summary()
+        return make_row(
+            trial_id,
+            "finished",
+            params,
+            summary["final_eval"],
+            summary["final_step"],
+            str(run_dir.path),
+        )
+    status = "error" if failed else "stopped early"
+    metrics = {k: v for k, v in last.items() if "/" in k}
+    return make_row(trial_id, status, params, metrics, int(last.get("step", 0)), str(run_dir.path))
+
+
+def write_results(sweep_dir: Path, rows: list[TrialRow], spec: SweepSpec) -> None:
+    """The table, the best config(s) and the objective plot, from the rows so far."""
+    objectives = spec.objective_list()
+    write_table(rows, sweep_dir / TABLE)
+    scored = [
+        r for r in rows if all(math.isfinite(r["metrics"].get(m, math.nan)) for m, _ in objectives)
+    ]
+    if scored:
+        base = config_from_dict(spec.base_config)
+        write_best_configs(rows, objectives, base, sweep_dir)
+        plot_objectives(rows, objectives, sweep_dir / "objectives.png")
+
+
+def _table_callback(sweep_dir: Path, spec: SweepSpec) -> Any:
+    from ray import tune
+
+    class TableCallback(tune.Callback):  # type: ignore[misc]
+        """Rewrites the results as each trial ends, so `sweep-status` shows them mid-sweep."""
+
+        def _write(self, trials: list[Any], ended: Any, failed: bool) -> None:
+            rows = [
+                _row(
+                    sweep_dir,
+                    t.trial_id,
+                    dict(t.config or {}),
+                    dict(t.last_result or {}),
+                    failed if t is ended else t.status == "ERROR",
+                )
+                for t in trials
+                if t is ended or t.status in ("TERMINATED", "ERROR")
+            ]
+            write_results(sweep_dir, rows, spec)
+
+        def on_trial_complete(
+            self, iteration: int, trials: list[Any], trial: Any, **_: Any
+        ) -> None:
+            self._write(trials, trial, failed=False)
+
+        def on_trial_error(self, iteration: int, trials: list[Any], trial: Any, **_: Any) -> None:
+            self._write(trials, trial, failed=True)
+
+    return TableCallback()
+
+
+# ---------------------------------------------------------------------------------------------
+# The driver
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SweepOutcome:
+    sweep_dir: Path
+    rows: list[TrialRow]
+    complete: bool
+
+
+def run_sweep(
+    target: str,
+    space_file: str | Path,
+    *,
+    name: str | None = None,
+    out: str | Path | None = None,
+    trials: int = 8,
+    concurrent: int | None = None,
+    workers_per_trial: int = 1,
+    gpu: bool = False,
+    steps: int | None = None,
+    overrides: list[str] | None = None,
+    objectives: list[Objective] | None = None,
+    scheduler: str = "none",
+    seed: int = 0,
+) -> SweepOutcome:
+    from spd_ray.registry import load_experiment
+    from spd_ray.targets import load_target
+    from spd_ray.train.run import preflight
+
+    objectives = list(objectives or DEFAULT_OBJECTIVES)
+    if scheduler not in ("asha", "none"):
+        raise ValueError(f"--scheduler must be asha or none, not {scheduler!r}")
+    if scheduler == "asha" and len(objectives) > 1:
+        raise ValueError(
+            "--scheduler asha needs exactly one --objective (ASHA ranks on one metric)"
+        )
+    if trials < 1 or workers_per_trial < 1:
+        raise ValueError("--trials and --workers-per-trial must be >= 1")
+    extra = [*(overrides or []), *([f"steps={steps}"] if steps is not None else [])]
+    experiment, base = load_experiment(target, extra)
+    if base.batch_size % workers_per_trial:
+        raise ValueError(
+            f"batch_size {base.batch_size} is not divisible by --workers-per-trial "
+            f"{workers_per_trial}"
+        )
+    space = load_space(space_file, experiment)
+    validate_space(base, space)
+    preflight(base)
+    root = output_root(out)
+    sweep_name = name or f"sweep-{experiment}-{time.strftime('%Y%m%d-%H%M%S')}"
+    sweep_dir = root / sweep_name
+    spec = SweepSpec(
+        experiment=experiment,
+        target=str(target),
+        space_file=str(space_file),
+        space=_describe_space(space),
+        overrides=extra,
+        objectives=[list(o) for o in objectives],  # type: ignore[misc]
+        trials=space.grid_size if space.is_grid else trials,
+        concurrent=concurrent or 0,
+        workers_per_trial=workers_per_trial,
+        gpu=gpu,
+        scheduler=scheduler,
+        seed=seed,
+        base_config=base.model_dump(mode="json"),
+    )
+    spec_path = sweep_dir / SPEC_FILE
+    if spec_path.exists():
+        _check_resume(json.loads(spec_path.read_text()), spec, spec_path)
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    spec_path.write_text(json.dumps(asdict(spec), indent=2))
+    load_target(base, root)  # train (or find) the target once, before the trials
+    return _fit(spec, space, sweep_dir, sweep_name)
+
+
+def _fit(spec: SweepSpec, space: SearchSpace, sweep_dir: Path, sweep_name: str) -> SweepOutcome:
+    import optuna
+    import ray
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search.optuna import OptunaSearch
+
+    from spd_ray.train.ray_driver import connect_ray, is_local_cluster
+
+    connect_ray()
+    cluster_cpus = ray.cluster_resources().get("CPU", 1.0)
+    concurrent = spec.concurrent or max(1, int(cluster_cpus // spec.workers_per_trial))
+    concurrent = min(concurrent, spec.trials)
+    # Fractional CPUs: trials x workers always fit the cluster, so nothing waits on itself.
+    local = is_local_cluster()
+    per_worker = cluster_cpus / (concurrent * spec.workers_per_trial) if local else 1.0
+    trainable: Any = tune.with_parameters(
+        sweep_trial, spec=asdict(spec), sweep_dir=str(sweep_dir), cpus=per_worker
+    )
+    if spec.workers_per_trial > 1:
+        # The trial only drives a TorchTrainer; its workers hold the CPUs.
+        trainable = tune.with_resources(trainable, {"CPU": 0, "memory": 1e6})
+    else:
+        resources = {"CPU": per_worker, **({"GPU": 1} if spec.gpu else {})}
+        trainable = tune.with_resources(trainable, resources)
+
+    objectives = spec.objective_list()
+    metric: str | list[str] = [m for m, _ in objectives]
+    mode: str | list[str] = [d for _, d in objectives]
+    if len(objectives) == 1:
+        metric, mode = metric[0], mode[0]
+    tune_dir = sweep_dir / TUNE_SUBDIR
+    run_config = tune.RunConfig(
+        name=TUNE_SUBDIR,
+        storage_path=str(sweep_dir),
+        callbacks=[_table_callback(sweep_dir, spec)],
+        failure_config=tune.FailureConfig(max_failures=1),
+        checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+        verbose=1,
+    )
+    if tune.Tuner.can_restore(str(tune_dir)):
+        print(f"resuming sweep {sweep_name} from {tune_dir}", flush=True)
+        tuner = tune.Tuner.restore(
+            str(tune_dir), trainable=trainable, resume_errored=True, resume_unfinished=True
+        )
+    else:
+        search_alg: Any = None
+        param_space: dict[str, Any]
+        if space.is_grid:
+            param_space, num_samples = space.to_tune(), 1
+        else:
+            sampler = (
+                optuna.samplers.TPESampler(seed=spec.seed, multivariate=True)
+                if len(objectives) == 1
+                else optuna.samplers.TPESampler(seed=spec.seed)
+            )
+            storage = optuna.storages.RDBStorage(f"sqlite:///{sweep_dir / 'study.db'}")
+            search_alg = OptunaSearch(
+                space=space.sample_optuna,
+                metric=metric,
+                mode=mode,
+                sampler=sampler,
+                study_name=sweep_name,
+                storage=storage,
+            )
+            param_space, num_samples = {}, spec.trials
+        scheduler = None
+        if spec.scheduler == "asha":
+            base = config_from_dict(spec.base_config)
+            scheduler = ASHAScheduler(
+                time_attr="rung_step",  # absent from the final reports: no stop at the end
+                max_t=base.steps,
+                grace_period=max(1, base.steps // 4),
+                reduction_factor=2,
+            )
+        tuner = tune.Tuner(
+            trainable,
+            param_space=param_space,
+            tune_config=tune.TuneConfig(
+                # Only ASHA reads these (one objective); OptunaSearch carries its own.
+                metric=metric if isinstance(metric, str) and scheduler is not None else None,
+                mode=mode if isinstance(mode, str) and scheduler is not None else None,
+                search_alg=search_alg,
+                scheduler=scheduler,
+                num_samples=num_samples,
+                max_concurrent_trials=concurrent,
+                trial_name_creator=lambda t: t.trial_id,
+                trial_dirname_creator=lambda t: t.trial_id,
+            ),
+            run_config=run_config,
+        )
+    grid = tuner.fit()
+    rows = []
+    for i in range(len(grid)):
+        result = grid[i]
+        last = dict(result.metrics or {})
+        trial_id = str(last.get("trial_id") or Path(result.path).name)
+        params = dict(result.config or {})
+        rows.append(_row(sweep_dir, trial_id, params, last, failed=result.error is not None))
+    rows.sort(key=lambda r: r["trial_id"])
+    if rows:
+        write_results(sweep_dir, rows, spec)
+    ended = sum(r["status"] in ("finished", "stopped early") for r in rows)
+    return SweepOutcome(sweep_dir, rows, complete=ended >= spec.trials)
+
+
+def _rows_from_dir(sweep_dir: Path) -> list[TrialRow]:
+    table = sweep_dir / TABLE
+    return read_table(table) if table.exists() else []
+
+
+def sweep_status(name: str, out: str | Path | None = None) -> str:
+    sweep_dir = output_root(out) / name
+    spec_path = sweep_dir / SPEC_FILE
+    if not spec_path.exists():
+        raise FileNotFoundError(f"no sweep {name!r} under {sweep_dir.parent} ({SPEC_FILE} missing)")
+    spec = SweepSpec(**json.loads(spec_path.read_text()))
+    rows = _rows_from_dir(sweep_dir)
+    head = f"sweep {name}: {len(rows)}/{spec.trials} trials ended ({sweep_dir})"
+    if not rows:
+        return head
+    return head + "\n" + format_table(rows, spec.objective_list())
