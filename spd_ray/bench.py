@@ -84,3 +84,57 @@ def run_bench(experiments: list[str], steps: int, warmup: int, threads: int) -> 
             f"{name:<14} {r['steps_per_s']:>8.1f} {r['samples_per_s']:>10.0f} "
             f"{r['p90_step_ms']:>8.1f} {r['peak_mem_mb']:>8.0f}"
         )
+
+
+def ray_overhead(experiment: str, steps: int, out: str | None = None) -> dict[str, float]:
+    """What running on Ray Train (1 worker, local Ray) costs over the in-process loop, for one
+    registry experiment: `spd-ray run` with and without `--in-process`, each in a fresh process
+    as a user runs them. Reports whole-command wall time (Ray start, worker start, teardown
+    included) and the loop's time per step (evals included in both). A short warm-up run first
+    fills the on-disk torch.compile cache that both then use."""
+    import json
+    import os
+    import subprocess
+    import tempfile
+    import time
+    from pathlib import Path
+
+    root = Path(out or tempfile.mkdtemp(prefix="spd-ray-overhead-"))
+    env = {**os.environ, "SPD_RAY_OUT": str(root)}
+    env.pop("SPD_RAY_THREADS", None)
+
+    def run(name: str, *extra: str) -> float:
+        cmd = [sys.executable, "-m", "spd_ray.cli", "run", experiment, "--name", name, "--fresh"]
+        t0 = time.perf_counter()
+        res = subprocess.run([*cmd, *extra], env=env, capture_output=True, text=True)
+        if res.returncode != 0:
+            raise RuntimeError(f"{name} failed: {res.stderr[-2000:]}")
+        return time.perf_counter() - t0
+
+    run("warmup", "--in-process", "--steps", "20")  # trains the target, fills compile caches
+    wall_in = run("in-process", "--in-process", "--steps", str(steps))
+    wall_ray = run("ray", "--steps", str(steps))
+
+    def loop_s(name: str) -> float:
+        return float(json.loads((root / name / "summary.json").read_text())["wall_seconds"])
+
+    loop_in, loop_ray = loop_s("in-process"), loop_s("ray")
+    return {
+        "wall_in_process_s": wall_in,
+        "wall_ray_s": wall_ray,
+        "extra_wall_s": wall_ray - wall_in,
+        "step_ms_in_process": 1000 * loop_in / steps,
+        "step_ms_ray": 1000 * loop_ray / steps,
+        "step_ratio": loop_ray / loop_in,
+    }
+
+
+def run_ray_overhead(experiment: str, steps: int) -> None:
+    r = ray_overhead(experiment, steps)
+    print(f"# {experiment}, {steps} steps, torch {torch.__version__}", file=sys.stderr)
+    print(
+        f"in-process: {r['wall_in_process_s']:.1f} s wall, {r['step_ms_in_process']:.2f} ms/step\n"
+        f"Ray Train, 1 worker: {r['wall_ray_s']:.1f} s wall, {r['step_ms_ray']:.2f} ms/step\n"
+        f"Ray costs {r['extra_wall_s']:+.1f} s of wall time; per-step ratio "
+        f"{r['step_ratio']:.3f}"
+    )

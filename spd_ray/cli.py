@@ -121,6 +121,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from spd_ray.sweep.results import parse_objective
     from spd_ray.sweep.tune_driver import run_sweep, sweep_status
 
+    if not args.target or "," in args.target:
+        raise ValueError("spd-ray sweep takes one TARGET (a registry name or a config path)")
     outcome = run_sweep(
         args.target,
         args.space,
@@ -164,8 +166,11 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from spd_ray.bench import run_bench
+    from spd_ray.bench import run_bench, run_ray_overhead
 
+    if args.ray_overhead:
+        run_ray_overhead(args.experiments.split(",")[0], args.steps)
+        return 0
     run_bench(args.experiments.split(","), args.steps, args.warmup, args.threads)
     return 0
 
@@ -238,6 +243,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=60, help="timed steps per experiment")
     p.add_argument("--warmup", type=int, default=10, help="untimed steps first")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores)")
+    p.add_argument(
+        "--ray-overhead",
+        action="store_true",
+        help="compare a full run on Ray Train (1 worker) with the in-process run "
+        "(first experiment; e.g. --experiments tms_5-2 --steps 2000)",
+    )
     p.set_defaults(func=cmd_bench)
     return parser
 
