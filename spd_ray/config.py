@@ -305,7 +305,11 @@ class LMTaskConfig(BaseConfig):
     task_name: Literal["lm"] = "lm"
     max_seq_len: int = Field(512, gt=0, description="Tokens per sequence.")
     buffer_size: int = Field(1000, gt=0, description="Shuffle buffer when streaming.")
-    dataset_name: str = Field("lennart-finke/SimpleStories", description="Hub id or local folder.")
+    dataset_name: str = Field(
+        "lennart-finke/SimpleStories",
+        description="Hub id, local folder/file, or '@tiny-lm/<part>' (offline assets under "
+        "<output root>/assets/tiny-lm, built when missing).",
+    )
     column_name: str = Field("story", description="Text (or token) column.")
     train_data_split: str = Field("train", description="Training split.")
     eval_data_split: str = Field("test", description="Eval split.")
@@ -450,12 +454,18 @@ class Config(BaseConfig):
     pretrained_model_class: str = Field(description="Dotted import path of the target class.")
     pretrained_model_path: str | None = Field(None, description="Saved target file (toy models).")
     pretrained_model_name: str | None = Field(
-        None, description="Hub id or folder (from_pretrained)."
+        None,
+        description="Hub id, local folder, or '@tiny-lm/<part>' (offline assets under "
+        "<output root>/assets/tiny-lm, built when missing), loaded with from_pretrained.",
     )
     pretrained_model_output_attr: str | None = Field(
-        None, description="Output attribute ('logits') or tuple index ('idx_0')."
+        None,
+        description="Output attribute ('logits') or tuple index ('idx_0'); required for "
+        "Hugging Face targets.",
     )
-    tokenizer_name: str | None = Field(None, description="Tokenizer hub id or folder.")
+    tokenizer_name: str | None = Field(
+        None, description="Tokenizer hub id, local folder, or '@tiny-lm/<part>' (as above)."
+    )
     target_model: TargetModelConfig | None = Field(
         None, description="Toy target to train (cached by config hash) when no path is given."
     )

@@ -21,6 +21,7 @@ from spd_ray.core.masks import Noise
 from spd_ray.core.model import ComponentModel
 from spd_ray.core.step import autocast, step_inputs
 from spd_ray.evals import figures as F
+from spd_ray.evals.ce_kl import CEandKL, SubsetCEandKL
 from spd_ray.evals.metrics import CIStats, identity_ci_errors, mmcs_ml2r
 from spd_ray.evals.target_solutions import permute_by_pattern
 
@@ -68,6 +69,13 @@ def evaluate(
     hist_cfg = by_type.get(C.CIHistograms)
     hist_lower: list[dict[str, Tensor]] = []
     hist_pre: list[dict[str, Tensor]] = []
+    ce_cfg, subset_cfg = by_type.get(C.CEandKLLosses), by_type.get(C.StochasticReconSubsetCEAndKL)
+    ce_kl = CEandKL(ce_cfg.rounding_threshold) if isinstance(ce_cfg, C.CEandKLLosses) else None
+    subset_ce_kl = (
+        SubsetCEandKL(subset_cfg, model.module_paths)
+        if isinstance(subset_cfg, C.StochasticReconSubsetCEAndKL)
+        else None
+    )
 
     sums: dict[str, Tensor] = {}
     n_batches = 0
@@ -76,6 +84,10 @@ def evaluate(
         with autocast(config, device):
             inp = step_inputs(config, model, batch, noise, step / config.steps, world_size)
             values = {f"loss/{c.classname}": loss_term(c, inp).detach().float() for c in loss_cfgs}  # type: ignore[arg-type]
+            if ce_kl is not None:
+                ce_kl.update(inp)
+            if subset_ce_kl is not None:
+                subset_ce_kl.update(inp)
         for key, value in values.items():
             sums[key] = sums[key] + value if key in sums else value
         stats.update(inp.ci.lower)
@@ -89,6 +101,10 @@ def evaluate(
     ci_stats = stats.compute()
     if l0_cfg is not None:
         scalars.update(ci_stats.l0)
+    if ce_kl is not None:
+        scalars.update({f"ce_kl/{k}": v for k, v in ce_kl.compute(world_size).items()})
+    if subset_ce_kl is not None:
+        scalars.update(subset_ce_kl.compute(world_size))
     figures: dict[str, Figure] = {}
     if slow:
         if hist_cfg:

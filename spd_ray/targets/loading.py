@@ -29,6 +29,7 @@ from spd_ray.config import (
     config_hash,
 )
 from spd_ray.io import atomic_write
+from spd_ray.targets.hf import load_hf_model
 from spd_ray.targets.resid_mlp import ResidMLP, train_resid_mlp
 from spd_ray.targets.tms import TMSModel, train_tms
 
@@ -159,12 +160,19 @@ def load_target(config: Config, out_root: Path, progress: bool = True) -> nn.Mod
     """The target of `config`, frozen (eval mode, no parameter requires grad).
 
     Precedence: `pretrained_model_path` (a saved target file), then `target_model` (a toy target
-    trained once and cached under `out_root`), then `pretrained_model_name` (Hugging Face). The
-    result must be an instance of the class `pretrained_model_class` names.
+    trained once and cached under `out_root`), then `pretrained_model_name` (Hugging Face
+    `from_pretrained`, see `spd_ray.targets.hf`). The result must be an instance of the class
+    `pretrained_model_class` names (for a Hugging Face Auto class: whatever it builds).
     """
-    if config.pretrained_model_path is None and config.target_model is None:
-        raise NotImplementedError("Hugging Face targets arrive with the language-model issue")
     expected = import_class(config.pretrained_model_class)
+    if config.pretrained_model_path is None and config.target_model is None:
+        assert config.pretrained_model_name is not None  # the config validator ensures a source
+        if config.pretrained_model_output_attr is None:
+            raise ValueError(
+                "pretrained_model_output_attr is required for a Hugging Face target (e.g. 'logits')"
+            )
+        name, cls_path = config.pretrained_model_name, config.pretrained_model_class
+        return load_hf_model(expected, cls_path, name, out_root, progress)
     model: nn.Module
     if config.pretrained_model_path is not None:
         model = load_target_file(config.pretrained_model_path)

@@ -7,6 +7,8 @@ builds stand-ins into ordinary Hugging Face folders, which load exactly where hu
     OUT/tokenizer/       byte-level BPE, 4096 tokens, <|endoftext|> as bos/eos/unk/pad
     OUT/tiny-llama/      LlamaForCausalLM with SimpleStories module names
     OUT/tiny-gpt2/       GPT2LMHeadModel (Conv1D c_attn, c_proj, c_fc)
+    OUT/tokenizer-512/   byte-level BPE, 512 tokens (for the 1-layer model)
+    OUT/tiny-llama-1L/   1-layer LlamaForCausalLM (d 128, MLP 512, vocab 512)
     OUT/DONE.json        the build parameters and results
 
 Each part is committed by its own marker (`OUT/.parts/<part>.json`, holding its parameters), so an
@@ -34,6 +36,7 @@ from typing import Any
 logger = logging.getLogger(__name__)
 
 CORPUS, TOKENIZER, LLAMA, GPT2 = "tiny-simplestories", "tokenizer", "tiny-llama", "tiny-gpt2"
+TOKENIZER_512, LLAMA_1L = "tokenizer-512", "tiny-llama-1L"
 DONE = "DONE.json"
 PARTS_DIR = ".parts"
 EOS = "<|endoftext|>"
@@ -61,8 +64,19 @@ GPT2_CONFIG: dict[str, Any] = {
     "embd_pdrop": 0.0,
     "attn_pdrop": 0.0,
 }
-DEFAULT_STEPS = {LLAMA: 200, GPT2: 200}
-LEARNING_RATES = {LLAMA: 5e-3, GPT2: 3e-3}
+# The shape of the reference's ss_llama_simple_mlp-1L experiment, shrunk: one layer, a small vocab.
+LLAMA_1L_CONFIG: dict[str, Any] = {
+    "hidden_size": 128,
+    "intermediate_size": 512,
+    "num_hidden_layers": 1,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": MODEL_MAX_LENGTH,
+    "tie_word_embeddings": False,
+}
+DEFAULT_STEPS = {LLAMA: 200, GPT2: 200, LLAMA_1L: 200}
+LEARNING_RATES = {LLAMA: 5e-3, GPT2: 3e-3, LLAMA_1L: 5e-3}
+MODEL_TOKENIZERS = {LLAMA: TOKENIZER, GPT2: TOKENIZER, LLAMA_1L: TOKENIZER_512}
 TRAIN_SETTINGS: dict[str, Any] = {"max_seq_len": 128, "batch_size": 16}
 
 
@@ -76,6 +90,14 @@ class TinyLMAssets:
     llama: Path
     gpt2: Path
     build: dict[str, Any]
+
+    @property
+    def tokenizer_512(self) -> Path:
+        return self.root / TOKENIZER_512
+
+    @property
+    def llama_1l(self) -> Path:
+        return self.root / LLAMA_1L
 
 
 def build_params(steps: int | None, seed: int) -> dict[str, dict[str, Any]]:
@@ -99,9 +121,11 @@ def build_params(steps: int | None, seed: int) -> dict[str, dict[str, Any]]:
         for name, cls, arch in (
             (LLAMA, "transformers.LlamaForCausalLM", LLAMA_CONFIG),
             (GPT2, "transformers.GPT2LMHeadModel", GPT2_CONFIG),
+            (LLAMA_1L, "transformers.LlamaForCausalLM", LLAMA_1L_CONFIG),
         )
     }
-    return {CORPUS: corpus, TOKENIZER: {"vocab_size": VOCAB_SIZE}, **models}
+    tokenizers = {TOKENIZER: {"vocab_size": VOCAB_SIZE}, TOKENIZER_512: {"vocab_size": 512}}
+    return {CORPUS: corpus, **tokenizers, **models}
 
 
 def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int = VOCAB_SIZE) -> Any:
@@ -146,7 +170,8 @@ def _build_tokenizer(
     out: Path, root: Path, params: dict[str, Any], progress: bool
 ) -> dict[str, Any]:
     lines = (root / CORPUS / "train.jsonl").read_text().splitlines()
-    tokenizer = train_bpe_tokenizer(json.loads(line)["story"] for line in lines)
+    stories = (json.loads(line)["story"] for line in lines)
+    tokenizer = train_bpe_tokenizer(stories, params["vocab_size"])
     tokenizer.save_pretrained(out)
     return {"vocab_size": len(tokenizer)}
 
@@ -157,7 +182,7 @@ def _build_model(out: Path, root: Path, params: dict[str, Any], progress: bool) 
     config = PretrainConfig.model_validate(
         {
             **params,
-            "tokenizer_name": str(root / TOKENIZER),
+            "tokenizer_name": str(root / MODEL_TOKENIZERS[out.name]),
             "dataset_name": str(root / CORPUS),
             "column_name": "story",
             "split": "train",
@@ -174,6 +199,8 @@ _BUILDERS: dict[str, Callable[[Path, Path, dict[str, Any], bool], dict[str, Any]
     TOKENIZER: _build_tokenizer,
     LLAMA: _build_model,
     GPT2: _build_model,
+    TOKENIZER_512: _build_tokenizer,
+    LLAMA_1L: _build_model,
 }
 
 
@@ -183,6 +210,8 @@ _UPSTREAM = {
     TOKENIZER: (CORPUS,),
     LLAMA: (CORPUS, TOKENIZER),
     GPT2: (CORPUS, TOKENIZER),
+    TOKENIZER_512: (CORPUS,),
+    LLAMA_1L: (CORPUS, TOKENIZER_512),
 }
 
 
@@ -249,7 +278,7 @@ def cmd_make_tiny_lm(args: argparse.Namespace) -> int:
 
     out = Path(args.out) if args.out else output_root(None) / "assets" / "tiny-lm"
     built = make_tiny_lm(out, steps=args.steps, seed=args.seed, force=args.force)
-    for part in (LLAMA, GPT2):
+    for part in (LLAMA, GPT2, LLAMA_1L):
         result = built.build["results"][part]
         if result["final_loss"] is not None:
             print(

@@ -13,24 +13,28 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from matplotlib.figure import Figure
 from torch import nn
 from tqdm import tqdm
 
-from spd_ray.config import Config, ResidMLPTargetConfig, TMSTargetConfig
+from spd_ray.config import Config, LMTaskConfig, ResidMLPTargetConfig, TMSTargetConfig
 from spd_ray.core.masks import Noise
 from spd_ray.core.model import ComponentModel
 from spd_ray.core.step import build_component_model
 from spd_ray.data.toy import ToyBatches, make_toy_dataset
 from spd_ray.evals.evaluate import check_eval_metrics, evaluate
 from spd_ray.targets import cached_target_path, load_target
+from spd_ray.targets.hf import max_positions, resolve_name, vocab_size
 from spd_ray.targets.loading import build_toy
 from spd_ray.train.loop import LoopContext, load_state, make_state, run_loop
 from spd_ray.train.rundir import RunDir, output_root, tune_malloc
 from spd_ray.train.tracking import RunWriter
+
+if TYPE_CHECKING:
+    from spd_ray.data.lm import LMBatches
 
 EVAL_SEED_OFFSET = 1_000_003
 
@@ -63,6 +67,9 @@ def build_worker(
     if config.compile_ci_fns:
         model.compile_ci_fns()
     task = config.task_config
+    if isinstance(task, LMTaskConfig):
+        train_lm, eval_lm = lm_streams(config, task, target, out_root, device, rank, world_size)
+        return Worker(config, target, model, lm_context(config, model, train_lm, eval_lm, device))
     if task.task_name not in ("tms", "resid_mlp"):
         raise NotImplementedError(f"task {task.task_name!r} arrives with the language-model issue")
     dataset = make_toy_dataset(task, target)
@@ -92,6 +99,87 @@ def build_worker(
 
     ctx = LoopContext(model, train_batches, run_eval, device, rank, world_size)
     return Worker(config, target, model, ctx)
+
+
+def lm_streams(
+    config: Config,
+    task: LMTaskConfig,
+    target: nn.Module,
+    out_root: Path | None,
+    device: torch.device,
+    rank: int,
+    world_size: int,
+) -> tuple[LMBatches, LMBatches]:
+    """This worker's train and eval token streams; rejects a sequence longer than the model's
+    positions, a tokenizer larger than its vocabulary and a missing column before any training."""
+    from spd_ray.data.lm import LMBatches, load_tokenizer  # transformers: only for LM tasks
+
+    root = output_root(out_root)
+    limit = max_positions(target)
+    if limit is not None and task.max_seq_len > limit:
+        raise ValueError(
+            f"task_config.max_seq_len {task.max_seq_len} is longer than the model's "
+            f"max_position_embeddings {limit}"
+        )
+    if config.tokenizer_name is None and not task.is_tokenized:
+        raise ValueError("tokenizer_name is required for a text dataset (is_tokenized: false)")
+    tokenizer = None
+    if config.tokenizer_name is not None:
+        tokenizer = load_tokenizer(resolve_name(config.tokenizer_name, "tokenizer_name", root))
+        n_vocab = vocab_size(target)
+        if n_vocab is not None and len(tokenizer) > n_vocab:
+            raise ValueError(
+                f"tokenizer_name {config.tokenizer_name!r} has {len(tokenizer)} tokens, more than "
+                f"the model's vocab_size {n_vocab}"
+            )
+    dataset = resolve_name(task.dataset_name, "task_config.dataset_name", root)
+
+    def stream(split: str, batch_size: int, seed: int) -> LMBatches:
+        return LMBatches(
+            dataset,
+            split,
+            task.column_name,
+            tokenizer,
+            task.max_seq_len,
+            batch_size,
+            seed,
+            rank,
+            world_size,
+            device,
+            is_tokenized=task.is_tokenized,
+            streaming=task.streaming,
+            buffer_size=task.buffer_size,
+            shuffle_each_epoch=task.shuffle_each_epoch,
+        )
+
+    train = stream(task.train_data_split, config.batch_size, config.seed)
+    evals = stream(
+        task.eval_data_split, config.effective_eval_batch_size, config.seed + EVAL_SEED_OFFSET
+    )
+    return train, evals
+
+
+def lm_context(
+    config: Config,
+    model: ComponentModel,
+    train_batches: LMBatches,
+    eval_batches: LMBatches,
+    device: torch.device,
+) -> LoopContext:
+    rank, world_size = train_batches.rank, train_batches.world_size
+    start = eval_batches.state_dict()
+
+    def run_eval(
+        m: ComponentModel, step: int, slow: bool
+    ) -> tuple[dict[str, Any], dict[str, Figure]]:
+        # Rewound to its start at every eval: the same eval batches and mask noise each time.
+        eval_batches.load_state_dict(start)
+        seed = config.seed + EVAL_SEED_OFFSET
+        noise = Noise(torch.Generator(device=device).manual_seed(seed), rank, world_size)
+        batches = (next(eval_batches) for _ in range(config.n_eval_steps))
+        return evaluate(config, m, batches, noise, step, slow, world_size=world_size)
+
+    return LoopContext(model, train_batches, run_eval, device, rank, world_size)
 
 
 def preflight(config: Config) -> None:

@@ -124,12 +124,6 @@ def test_wrong_pretrained_model_class(tmp_path):
         load_target(bad, tmp_path)
 
 
-def test_hugging_face_targets_not_yet(tmp_path):
-    config = make_config(target_model=None, pretrained_model_name="gpt2")
-    with pytest.raises(NotImplementedError, match="language-model issue"):
-        load_target(config, tmp_path)
-
-
 def test_not_a_target_file(tmp_path):
     path = tmp_path / "x.pt"
     torch.save({"weights": torch.zeros(2)}, path)

@@ -152,7 +152,15 @@ def test_rebuild_is_deterministic_idempotent_and_resumes_parts(
     )
     # force rebuilds everything.
     make_tiny_lm(again.root, steps=0, force=True, progress=False)
-    assert calls == [GPT2, "tiny-simplestories", "tokenizer", LLAMA, GPT2]
+    assert calls == [
+        GPT2,
+        "tiny-simplestories",
+        "tokenizer",
+        LLAMA,
+        GPT2,
+        "tokenizer-512",
+        "tiny-llama-1L",
+    ]
 
 
 @pytest.mark.parametrize(
