@@ -38,6 +38,18 @@ def resolve_run_dir(run: str | Path, out: str | Path | None = None) -> Path:
     raise FileNotFoundError(f"no run at '{run}' (looked for config.yaml there and in {candidate})")
 
 
+def _root_for(run_path: Path, out: str | Path | None) -> Path:
+    """The output root a run's `@tiny-lm/` names resolve against: `out`, else the nearest folder
+    above the run holding `assets/` (runs and sweep trials live under their output root), else
+    the default root."""
+    if out is not None:
+        return output_root(out)
+    for parent in run_path.parents:
+        if (parent / "assets").is_dir():
+            return parent
+    return output_root(None)
+
+
 def load_run(path: str | Path, out: str | Path | None = None, device: str = "cpu") -> LoadedRun:
     run_dir = RunDir(resolve_run_dir(path, out))
     config = run_dir.read_config()
@@ -45,7 +57,7 @@ def load_run(path: str | Path, out: str | Path | None = None, device: str = "cpu
     if target_copy.exists():
         target = load_target_file(target_copy)
     else:
-        target = load_target(config, output_root(out))
+        target = load_target(config, _root_for(run_dir.path, out))
     model = build_component_model(config, target)
     saved = run_dir.load_checkpoint(device)
     model.load_state_dict(saved["model"], strict=False)

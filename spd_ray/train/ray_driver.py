@@ -66,6 +66,14 @@ def _recorded_cluster() -> str | None:
     return address
 
 
+FORWARDED_ENV_PREFIXES = ("SPD_RAY_", "HF_", "TRANSFORMERS_", "WANDB_", "RAY_TRAIN_")
+
+
+def forwarded_env() -> dict[str, str]:
+    """The driver's settings that the workers of an attached cluster must see too."""
+    return {k: v for k, v in os.environ.items() if k.startswith(FORWARDED_ENV_PREFIXES)}
+
+
 def local_cpus() -> int:
     try:
         return len(os.sched_getaffinity(0))
@@ -85,8 +93,14 @@ def connect_ray() -> bool:
         os.environ.setdefault(key, value)
     address = os.environ.get("RAY_ADDRESS") or _recorded_cluster()
     if address and address != "local":
-        # No num_cpus here: a cluster's resources are its own.
-        ray.init(address=address, log_to_driver=True)
+        # No num_cpus here: a cluster's resources are its own. Its workers get their environment
+        # from `ray start`, so this process's spd-ray, Hugging Face and wandb settings travel in
+        # the runtime env - except under `ray job submit`, whose runtime env already has them.
+        kwargs: dict[str, Any] = {}
+        forwarded = forwarded_env()
+        if forwarded and "RAY_JOB_CONFIG_JSON_ENV_VAR" not in os.environ:
+            kwargs["runtime_env"] = {"env_vars": forwarded}
+        ray.init(address=address, log_to_driver=True, **kwargs)
         return False
     ray.init(
         address="local",
