@@ -3,21 +3,32 @@
 
 `LMBatches` loads a dataset with `datasets.load_dataset(name, split=..., streaming=...)` (a hub id,
 a local folder such as the one `spd_ray.data.stories` writes, or a single jsonl/json/parquet/csv/
-txt file), gives each data-parallel rank its own shard, turns text into `max_seq_len`-token rows
-and yields endless, seeded, resumable batches of `LongTensor[batch_size // world_size,
-max_seq_len]`.
+txt file), turns text into `max_seq_len`-token rows and yields endless, seeded, resumable batches
+of `LongTensor[batch_size // world_size, max_seq_len]`.
 
-Text becomes rows block by block: `block_docs` consecutive documents are tokenized, joined with
-EOS after every document and cut into `max_seq_len` rows, dropping the block's tail. Ranks receive
-whole blocks (contiguous ranges, like `Dataset.shard(contiguous=True)` rounded to blocks), so the
-rows of all ranks together are exactly the rows of one worker and no row reaches two ranks. A
-pre-tokenized column (`is_tokenized`) is truncated to `max_seq_len` and used as is.
+Virtual shards make the data independent of the number of workers. The split is cut into
+`n_shards` virtual shards (`S`; by default `gcd(batch_size, 8)`), a number that depends only on the
+config. Shard `s` serves `batch_size // S` rows of every global batch, and global batch `k` is the
+concatenation of the shards' `k`-th batches in shard order. Rank `r` of `W` (W must divide S) owns
+the contiguous shards `[r * S / W, (r + 1) * S / W)` and reads only those; its local batch is its
+shards' batches in shard order, so the ranks' local batches, concatenated in rank order, are the
+global batch whatever `W` is, and no document reaches two ranks.
 
-Map-style datasets are tokenized once per rank shard and cached on disk (`cache_dir`, keyed by a
-hash of dataset fingerprint, split, column, tokenizer, `max_seq_len` and the shard). Each epoch
-visits the shard in a seeded permutation. Streaming datasets are split with
-`datasets.distributed.split_dataset_by_node` and shuffled with a seeded buffer whose seed moves
-with the epoch.
+Text becomes rows block by block: `block_docs` consecutive documents (at most `n_rows // S`, so
+that every shard gets a block) are tokenized, joined with EOS after every document and cut into
+`max_seq_len` rows, dropping the block's tail. Shards receive whole blocks (contiguous ranges, like
+`Dataset.shard(contiguous=True)` rounded to blocks). A pre-tokenized column (`is_tokenized`) is
+truncated to `max_seq_len` and used as is.
+
+Map-style datasets are tokenized once per virtual shard and cached on disk (`cache_dir`, keyed by
+a hash of dataset fingerprint, split, column, tokenizer, `max_seq_len`, `block_docs` and the
+shard's document range, so 1 and N workers share the files). Each shard visits its rows in a
+permutation seeded by `(seed, shard, epoch)` and wraps its own epochs (shards may hold different
+numbers of rows). Streaming datasets are split into the virtual shards with
+`datasets.distributed.split_dataset_by_node(ds, rank=s, world_size=S)` and shuffled with a buffer
+seeded by `(seed, epoch)`: `datasets` shuffles before it splits, so the seed is common to all
+shards (a per-shard seed would break the partition); each shard wraps its own epochs. Without
+enough files for the shards, every shard reads the whole stream and keeps every S-th document.
 """
 
 from __future__ import annotations
@@ -26,6 +37,7 @@ import hashlib
 import itertools
 import json
 import logging
+import math
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -134,15 +146,35 @@ def truncate_block(
 
 
 def shard_blocks(n_rows: int, block_docs: int, rank: int, world_size: int) -> tuple[int, int]:
-    """Row range [start, stop) of `rank`: a contiguous run of whole blocks of `block_docs` rows."""
+    """Row range [start, stop) of shard `rank` of `world_size`: a contiguous run of whole blocks
+    of `block_docs` rows (the shards together cover [0, n_rows) without overlap)."""
     n_blocks = -(-n_rows // block_docs)
     if n_blocks < world_size:
         raise ValueError(
             f"{n_rows} rows make {n_blocks} blocks of block_docs={block_docs}, fewer than "
-            f"world_size {world_size}: every rank needs at least one block (lower block_docs)"
+            f"{world_size} shards: every shard needs at least one block (lower block_docs)"
         )
     first, last = n_blocks * rank // world_size, n_blocks * (rank + 1) // world_size
     return first * block_docs, min(last * block_docs, n_rows)
+
+
+def default_n_shards(batch_size: int) -> int:
+    """`gcd(batch_size, 8)`: 1, 2, 4 or 8 workers split the data alike for a batch size that
+    is a multiple of 8."""
+    return math.gcd(batch_size, 8)
+
+
+def owned_shards(n_shards: int, rank: int, world_size: int) -> range:
+    """The contiguous virtual shards of `rank`: `[rank * S / W, (rank + 1) * S / W)`."""
+    per_rank = n_shards // world_size
+    return range(rank * per_rank, (rank + 1) * per_rank)
+
+
+def _stream_seed(seed: int, epoch: int) -> int:
+    """The shuffle seed of a streaming epoch: a 32-bit seed from (seed, epoch), never from the
+    world size. It is the same for every virtual shard: `datasets` shuffles (the file order and
+    the buffer) before it splits by node, so only a shared seed makes the shards a partition."""
+    return int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
 
 
 def _tokenizer_digest(tokenizer: PreTrainedTokenizerBase | None) -> str:
@@ -160,13 +192,22 @@ def default_cache_dir() -> Path:
 
 
 class LMBatches:
-    """An endless, resumable stream of token batches, sharded over data-parallel ranks.
+    """An endless, resumable stream of token batches, sharded over data-parallel ranks through
+    `n_shards` virtual shards (see the module docstring): the global batch of every step is the
+    same on any `world_size` dividing `n_shards`, and each rank reads only its own shards.
 
-    Each rank reads only its own shard. `state_dict()` holds the number of batches served, which
-    all ranks share (every rank serves one batch per step); `load_state_dict` resumes exactly on
-    the same `world_size`. On another world size, each rank continues its new shard at the same
-    step count (a valid stream, not the uninterrupted one). A streaming dataset resumes by
-    replaying the batches served, which costs one pass over the data already used.
+    Map-style attributes: `shard_tokens` maps each owned shard to its rows (`tokens` is their
+    concatenation in shard order: this rank's rows), `shard_ranges` to its document range,
+    `cache_paths` to its cache file (`cache_path` is the first), `cache_hit` is whether every
+    owned shard was read from the cache, `shard_batches_per_epoch` maps each owned shard to the
+    steps of one of its epochs and `batches_per_epoch` is the least of them (the steps before the
+    first owned shard wraps).
+
+    `state_dict()` holds the global steps served (with seed, batch_size, max_seq_len and n_shards
+    for validation); it is the same on every rank and world size, so a checkpoint of any rank of
+    any world size resumes exactly on any other. Map-style streams resume by arithmetic; a
+    streaming dataset resumes by replaying its owned shards' rows served, which costs one pass over
+    the data already used.
     """
 
     def __init__(
@@ -188,13 +229,23 @@ class LMBatches:
         shuffle_each_epoch: bool = True,
         cache_dir: str | Path | None = None,
         block_docs: int = 1000,
+        n_shards: int | None = None,
     ):
         assert world_size > 0 and 0 <= rank < world_size, f"rank {rank} of world_size {world_size}"
-        assert max_seq_len > 0 and block_docs > 0 and buffer_size > 0
-        if batch_size % world_size != 0:
+        assert max_seq_len > 0 and block_docs > 0 and buffer_size > 0 and batch_size > 0
+        n_shards = default_n_shards(batch_size) if n_shards is None else n_shards
+        if n_shards <= 0 or batch_size % n_shards != 0:
             raise ValueError(
-                f"batch_size {batch_size} is not divisible by world_size {world_size}: every rank "
-                "must take an equal shard of the global batch"
+                f"batch_size {batch_size} is not divisible by n_shards {n_shards}: every virtual "
+                "shard serves an equal part of the global batch"
+            )
+        if n_shards % world_size != 0:
+            origin = "gcd(batch_size, 8)" if n_shards == default_n_shards(batch_size) else "given"
+            raise ValueError(
+                f"batch_size {batch_size} is split into {n_shards} data shards ({origin}), "
+                f"which world_size {world_size} does not divide: every worker must own the same "
+                f"number of shards; use a number of workers dividing {n_shards}, or a batch_size "
+                "divisible by 8 with 1, 2, 4 or 8 workers"
             )
         if isinstance(tokenizer, str):
             tokenizer = load_tokenizer(tokenizer)
@@ -211,35 +262,70 @@ class LMBatches:
         self.tokenizer = tokenizer
         self.max_seq_len, self.batch_size, self.seed = max_seq_len, batch_size, seed
         self.rank, self.world_size, self.device = rank, world_size, device
+        self.n_shards = n_shards
+        self.shards = owned_shards(n_shards, rank, world_size)
+        self.shard_batch_size = batch_size // n_shards
         self.local_batch_size = batch_size // world_size
         self.is_tokenized, self.streaming = is_tokenized, streaming
         self.shuffle_each_epoch, self.block_docs = shuffle_each_epoch, block_docs
+        self.buffer_size = buffer_size
         self.batches_served = 0
         self.cache_hit = False
         self.cache_path: Path | None = None
+        self.cache_paths: dict[int, Path] = {}
 
         ds = load_lm_dataset(dataset_name, split, streaming)
         _check_column(ds, column_name, dataset_name)
         if isinstance(ds, datasets.IterableDataset):
-            ds = split_dataset_by_node(ds, rank=rank, world_size=world_size)
-            self._stream = ds.shuffle(seed=seed, buffer_size=buffer_size)
-            self._rows: Iterator[np.ndarray] = self._stream_rows(0)
-            self._stream_epoch = 0
+            self._streams = {
+                s: split_dataset_by_node(ds, rank=s, world_size=n_shards) for s in self.shards
+            }
+            self._stream_epochs = dict.fromkeys(self.shards, 0)
+            self._rows = {s: self._stream_rows(s, 0) for s in self.shards}
         else:
-            cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
-            self.tokens = self._load_or_tokenize(ds, cache)
-            n = len(self.tokens)
-            self.batches_per_epoch = n // self.local_batch_size
-            if self.batches_per_epoch == 0:
-                raise ValueError(
-                    f"rank {rank}'s shard of {dataset_name!r} ({split}) has {n} rows of "
-                    f"{max_seq_len} tokens, fewer than one local batch of "
-                    f"batch_size {batch_size} / world_size {world_size}"
-                )
-            self._perm_epoch = -1
-            self._perm = np.arange(0)
+            self._init_map_style(ds, cache_dir)
 
     # ---- map-style ----------------------------------------------------------------------------
+
+    def _init_map_style(self, ds: datasets.Dataset, cache_dir: str | Path | None) -> None:
+        n_docs = len(ds)
+        if n_docs < self.n_shards:
+            raise ValueError(
+                f"split {self.split!r} of {self.dataset_name!r} has {n_docs} rows, fewer than "
+                f"n_shards {self.n_shards} (from batch_size {self.batch_size}): every data shard "
+                "needs at least one document"
+            )
+        # Small splits: shrink the blocks so that every shard gets at least one.
+        self.block_docs = min(self.block_docs, n_docs // self.n_shards)
+        cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+        self.shard_ranges = {
+            s: shard_blocks(n_docs, self.block_docs, s, self.n_shards) for s in self.shards
+        }
+        hits = []
+        self.shard_tokens: dict[int, np.ndarray] = {}
+        for s, (start, stop) in self.shard_ranges.items():
+            tokens, hit = self._load_or_tokenize(ds, cache, s, start, stop)
+            self.shard_tokens[s] = tokens
+            hits.append(hit)
+        self.cache_hit = all(hits)
+        self.cache_path = self.cache_paths[self.shards[0]]
+        m = self.shard_batch_size
+        self.shard_batches_per_epoch = {s: len(t) // m for s, t in self.shard_tokens.items()}
+        for s, n_batches in self.shard_batches_per_epoch.items():
+            if n_batches == 0:
+                raise ValueError(
+                    f"data shard {s} of {self.n_shards} of {self.dataset_name!r} ({self.split}) "
+                    f"has {len(self.shard_tokens[s])} rows of {self.max_seq_len} tokens, fewer "
+                    f"than one local batch of {m} rows (batch_size {self.batch_size} / n_shards "
+                    f"{self.n_shards}); use a smaller batch_size or max_seq_len or more data"
+                )
+        self.batches_per_epoch = min(self.shard_batches_per_epoch.values())
+        self._perms: dict[int, tuple[int, np.ndarray]] = {}
+
+    @property
+    def tokens(self) -> np.ndarray:
+        """This rank's rows: its shards' rows concatenated in shard order (a copy)."""
+        return np.concatenate([self.shard_tokens[s] for s in self.shards])
 
     def _cache_key(self, ds: datasets.Dataset, start: int, stop: int) -> str:
         parts = {
@@ -256,14 +342,15 @@ class LMBatches:
         }
         return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:20]
 
-    def _load_or_tokenize(self, ds: datasets.Dataset, cache_dir: Path) -> np.ndarray:
-        start, stop = shard_blocks(len(ds), self.block_docs, self.rank, self.world_size)
+    def _load_or_tokenize(
+        self, ds: datasets.Dataset, cache_dir: Path, shard: int, start: int, stop: int
+    ) -> tuple[np.ndarray, bool]:
+        """Shard `shard`'s rows (documents [start, stop)) and whether they came from the cache."""
         path = cache_dir / f"{self._cache_key(ds, start, stop)}.npy"
-        self.cache_path = path
+        self.cache_paths[shard] = path
         if path.exists():
-            self.cache_hit = True
-            return np.load(path, mmap_mode="r")
-        blocks = []
+            return np.load(path, mmap_mode="r"), True
+        blocks = [np.zeros((0, self.max_seq_len), dtype=np.int32)]
         for lo in range(start, stop, self.block_docs):
             column = ds[lo : min(lo + self.block_docs, stop)][self.column_name]
             blocks.append(self._rows_of_block(list(column), lo))
@@ -272,8 +359,8 @@ class LMBatches:
         tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.npy")
         np.save(tmp, tokens)
         os.replace(tmp, path)
-        logger.info("tokenized %s rows into %s", tokens.shape, path)
-        return tokens
+        logger.info("tokenized shard %d: %s rows into %s", shard, tokens.shape, path)
+        return tokens, False
 
     def _rows_of_block(self, column: list[Any], first_row: int) -> np.ndarray:
         if self.is_tokenized:
@@ -281,24 +368,31 @@ class LMBatches:
         assert self.tokenizer is not None
         return tokenize_block(column, self.tokenizer, self.max_seq_len)
 
-    def _permutation(self, epoch: int) -> np.ndarray:
+    def _permutation(self, shard: int, epoch: int) -> np.ndarray:
         key = epoch if self.shuffle_each_epoch else 0
-        return np.random.default_rng([self.seed, key, self.rank]).permutation(len(self.tokens))
+        n = len(self.shard_tokens[shard])
+        return np.random.default_rng([self.seed, shard, key]).permutation(n)
 
-    def _next_map_style(self) -> np.ndarray:
-        epoch, pos = divmod(self.batches_served, self.batches_per_epoch)
-        if epoch != self._perm_epoch:
-            self._perm, self._perm_epoch = self._permutation(epoch), epoch
-        b = self.local_batch_size
-        return np.asarray(self.tokens[self._perm[pos * b : (pos + 1) * b]])
+    def _next_map_style(self, shard: int) -> np.ndarray:
+        """Shard `shard`'s rows of global step `batches_served`: pure arithmetic on the step."""
+        epoch, pos = divmod(self.batches_served, self.shard_batches_per_epoch[shard])
+        cached = self._perms.get(shard)
+        if cached is None or cached[0] != epoch:
+            cached = (epoch, self._permutation(shard, epoch))
+            self._perms[shard] = cached
+        m = self.shard_batch_size
+        return np.asarray(self.shard_tokens[shard][cached[1][pos * m : (pos + 1) * m]])
 
     # ---- streaming ----------------------------------------------------------------------------
 
-    def _stream_rows(self, epoch: int) -> Iterator[np.ndarray]:
-        self._stream.set_epoch(epoch if self.shuffle_each_epoch else 0)
+    def _stream_rows(self, shard: int, epoch: int) -> Iterator[np.ndarray]:
+        key = epoch if self.shuffle_each_epoch else 0
+        stream = self._streams[shard].shuffle(
+            seed=_stream_seed(self.seed, key), buffer_size=self.buffer_size
+        )
         block: list[Any] = []
         seen = 0
-        for example in self._stream:
+        for example in stream:
             block.append(example[self.column_name])
             if len(block) == self.block_docs:
                 yield from self._rows_of_block(block, seen)
@@ -306,18 +400,20 @@ class LMBatches:
         if block:
             yield from self._rows_of_block(block, seen)
 
-    def _next_streaming(self) -> np.ndarray:
-        """The next local batch; a batch never mixes epochs (an epoch's partial tail is dropped)."""
-        b = self.local_batch_size
-        rows = list(itertools.islice(self._rows, b))
-        if len(rows) < b:
-            self._stream_epoch += 1
-            self._rows = self._stream_rows(self._stream_epoch)
-            rows = list(itertools.islice(self._rows, b))
-            if len(rows) < b:
+    def _next_streaming(self, shard: int) -> np.ndarray:
+        """Shard `shard`'s next rows; they never mix epochs (an epoch's partial tail is dropped)."""
+        m = self.shard_batch_size
+        rows = list(itertools.islice(self._rows[shard], m))
+        if len(rows) < m:
+            self._stream_epochs[shard] += 1
+            self._rows[shard] = self._stream_rows(shard, self._stream_epochs[shard])
+            rows = list(itertools.islice(self._rows[shard], m))
+            if len(rows) < m:
                 raise ValueError(
-                    f"rank {self.rank}'s stream of {self.dataset_name!r} ({self.split}) has fewer "
-                    f"than one local batch ({b} rows of {self.max_seq_len} tokens) per epoch"
+                    f"data shard {shard} of {self.n_shards} of the stream of "
+                    f"{self.dataset_name!r} ({self.split}) has fewer than one local batch ({m} "
+                    f"rows of {self.max_seq_len} tokens, batch_size {self.batch_size} / n_shards "
+                    f"{self.n_shards}) per epoch"
                 )
         return np.stack(rows)
 
@@ -327,29 +423,38 @@ class LMBatches:
         return self
 
     def __next__(self) -> Int[Tensor, "local_batch max_seq_len"]:
-        rows = self._next_streaming() if self.streaming else self._next_map_style()
+        step = self._next_streaming if self.streaming else self._next_map_style
+        rows = np.concatenate([step(s) for s in self.shards])
         self.batches_served += 1
         return torch.from_numpy(rows.astype(np.int64)).to(self.device)
 
     def state_dict(self) -> dict[str, Any]:
+        """Rank- and world-size-independent: the global steps served and the stream's identity."""
         return {
             "batches_served": self.batches_served,
             "seed": self.seed,
             "batch_size": self.batch_size,
             "max_seq_len": self.max_seq_len,
-            "world_size": self.world_size,
+            "n_shards": self.n_shards,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        for key in ("seed", "batch_size", "max_seq_len"):
+        """Continue after `state["batches_served"]` global steps, on any rank and world size."""
+        if "n_shards" not in state:
+            raise ValueError(
+                "LMBatches state has no n_shards: it was saved before virtual data shards and "
+                "cannot be resumed exactly"
+            )
+        for key in ("seed", "batch_size", "max_seq_len", "n_shards"):
             if state[key] != getattr(self, key):
                 raise ValueError(
                     f"LMBatches state has {key} {state[key]}, this stream has {getattr(self, key)}"
                 )
         served = int(state["batches_served"])
         if self.streaming:
-            self._stream_epoch = 0
-            self._rows = self._stream_rows(0)
-            for _ in range(served):
-                self._next_streaming()
+            for s in self.shards:
+                self._stream_epochs[s] = 0
+                self._rows[s] = self._stream_rows(s, 0)
+                for _ in range(served):
+                    self._next_streaming(s)
         self.batches_served = served

@@ -170,6 +170,7 @@ def _trial_on_train(config: Config, run_dir: RunDir, root: Path, s: SweepSpec, c
             threads=max(1, int(cpus)),
             use_gpu=s.gpu,
             require=tuple(m for m, _ in s.objectives),
+            report_interval_s=1.0,
         ).__dict__,
         scaling_config=ray.train.ScalingConfig(
             num_workers=s.workers_per_trial,

@@ -39,9 +39,6 @@ def ray_env() -> dict[str, str]:
     env = {
         "RAY_USAGE_STATS_ENABLED": "0",
         "RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS": "0",
-        "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": os.environ.get(
-            "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5"
-        ),
         "TOKENIZERS_PARALLELISM": "false",
     }
     return env
@@ -135,6 +132,9 @@ class WorkerArgs:
     threads: int
     use_gpu: bool
     require: tuple[str, ...] = ()
+    # ray.train.report blocks until the controller polls (up to its health-check interval), so a
+    # plain run reports rarely (checkpoints always report); sweep trials report often for ASHA.
+    report_interval_s: float = 30.0
 
 
 class RayReporter:
@@ -283,7 +283,12 @@ def train_worker(args_dict: dict[str, Any]) -> None:
         )
     writer = RunWriter(run_dir, config, state.step) if rank == 0 else None
     reporter = RayReporter(
-        writer, name, rank, config.steps, min_interval_s=1.0, require=tuple(args.require)
+        writer,
+        name,
+        rank,
+        config.steps,
+        min_interval_s=float(os.environ.get("SPD_RAY_REPORT_INTERVAL_S", args.report_interval_s)),
+        require=tuple(args.require),
     )
     t0 = time.perf_counter()
     summary: dict[str, Any] | None = None
