@@ -155,35 +155,21 @@ def sweep_trial(params: dict[str, Any], spec: dict[str, Any], sweep_dir: str, cp
 
 def _trial_on_train(config: Config, run_dir: RunDir, root: Path, s: SweepSpec, cpus: float) -> None:
     """A several-worker trial: its own TorchTrainer, reports forwarded to Tune."""
-    import ray.train
-    from ray.train.torch import TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from spd_ray.train.ray_driver import RAY_SUBDIR, WorkerArgs, train_worker
+    from spd_ray.train.ray_driver import make_trainer
 
-    trainer = TorchTrainer(
-        train_worker,
-        train_loop_config=WorkerArgs(
-            config=config.model_dump(mode="json"),
-            run_dir=str(run_dir.path),
-            out_root=str(root),
-            threads=max(1, int(cpus)),
-            use_gpu=s.gpu,
-            require=tuple(m for m, _ in s.objectives),
-            report_interval_s=1.0,
-        ).__dict__,
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=s.workers_per_trial,
-            use_gpu=s.gpu,
-            resources_per_worker={"CPU": cpus, **({"GPU": 1} if s.gpu else {})},
-        ),
-        run_config=ray.train.RunConfig(
-            name=RAY_SUBDIR,
-            storage_path=str(run_dir.path),
-            failure_config=ray.train.FailureConfig(max_failures=1),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1),
-            callbacks=[TuneReportCallback()],  # type: ignore[list-item]
-        ),
+    trainer = make_trainer(
+        config,
+        run_dir,
+        root,
+        s.workers_per_trial,
+        s.gpu,
+        cpus,
+        max_failures=1,
+        callbacks=[TuneReportCallback()],
+        require=tuple(m for m, _ in s.objectives),
+        report_interval_s=1.0,
     )
     trainer.fit()
 

@@ -317,32 +317,33 @@ def default_cpus_per_worker(workers: int, concurrent_runs: int = 1) -> float:
     return max(1.0, float(int(cpus // (workers * concurrent_runs))))
 
 
-def run_on_ray(
+def make_trainer(
     config: Config,
     run_dir: RunDir,
     out_root: Path,
     workers: int,
     use_gpu: bool,
-    cpus_per_worker: float | None,
+    cpus_per_worker: float,
     max_failures: int,
-) -> None:
-    """Fit one decomposition with a TorchTrainer; returns when the run finished or failed."""
+    *,
+    callbacks: list[Any] | None = None,
+    require: tuple[str, ...] = (),
+    report_interval_s: float = 30.0,
+) -> Any:
+    """The TorchTrainer of one run: `workers` x `train_worker`, Ray's state under `<run>/ray/`."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    connect_ray()
-    if cpus_per_worker is None:
-        cpus_per_worker = default_cpus_per_worker(workers)
-    threads = max(1, int(cpus_per_worker))
-    (run_dir.path / ERROR_FILE).unlink(missing_ok=True)
-    trainer = TorchTrainer(
+    return TorchTrainer(
         train_worker,
         train_loop_config=WorkerArgs(
             config=config.model_dump(mode="json"),
             run_dir=str(run_dir.path),
             out_root=str(out_root),
-            threads=threads,
+            threads=max(1, int(cpus_per_worker)),
             use_gpu=use_gpu,
+            require=require,
+            report_interval_s=report_interval_s,
         ).__dict__,
         scaling_config=ray.train.ScalingConfig(
             num_workers=workers,
@@ -354,7 +355,27 @@ def run_on_ray(
             storage_path=str(run_dir.path),
             failure_config=ray.train.FailureConfig(max_failures=max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            callbacks=callbacks,
         ),
+    )
+
+
+def run_on_ray(
+    config: Config,
+    run_dir: RunDir,
+    out_root: Path,
+    workers: int,
+    use_gpu: bool,
+    cpus_per_worker: float | None,
+    max_failures: int,
+) -> None:
+    """Fit one decomposition with a TorchTrainer; returns when the run finished or failed."""
+    connect_ray()
+    if cpus_per_worker is None:
+        cpus_per_worker = default_cpus_per_worker(workers)
+    (run_dir.path / ERROR_FILE).unlink(missing_ok=True)
+    trainer = make_trainer(
+        config, run_dir, out_root, workers, use_gpu, cpus_per_worker, max_failures
     )
     from spd_ray.train.loop import NonFiniteLossError
 

@@ -311,6 +311,7 @@ SHIPPED = [
     ("resid_mlp1.yaml", "resid_mlp1", 3),
     ("grid_example.yaml", "tms_5-2", 3),
     ("grid_example.yaml", "resid_mlp1", 2),
+    ("tiny_llama.yaml", "tiny_llama", 3),
 ]
 
 
