@@ -137,8 +137,9 @@ def sweep_trial(params: dict[str, Any], spec: dict[str, Any], sweep_dir: str, cp
             return
     writer = RunWriter(run_dir, config, state.step)
     objectives = tuple(m for m, _ in s.objectives)
+    # Every log point reports (a function trial's report is cheap), so ASHA sees every rung.
     reporter = RayReporter(
-        writer, trial_id, 0, config.steps, 1.0, tune.report, quiet=True, require=objectives
+        writer, trial_id, 0, config.steps, 0.0, tune.report, quiet=True, require=objectives
     )
     t0 = time.perf_counter()
     summary: dict[str, Any] | None = None

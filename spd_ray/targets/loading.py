@@ -30,23 +30,17 @@ from spd_ray.config import (
 )
 from spd_ray.io import atomic_write
 from spd_ray.targets.hf import load_hf_model
+from spd_ray.targets.ih import InductionTransformer, train_ih
 from spd_ray.targets.resid_mlp import ResidMLP, train_resid_mlp
 from spd_ray.targets.tms import TMSModel, train_tms
 
 ToyTargetConfig = TMSTargetConfig | ResidMLPTargetConfig | IHTargetConfig
-ToyModel = TMSModel | ResidMLP
+ToyModel = TMSModel | ResidMLP | InductionTransformer
 
 TARGET_FILE = "target.pt"
 TARGET_CONFIG_FILE = "target_config.yaml"
 
 _TARGET_CONFIG_ADAPTER: TypeAdapter[ToyTargetConfig] = TypeAdapter(TargetModelConfig)
-
-
-def _no_ih_target(cfg: IHTargetConfig) -> NotImplementedError:
-    return NotImplementedError(
-        f"target_model.model_type {cfg.model_type!r}: the induction-head target arrives with its "
-        "own issue"
-    )
 
 
 def build_toy(cfg: ToyTargetConfig) -> ToyModel:
@@ -57,7 +51,7 @@ def build_toy(cfg: ToyTargetConfig) -> ToyModel:
         case ResidMLPTargetConfig():
             return ResidMLP(cfg)
         case IHTargetConfig():
-            raise _no_ih_target(cfg)
+            return InductionTransformer(cfg)
 
 
 def train_toy(cfg: ToyTargetConfig, progress: bool = False) -> ToyModel:
@@ -67,7 +61,7 @@ def train_toy(cfg: ToyTargetConfig, progress: bool = False) -> ToyModel:
         case ResidMLPTargetConfig():
             return train_resid_mlp(cfg, progress=progress)
         case IHTargetConfig():
-            raise _no_ih_target(cfg)
+            return train_ih(cfg, progress=progress)
 
 
 def save_target(model: nn.Module, target_cfg: ToyTargetConfig, path: Path) -> None:

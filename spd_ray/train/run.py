@@ -20,10 +20,18 @@ from matplotlib.figure import Figure
 from torch import nn
 from tqdm import tqdm
 
-from spd_ray.config import Config, LMTaskConfig, ResidMLPTargetConfig, TMSTargetConfig
+from spd_ray.config import (
+    Config,
+    IHTargetConfig,
+    IHTaskConfig,
+    LMTaskConfig,
+    ResidMLPTargetConfig,
+    TMSTargetConfig,
+)
 from spd_ray.core.masks import Noise
 from spd_ray.core.model import ComponentModel
 from spd_ray.core.step import build_component_model
+from spd_ray.data.ih import IHBatches, make_ih_task
 from spd_ray.data.toy import ToyBatches, make_toy_dataset
 from spd_ray.evals.evaluate import check_eval_metrics, evaluate
 from spd_ray.targets import cached_target_path, load_target
@@ -70,6 +78,24 @@ def build_worker(
     if isinstance(task, LMTaskConfig):
         train_lm, eval_lm = lm_streams(config, task, target, out_root, device, rank, world_size)
         return Worker(config, target, model, lm_context(config, model, train_lm, eval_lm, device))
+    if isinstance(task, IHTaskConfig):
+        ih_task = make_ih_task(task, target)
+        ih_train = IHBatches(ih_task, config.batch_size, config.seed, rank, world_size, device)
+
+        def run_ih_eval(
+            m: ComponentModel, step: int, slow: bool
+        ) -> tuple[dict[str, Any], dict[str, Figure]]:
+            # Fixed eval batches and mask noise, as for the other toys.
+            seed = config.seed + EVAL_SEED_OFFSET
+            batches = IHBatches(
+                ih_task, config.effective_eval_batch_size, seed, rank, world_size, device
+            )
+            noise = Noise(torch.Generator(device=device).manual_seed(seed), rank, world_size)
+            evals = (next(batches) for _ in range(config.n_eval_steps))
+            return evaluate(config, m, evals, noise, step, slow, world_size=world_size)
+
+        ih_ctx = LoopContext(model, ih_train, run_ih_eval, device, rank, world_size)
+        return Worker(config, target, model, ih_ctx)
     if task.task_name not in ("tms", "resid_mlp"):
         raise NotImplementedError(f"task {task.task_name!r} arrives with the language-model issue")
     dataset = make_toy_dataset(task, target)
@@ -186,7 +212,7 @@ def preflight(config: Config) -> None:
     """Check the config against an untrained copy of its toy target before any training, so a bad
     module pattern or metric fails at once instead of after the target has been trained."""
     check_eval_metrics(config)
-    if isinstance(config.target_model, TMSTargetConfig | ResidMLPTargetConfig):
+    if isinstance(config.target_model, TMSTargetConfig | ResidMLPTargetConfig | IHTargetConfig):
         skeleton = build_toy(config.target_model).requires_grad_(False)
         build_component_model(config, skeleton)
 

@@ -66,7 +66,9 @@ def test_tpe_with_asha_finds_a_best_config_that_reruns(
         "  lr_schedule.start_val: {loguniform: [3.0e-4, 3.0e-2]}\n",
     )
     objective = "eval/loss/StochasticReconLoss"
-    args = ["tms_5-2", "--space", str(space), "--trials", "8", "--steps", "200", *FAST]
+    # One trial at a time: the rung decisions then depend only on the (seeded) trials' metrics.
+    args = ["tms_5-2", "--space", str(space), "--trials", "8", "--concurrent", "1"]
+    args += ["--steps", "200", *FAST]
     args += ["--set", "eval_freq=50", "--objective", f"{objective}:min", "--scheduler", "asha"]
     res = _sweep(ray_head, shared_out, *args, "--name", "tpe")
     assert res.returncode == 0, res.stderr[-3000:]

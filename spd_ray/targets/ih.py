@@ -1,0 +1,158 @@
+"""The induction-heads toy target: an attention-only transformer (method.md §6), and its trainer.
+
+tokens -> token_embed (vocab_size + 2 rows: BOS, the ordinary tokens, the induction token S) ->
+n_layers residual blocks `x += attn(x)` -> unembed. Attention is shortformer-style: the sinusoidal
+positional encoding is added to the queries and keys only, never to the residual stream, which
+makes induction heads form much faster. q/k/v/out projections are bias-free; causal SDPA.
+
+The forward returns the logits of the last position only, where the label of the induction task
+lives: that is the output the decomposition's KL loss compares, and what training's CE uses.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from jaxtyping import Float, Int
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from spd_ray.config import IHTargetConfig
+from spd_ray.data.ih import InductionTask
+
+# Training stops once a fixed held-out batch is predicted this well, and fails below the minimum.
+STOP_ACCURACY = 0.99
+MIN_ACCURACY = 0.9
+CHECK_EVERY = 100
+CHECK_BATCH = 1024
+CHECK_SEED_OFFSET = 7919
+
+
+def sinusoidal_encoding(seq_len: int, d_model: int) -> Float[Tensor, "seq_len d_model"]:
+    """The Transformer paper's encoding: sin on even, cos on odd dimensions."""
+    pos = torch.arange(seq_len, dtype=torch.float32).unsqueeze(1)
+    freq = torch.exp(torch.arange(0, d_model, 2, dtype=torch.float32) * (-math.log(1e4) / d_model))
+    pe = torch.zeros(seq_len, d_model)
+    pe[:, 0::2] = torch.sin(pos * freq)
+    pe[:, 1::2] = torch.cos(pos * freq[: d_model // 2])
+    return pe
+
+
+class ShortformerAttention(nn.Module):
+    """Causal multi-head self-attention with the positional encoding added to Q and K only."""
+
+    def __init__(self, d_model: int, n_heads: int, seq_len: int):
+        super().__init__()
+        if d_model % n_heads:
+            raise ValueError(f"d_model {d_model} is not divisible by n_heads {n_heads}")
+        self.n_heads = n_heads
+        self.q_proj = nn.Linear(d_model, d_model, bias=False)
+        self.k_proj = nn.Linear(d_model, d_model, bias=False)
+        self.v_proj = nn.Linear(d_model, d_model, bias=False)
+        self.out_proj = nn.Linear(d_model, d_model, bias=False)
+        self.register_buffer("pe", sinusoidal_encoding(seq_len, d_model), persistent=False)
+        self.pe: Tensor
+
+    def forward(self, x: Float[Tensor, "batch seq d_model"]) -> Float[Tensor, "batch seq d_model"]:
+        b, s, d = x.shape
+        pe = self.pe[:s].to(x.dtype)
+        q = self.q_proj(x) + pe
+        k = self.k_proj(x) + pe
+        v = self.v_proj(x)
+        # [b, s, d] -> [b, heads, s, d_head]
+        q, k, v = (t.view(b, s, self.n_heads, d // self.n_heads).transpose(1, 2) for t in (q, k, v))
+        # Under autocast the projections may come out in different dtypes; SDPA needs one.
+        dtype = v.dtype
+        ctx = F.scaled_dot_product_attention(q.to(dtype), k.to(dtype), v, is_causal=True)
+        return self.out_proj(ctx.transpose(1, 2).reshape(b, s, d))
+
+
+class IHBlock(nn.Module):
+    def __init__(self, cfg: IHTargetConfig):
+        super().__init__()
+        self.attn = ShortformerAttention(cfg.d_model, cfg.n_heads, cfg.seq_len)
+
+    def forward(self, x: Float[Tensor, "batch seq d_model"]) -> Float[Tensor, "batch seq d_model"]:
+        return x + self.attn(x)
+
+
+class InductionTransformer(nn.Module):
+    """Attention-only transformer; decomposable modules `token_embed`,
+    `blocks.<i>.attn.{q,k,v,out}_proj` and `unembed`."""
+
+    def __init__(self, config: IHTargetConfig, generator: torch.Generator | None = None):
+        super().__init__()
+        self.config = config
+        self.model_type = config.model_type
+        n_tokens = config.vocab_size + 2  # + BOS and the induction token
+        self.token_embed = nn.Embedding(n_tokens, config.d_model)
+        self.blocks = nn.ModuleList([IHBlock(config) for _ in range(config.n_layers)])
+        self.unembed = nn.Linear(config.d_model, n_tokens, bias=False)
+        gen = generator if generator is not None else torch.Generator().manual_seed(config.seed)
+        with torch.no_grad():  # torch's default inits, drawn from an explicit generator
+            self.token_embed.weight.normal_(generator=gen)
+            for module in self.modules():
+                if isinstance(module, nn.Linear):
+                    bound = 1.0 / math.sqrt(module.in_features)
+                    module.weight.uniform_(-bound, bound, generator=gen)
+
+    def forward(self, tokens: Int[Tensor, "batch seq"]) -> Float[Tensor, "batch n_tokens"]:
+        """Logits at the last position."""
+        assert tokens.dim() == 2, f"expected (batch, seq) tokens, got {tuple(tokens.shape)}"
+        assert tokens.shape[1] <= self.config.seq_len, f"sequence longer than {self.config.seq_len}"
+        x = self.token_embed(tokens)
+        for block in self.blocks:
+            x = block(x)
+        return self.unembed(x[:, -1])
+
+
+@torch.no_grad()
+def ih_accuracy(
+    model: InductionTransformer, task: InductionTask, batch_size: int, generator: torch.Generator
+) -> float:
+    """Fraction of a drawn batch whose last-position argmax is the induction label."""
+    tokens, labels = task.generate_batch(batch_size, generator)
+    return float((model(tokens).argmax(-1) == labels).float().mean())
+
+
+def train_ih(cfg: IHTargetConfig, progress: bool = False) -> InductionTransformer:
+    """Train an IH target: AdamW (weight decay cfg.weight_decay), lr warmed up linearly over
+    lr_warmup_steps then constant, CE of the last-position logits against the induction label, on
+    sequences with the widest prefix window (seq_len - 3).
+
+    `cfg.steps` is a cap: every CHECK_EVERY steps the model is scored on a fixed held-out batch and
+    training stops once it reaches STOP_ACCURACY. Guarantee: the returned model predicts at least
+    MIN_ACCURACY of that batch (chance is 1 / vocab_size); otherwise this raises.
+    """
+    gen = torch.Generator().manual_seed(cfg.seed)
+    model = InductionTransformer(cfg, generator=gen)
+    task = InductionTask(cfg.vocab_size, cfg.seq_len)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    check_seed = cfg.seed + CHECK_SEED_OFFSET
+    accuracy = 0.0
+    bar = tqdm(range(cfg.steps), desc=f"ih seed {cfg.seed}", disable=not progress)
+    for step in bar:
+        for group in opt.param_groups:
+            group["lr"] = cfg.lr * min(1.0, (step + 1) / max(cfg.lr_warmup_steps, 1))
+        tokens, labels = task.generate_batch(cfg.batch_size, gen)
+        loss = F.cross_entropy(model(tokens), labels)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if (step + 1) % CHECK_EVERY == 0 or step + 1 == cfg.steps:
+            check = torch.Generator().manual_seed(check_seed)
+            accuracy = ih_accuracy(model, task, CHECK_BATCH, check)
+            bar.set_postfix(loss=f"{loss.item():.3g}", acc=f"{accuracy:.3f}")
+            if accuracy >= STOP_ACCURACY:
+                break
+    bar.close()
+    if progress:
+        tqdm.write(f"IH target: last-position accuracy {accuracy:.3f} after {step + 1} steps")
+    if accuracy < MIN_ACCURACY:
+        raise RuntimeError(
+            f"IH target reached last-position accuracy {accuracy:.3f} < {MIN_ACCURACY} after "
+            f"{cfg.steps} steps (chance {1 / cfg.vocab_size:.3f}); raise target_model.steps or lr"
+        )
+    return model.eval()

@@ -1,0 +1,166 @@
+"""The induction-heads toy: task generator, sharded stream, target model and trainer, e2e run."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from spd_ray.config import IHTargetConfig, IHTaskConfig
+from spd_ray.data.ih import BOS, IHBatches, InductionTask, make_ih_task
+from spd_ray.targets.ih import InductionTransformer, ih_accuracy, train_ih
+from spd_ray.targets.loading import cached_target_path, load_or_train_toy
+
+PROJ = ("q", "k", "v", "out")
+# Small enough to train in a few seconds on one CPU thread.
+SMALL = IHTargetConfig(
+    vocab_size=16, seq_len=16, d_model=32, steps=2000, batch_size=256, lr=3e-3, lr_warmup_steps=100
+)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[torch.nn.Module, Path]:
+    out = tmp_path_factory.mktemp("out")
+    return load_or_train_toy(SMALL, out, progress=False), out
+
+
+def _first_s(tokens: torch.Tensor, s: int) -> torch.Tensor:
+    return (tokens == s).int().argmax(dim=1)
+
+
+@pytest.mark.parametrize("window", [None, 2, 6])
+def test_generator_layout_and_label(window):
+    task = InductionTask(vocab_size=10, seq_len=12, prefix_window=window)
+    tokens, labels = task.generate_batch(4096, torch.Generator().manual_seed(0))
+    s = task.induction_token
+    assert s == 11 and tokens.shape == (4096, 12) and labels.shape == (4096,)
+    assert (tokens[:, 0] == BOS).all() and (tokens[:, -1] == s).all()
+    body = tokens[:, 1:-1]
+    assert ((body >= 1) & (body <= s)).all(), "BOS never recurs; tokens are 1..V or S"
+    assert ((tokens == s).sum(1) == 2).all(), "exactly one S before the final one"
+    first = _first_s(tokens, s)
+    # p in [1, prefix_window) counted after BOS, so the sequence position is 1 + p.
+    lo, hi = 2, task.prefix_window + 1
+    assert ((first >= lo) & (first < hi)).all()
+    assert set(first.tolist()) == set(range(lo, hi)), "every allowed position is drawn"
+    after = tokens.gather(1, (first + 1).unsqueeze(1)).squeeze(1)
+    torch.testing.assert_close(labels, after)
+    assert ((labels >= 1) & (labels <= 10)).all()
+    assert len(set(labels.tolist())) == 10
+
+
+def test_generator_rejects_a_window_that_does_not_fit():
+    with pytest.raises(ValueError, match="prefix_window"):
+        InductionTask(vocab_size=10, seq_len=12, prefix_window=10)
+    with pytest.raises(ValueError, match="prefix_window"):
+        InductionTask(vocab_size=10, seq_len=12, prefix_window=1)
+
+
+def test_stream_shards_concatenate_to_the_single_rank_batch():
+    task = InductionTask(vocab_size=10, seq_len=12)
+    full = IHBatches(task, 8, seed=3)
+    shards = [IHBatches(task, 8, seed=3, rank=r, world_size=4) for r in range(4)]
+    for _ in range(3):
+        expected = next(full)
+        got = torch.cat([next(s) for s in shards])
+        assert torch.equal(got, expected) and got.dtype == torch.long
+    with pytest.raises(ValueError, match="divisible"):
+        IHBatches(task, 6, seed=0, rank=0, world_size=4)
+
+
+def test_stream_resumes_on_another_world_size():
+    task = InductionTask(vocab_size=10, seq_len=12)
+    a = IHBatches(task, 8, seed=5)
+    next(a)
+    state = a.state_dict()
+    expected = [next(a) for _ in range(2)]
+    b = [IHBatches(task, 8, seed=5, rank=r, world_size=2) for r in range(2)]
+    for s in b:
+        s.load_state_dict(state)
+    for want in expected:
+        assert torch.equal(torch.cat([next(s) for s in b]), want)
+    assert b[0].batches_served == 3
+    with pytest.raises(ValueError, match="seed"):
+        IHBatches(task, 8, seed=6).load_state_dict(state)
+
+
+def test_model_names_shapes_and_deterministic_init():
+    cfg = IHTargetConfig(vocab_size=10, seq_len=12, d_model=8, n_heads=2, n_layers=2)
+    model = InductionTransformer(cfg)
+    names = [n for n, _ in model.named_parameters()]
+    projections = [f"blocks.{i}.attn.{p}_proj.weight" for i in range(2) for p in PROJ]
+    assert names == ["token_embed.weight", *projections, "unembed.weight"]
+    assert model.token_embed.num_embeddings == 12 and model.unembed.out_features == 12
+    tokens, _ = InductionTask(10, 12).generate_batch(3, torch.Generator().manual_seed(0))
+    assert model(tokens).shape == (3, 12)
+    other = InductionTransformer(cfg)
+    for pa, pb in zip(model.parameters(), other.parameters(), strict=True):
+        assert torch.equal(pa, pb)
+    assert not any(k.endswith(".pe") for k in model.state_dict()), "pe is derived, not saved"
+
+
+def test_attention_is_causal_and_output_is_the_last_position():
+    cfg = IHTargetConfig(vocab_size=10, seq_len=12, d_model=8)
+    model = InductionTransformer(cfg)
+    tokens, _ = InductionTask(10, 12).generate_batch(4, torch.Generator().manual_seed(1))
+    prefix = model(tokens[:, :7])
+    changed = tokens.clone()
+    changed[:, 7:] = 1
+    assert torch.equal(model(changed[:, :7]), prefix)
+    assert not torch.allclose(model(changed), model(tokens))
+
+
+def test_trained_target_predicts_the_induction_label(trained):
+    model, out = trained
+    assert isinstance(model, InductionTransformer) and not model.training
+    assert not any(p.requires_grad for p in model.parameters())
+    task = InductionTask(SMALL.vocab_size, SMALL.seq_len)
+    acc = ih_accuracy(model, task, 2048, torch.Generator().manual_seed(123))
+    assert acc > 0.95, f"last-position accuracy {acc:.3f} (chance {1 / SMALL.vocab_size:.3f})"
+    # Also with a narrower window than the one it was trained on.
+    narrow = make_ih_task(IHTaskConfig(prefix_window=4), model)
+    assert ih_accuracy(model, narrow, 2048, torch.Generator().manual_seed(4)) > 0.95
+    path = cached_target_path(SMALL, out)
+    assert path.is_file() and (path.parent / "target_config.yaml").is_file()
+    again = load_or_train_toy(SMALL, out, progress=False)
+    for pa, pb in zip(model.parameters(), again.parameters(), strict=True):
+        assert torch.equal(pa, pb)
+
+
+def test_train_ih_fails_loudly_when_it_cannot_learn():
+    with pytest.raises(RuntimeError, match="accuracy"):
+        train_ih(SMALL.model_copy(update={"steps": 5}))
+
+
+def test_make_ih_task_needs_an_ih_target():
+    with pytest.raises(ValueError, match="ih target"):
+        make_ih_task(IHTaskConfig(), torch.nn.Linear(2, 2))
+
+
+def test_cli_run_ih_in_process(tmp_path):
+    env = {**os.environ, "SPD_RAY_OUT": str(tmp_path), "SPD_RAY_THREADS": "1"}
+    overrides = ["n_eval_steps=1", "slow_eval_on_first_step=false", "faithfulness_warmup_steps=10"]
+    args = ["run", "ih", "--in-process", "--steps", "20", "--name", "ih-e2e"]
+    for item in overrides:
+        args += ["--set", item]
+    res = subprocess.run(
+        [sys.executable, "-m", "spd_ray.cli", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    summary = json.loads((tmp_path / "ih-e2e" / "summary.json").read_text())
+    assert summary["final_step"] == 20
+    final = summary["final_eval"]
+    for layer in range(2):
+        for proj in PROJ:
+            assert f"eval/l0/blocks.{layer}.attn.{proj}_proj" in final
+    for loss in ("StochasticReconLoss", "StochasticReconLayerwiseLoss", "FaithfulnessLoss"):
+        assert torch.isfinite(torch.tensor(final[f"eval/loss/{loss}"]))
