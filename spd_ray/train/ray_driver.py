@@ -244,6 +244,23 @@ def _newest_state(run_dir: RunDir) -> dict[str, Any] | None:
     return max(candidates, key=lambda s: int(s["step"])) if candidates else None
 
 
+def load_target_once_per_node(config: Config, out_root: Path, local_rank: int) -> Any:
+    """The target, fetched once per node: the node's first worker loads it (downloading a hub
+    model into the node's Hugging Face cache, or training/finding a toy target), the others wait
+    and then load from that cache - never N downloads of the same model on one node."""
+    import torch.distributed as dist
+
+    from spd_ray.targets import load_target
+
+    together = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    if together and local_rank != 0:
+        dist.barrier()  # until every node's first worker has its copy
+    target = load_target(config, out_root, progress=False)
+    if together and local_rank == 0:
+        dist.barrier()
+    return target
+
+
 def train_worker(args_dict: dict[str, Any]) -> None:
     """The function every Ray Train worker runs."""
     import ray.train
@@ -268,7 +285,8 @@ def train_worker(args_dict: dict[str, Any]) -> None:
     config = config_from_dict(args.config)
     run_dir = RunDir(Path(args.run_dir))
     name = run_dir.path.name
-    worker = build_worker(config, None, Path(args.out_root), device, rank, world)
+    target = load_target_once_per_node(config, Path(args.out_root), ctx_train.get_local_rank())
+    worker = build_worker(config, target, Path(args.out_root), device, rank, world)
     state = make_state(config, worker.ctx)
     saved = _newest_state(run_dir)
     if saved is not None:
