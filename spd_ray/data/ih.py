@@ -14,13 +14,12 @@ described by its generator state and resumes exactly (`IHBatches.state_dict`).
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from jaxtyping import Int
 from torch import Tensor, nn
 
 from spd_ray.config import IHTargetConfig, IHTaskConfig
+from spd_ray.data.toy import ToyBatches
 
 BOS = 0
 
@@ -62,15 +61,10 @@ class InductionTask:
         return tokens, label.squeeze(1)
 
 
-class IHBatches:
+class IHBatches(ToyBatches):
     """An endless, resumable stream of induction token batches (labels dropped: the decomposition
-    compares with the target's output), optionally sharded over data-parallel ranks.
-
-    As `ToyBatches`: every rank draws the full global batch from the same seeded CPU generator and
-    keeps rows `[rank * b, (rank + 1) * b)`, `b = batch_size // world_size`, so the shards
-    concatenated in rank order are the `world_size=1` batch, and `state_dict()` from any rank
-    resumes the stream on any number of ranks.
-    """
+    compares with the target's output), sharded over data-parallel ranks exactly as `ToyBatches`:
+    every rank draws the global batch from the same seeded generator and keeps its rows."""
 
     def __init__(
         self,
@@ -81,47 +75,12 @@ class IHBatches:
         world_size: int = 1,
         device: torch.device | str = "cpu",
     ):
-        assert world_size > 0 and 0 <= rank < world_size, f"rank {rank} of world_size {world_size}"
-        if batch_size % world_size != 0:
-            raise ValueError(
-                f"batch_size {batch_size} is not divisible by world_size {world_size}: every rank "
-                "must take an equal shard of the global batch"
-            )
+        super().__init__(task, batch_size, seed, rank, world_size, device)  # type: ignore[arg-type]
         self.task = task
-        self.batch_size = batch_size
-        self.seed = seed
-        self.rank = rank
-        self.world_size = world_size
-        self.device = device
-        self.local_batch_size = batch_size // world_size
-        self.generator = torch.Generator(device="cpu").manual_seed(seed)
-        self.batches_served = 0
 
-    def __iter__(self) -> IHBatches:
-        return self
-
-    def __next__(self) -> Int[Tensor, "local_batch seq_len"]:
+    def _draw(self) -> Int[Tensor, "batch seq_len"]:
         tokens, _ = self.task.generate_batch(self.batch_size, self.generator)
-        start = self.rank * self.local_batch_size
-        self.batches_served += 1
-        return tokens[start : start + self.local_batch_size].to(self.device)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {
-            "generator_state": self.generator.get_state(),
-            "batches_served": self.batches_served,
-            "seed": self.seed,
-            "batch_size": self.batch_size,
-        }
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state["batch_size"] != self.batch_size or state["seed"] != self.seed:
-            raise ValueError(
-                f"IHBatches state is for batch_size {state['batch_size']}, seed {state['seed']}; "
-                f"this stream has batch_size {self.batch_size}, seed {self.seed}"
-            )
-        self.generator.set_state(state["generator_state"])
-        self.batches_served = int(state["batches_served"])
+        return tokens
 
 
 def make_ih_task(task_config: IHTaskConfig, target_model: nn.Module) -> InductionTask:

@@ -116,8 +116,12 @@ class ToyBatches:
     def __iter__(self) -> ToyBatches:
         return self
 
+    def _draw(self) -> Tensor:
+        """The next global batch (every rank draws it and keeps its rows)."""
+        return self.dataset.generate_batch(self.batch_size, self.generator)
+
     def __next__(self) -> Float[Tensor, "local_batch n_features"]:
-        full = self.dataset.generate_batch(self.batch_size, self.generator)
+        full = self._draw()
         start = self.rank * self.local_batch_size
         self.batches_served += 1
         return full[start : start + self.local_batch_size].to(self.device)
@@ -133,7 +137,8 @@ class ToyBatches:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state["batch_size"] != self.batch_size or state["seed"] != self.seed:
             raise ValueError(
-                f"ToyBatches state is for batch_size {state['batch_size']}, seed {state['seed']}; "
+                f"{type(self).__name__} state is for batch_size {state['batch_size']}, "
+                f"seed {state['seed']}; "
                 f"this stream has batch_size {self.batch_size}, seed {self.seed}"
             )
         self.generator.set_state(state["generator_state"])
