@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable
+from typing import Any
 
 from spd_ray.config import USER_ERRORS, Config
 
@@ -48,17 +49,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         return _run_several(args, targets)
     experiment, config = load_target_config(targets[0], args.overrides, args.steps)
     name = args.name or default_run_name(experiment)
-    outcome = run_experiment(
-        config,
-        name=name,
-        out=args.out,
-        fresh=args.fresh,
-        workers=args.workers,
-        use_gpu=args.gpu,
-        cpus_per_worker=args.cpus_per_worker,
-        max_failures=args.max_failures,
-        in_process=args.in_process,
-    )
+    outcome = run_experiment(config, name=name, in_process=args.in_process, **_launch_options(args))
     if outcome.already_finished:
         print(f"run {name} already finished at step {config.steps}", file=sys.stderr)
     elif outcome.resumed_from:
@@ -66,6 +57,18 @@ def cmd_run(args: argparse.Namespace) -> int:
     _print_headline(outcome.metrics)
     print(outcome.run_dir)
     return 0
+
+
+def _launch_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The `spd-ray run` flags that one run and several runs take alike."""
+    return {
+        "out": args.out,
+        "fresh": args.fresh,
+        "workers": args.workers,
+        "use_gpu": args.gpu,
+        "cpus_per_worker": args.cpus_per_worker,
+        "max_failures": args.max_failures,
+    }
 
 
 def _run_targets(args: argparse.Namespace) -> list[str]:
@@ -96,15 +99,7 @@ def _run_several(args: argparse.Namespace, targets: list[str]) -> int:
         # --name is a prefix here: <name>-<experiment> keeps every run resumable by rerunning.
         name = f"{args.name}-{experiment}" if args.name else default_run_name(experiment)
         jobs.append((name, config))
-    outcomes = run_many(
-        jobs,
-        out=args.out,
-        fresh=args.fresh,
-        workers=args.workers,
-        use_gpu=args.gpu,
-        cpus_per_worker=args.cpus_per_worker,
-        max_failures=args.max_failures,
-    )
+    outcomes = run_many(jobs, **_launch_options(args))
     print(format_outcomes(outcomes))
     return 1 if any(o.error is not None for o in outcomes) else 0
 
