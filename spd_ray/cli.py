@@ -230,6 +230,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_tiny_lm_cli(sub)  # make-tiny-lm, pretrain
 
+    from spd_ray.harvest.cli import add_cli as add_harvest_cli
+
+    add_harvest_cli(sub)  # harvest, harvest-show
+
     p = sub.add_parser("list", help="list the registry")
     p.set_defaults(func=cmd_list)
 

@@ -1,0 +1,262 @@
+"""The on-disk harvest under `<run>/harvest/`, and lookups that read only what they need.
+
+```
+harvest/
+  meta.json            what was harvested (run, data, settings, tokens, modules, shard ranges)
+  components.parquet   one row per subcomponent: key, module, index, counts, density, mean CI
+  cofiring.npy         [N, N] int64 co-firing counts (memory-mapped: one row per lookup)
+  input_counts.npy     [N, V] int64 firings per input token (toy: per active input feature)
+  input_totals.npy     [V] int64
+  output_mass.npy      [N, V] float64 predicted-probability mass while firing (language models)
+  output_totals.npy    [V] float64
+  examples/shard-XXXXX.parquet   the examples of one component range, sorted by component
+```
+
+A harvest is written into `harvest.partial/` and renamed to `harvest/` only when complete, so a
+reader never sees a half-written one and an interrupted harvest leaves nothing to mix with.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from spd_ray.harvest.keep import KeepTable
+from spd_ray.harvest.measures import Ranked, top_correlated, top_tokens
+
+FORMAT = 1
+HARVEST_DIR = "harvest"
+PARTIAL_DIR = "harvest.partial"
+
+
+def harvest_dir(run_dir: Path) -> Path:
+    return run_dir / HARVEST_DIR
+
+
+def start_partial(run_dir: Path) -> tuple[Path, bool]:
+    """A fresh `harvest.partial/` (removing an unfinished one: returns True when it did)."""
+    partial = run_dir / PARTIAL_DIR
+    stale = partial.exists()
+    if stale:
+        shutil.rmtree(partial)
+    for old in run_dir.glob(f"{HARVEST_DIR}.old-*"):
+        shutil.rmtree(old, ignore_errors=True)
+    (partial / "examples").mkdir(parents=True)
+    return partial, stale
+
+
+def finish_partial(run_dir: Path) -> Path:
+    """Swap the complete `harvest.partial/` in as `harvest/`."""
+    partial, final = run_dir / PARTIAL_DIR, harvest_dir(run_dir)
+    old = None
+    if final.exists():
+        old = run_dir / f"{HARVEST_DIR}.old-{np.random.randint(1 << 30)}"
+        final.rename(old)
+    partial.rename(final)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def create_arrays(partial: Path, N: int, V: int, lm: bool) -> None:
+    """Pre-size the memory-mapped matrices that the merge tasks fill by component range."""
+    np.lib.format.open_memmap(partial / "cofiring.npy", "w+", np.int64, (N, N)).flush()
+    np.lib.format.open_memmap(partial / "input_counts.npy", "w+", np.int64, (N, V)).flush()
+    if lm:
+        np.lib.format.open_memmap(partial / "output_mass.npy", "w+", np.float64, (N, V)).flush()
+
+
+def write_rows(partial: Path, name: str, lo: int, rows: np.ndarray) -> None:
+    arr = np.load(partial / f"{name}.npy", mmap_mode="r+")
+    arr[lo : lo + len(rows)] = rows
+    arr.flush()
+    del arr
+
+
+def example_table(table: KeepTable, kind: str, lo: int) -> pa.Table:
+    """Rows of one keep table as a parquet table (components renumbered to global indices)."""
+    comp = table.comp.numpy() + lo
+    rank = np.zeros(len(comp), dtype=np.int32)
+    if len(comp):
+        starts = np.r_[0, np.flatnonzero(np.diff(comp)) + 1]
+        lengths = np.diff(np.r_[starts, len(comp)])
+        rank = (np.arange(len(comp)) - np.repeat(starts, lengths)).astype(np.int32)
+    uid = table.uid.numpy()
+    cols: dict[str, Any] = {
+        "component": pa.array(comp, pa.int32()),
+        "kind": pa.array([kind] * len(comp), pa.string()),
+        "rank": pa.array(rank),
+        "key": pa.array(table.key.numpy()),
+        "uid": pa.array(uid),
+    }
+    for name, t in table.payload.items():
+        values = t.numpy()
+        cols[name] = pa.array(list(values)) if values.ndim > 1 else pa.array(values)
+    return pa.table(cols)
+
+
+def write_examples(partial: Path, shard: int, tables: list[pa.Table]) -> None:
+    tables = [t for t in tables if t.num_rows]
+    path = partial / "examples" / f"shard-{shard:05d}.parquet"
+    if not tables:
+        return
+    merged = pa.concat_tables(tables, promote_options="default").sort_by(
+        [("component", "ascending"), ("kind", "descending"), ("rank", "ascending")]
+    )
+    pq.write_table(merged, path, row_group_size=4096)
+
+
+# -- reading -------------------------------------------------------------------------------------
+
+
+@dataclass
+class Example:
+    component: str
+    kind: str  # "top" | "reservoir"
+    rank: int
+    doc: int  # language models: document index in the split; toy: input index
+    offset: int  # language models: offset of the firing token in its document
+    tokens: list[int] | None  # window, -1 = outside the document (language models)
+    ci: list[float] | float
+    act: list[float] | float
+    x: list[float] | None  # toy input vector
+
+    @property
+    def center(self) -> int:
+        return len(self.tokens) // 2 if self.tokens is not None else 0
+
+
+class Harvest:
+    """A finished harvest, opened lazily: matrices are memory-mapped and one component's examples
+    are read from its shard file alone."""
+
+    def __init__(self, run_dir: str | Path):
+        from spd_ray.api import resolve_run_dir
+
+        self.run_dir = resolve_run_dir(run_dir)
+        self.path = harvest_dir(self.run_dir)
+        meta_path = self.path / "meta.json"
+        if not meta_path.exists():
+            hint = (
+                " (an unfinished one is in harvest.partial/)"
+                if (self.run_dir / PARTIAL_DIR).exists()
+                else ""
+            )
+            raise FileNotFoundError(
+                f"run {self.run_dir} has no harvest{hint}; run `spd-ray harvest {self.run_dir}`"
+            )
+        self.meta: dict[str, Any] = json.loads(meta_path.read_text())
+        self.keys: list[str] = self.meta["component_keys"]
+        self._index = {k: i for i, k in enumerate(self.keys)}
+        self.n_tokens: int = self.meta["n_tokens"]
+        self.kind: str = self.meta["kind"]
+
+    # -- tables --------------------------------------------------------------------------------
+
+    @cached_property
+    def components(self) -> pa.Table:
+        return pq.read_table(self.path / "components.parquet")
+
+    def _array(self, name: str) -> np.ndarray:
+        return np.load(self.path / f"{name}.npy", mmap_mode="r")
+
+    def index(self, key: str | int) -> int:
+        if isinstance(key, int):
+            if not 0 <= key < len(self.keys):
+                raise ValueError(f"component index {key} is out of range (0..{len(self.keys) - 1})")
+            return key
+        if key not in self._index:
+            module = key.rpartition(":")[0]
+            modules = [m["path"] for m in self.meta["modules"]]
+            if module not in modules:
+                raise ValueError(f"no module {module!r} in this harvest; modules: {modules}")
+            raise ValueError(f"no component {key!r}; {module} has {self.C(module)} subcomponents")
+        return self._index[key]
+
+    def C(self, module: str) -> int:
+        return next(m["C"] for m in self.meta["modules"] if m["path"] == module)
+
+    def summary(self, key: str | int) -> dict[str, Any]:
+        i = self.index(key)
+        row = self.components.slice(i, 1).to_pylist()[0]
+        return row
+
+    def firing_counts(self) -> np.ndarray:
+        return self.components.column("firing_count").to_numpy()
+
+    # -- examples ------------------------------------------------------------------------------
+
+    def examples(self, key: str | int, kind: str | None = None) -> list[Example]:
+        """The component's examples (top-k first, best first; then the reservoir)."""
+        i = self.index(key)
+        shard = next(s for s, (lo, hi) in enumerate(self.meta["shards"]) if lo <= i < hi)
+        path = self.path / "examples" / f"shard-{shard:05d}.parquet"
+        if not path.exists():
+            return []
+        filters: list[Any] = [("component", "=", i)]
+        if kind is not None:
+            filters.append(("kind", "=", kind))
+        rows = pq.read_table(path, filters=filters).to_pylist()
+        out = []
+        for r in rows:
+            uid = int(r["uid"])
+            lm = self.kind == "lm"
+            out.append(
+                Example(
+                    component=self.keys[i],
+                    kind=r["kind"],
+                    rank=int(r["rank"]),
+                    doc=uid >> 32 if lm else uid,
+                    offset=uid & 0xFFFFFFFF if lm else 0,
+                    tokens=r.get("tokens"),
+                    ci=r["ci"],
+                    act=r["act"],
+                    x=r.get("x"),
+                )
+            )
+        out.sort(key=lambda e: (e.kind != "top", e.rank))
+        return out
+
+    # -- measures ------------------------------------------------------------------------------
+
+    def correlated(
+        self, key: str | int, measure: str = "pmi", k: int = 10, largest: bool = True
+    ) -> Ranked:
+        """Other subcomponents ranked by a co-firing measure (precision, recall, jaccard, pmi,
+        lift): reads one row of the co-firing matrix."""
+        i = self.index(key)
+        counts = self.firing_counts()
+        row = np.asarray(self._array("cofiring")[i])
+        return top_correlated(row, int(counts[i]), counts, self.n_tokens, i, measure, k, largest)
+
+    def tokens(
+        self,
+        key: str | int,
+        side: str = "input",
+        measure: str = "precision",
+        k: int = 10,
+        largest: bool = True,
+    ) -> Ranked:
+        """Input tokens (toy: input features) or output tokens ranked by a measure (precision,
+        recall, lift, pmi): reads one row."""
+        i = self.index(key)
+        n_fire = int(self.firing_counts()[i])
+        if side == "input":
+            counts = np.asarray(self._array("input_counts")[i])
+            totals = self._array("input_totals")
+        elif side == "output":
+            if self.kind != "lm":
+                raise ValueError("output-token measures exist only for language-model harvests")
+            counts = np.asarray(self._array("output_mass")[i])
+            totals = self._array("output_totals")
+        else:
+            raise ValueError(f"side must be 'input' or 'output', got {side!r}")
+        return top_tokens(counts, n_fire, np.asarray(totals), self.n_tokens, measure, k, largest)
