@@ -234,6 +234,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_harvest_cli(sub)  # harvest, harvest-show
 
+    from spd_ray.autointerp.cli import add_cli as add_autointerp_cli
+
+    add_autointerp_cli(sub)  # autointerp, labels
+
     p = sub.add_parser("list", help="list the registry")
     p.set_defaults(func=cmd_list)
 
@@ -253,6 +257,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from spd_ray.autointerp.client import LLMError
+
     args = build_parser().parse_args(argv)
     func: Callable[[argparse.Namespace], int] = args.func
     try:
@@ -260,6 +266,9 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as err:
         print(f"spd-ray {args.command}: error: {_one_line(err)}", file=sys.stderr)
         return 2
+    except LLMError as err:
+        print(f"spd-ray {args.command}: error: {_one_line(err)}", file=sys.stderr)
+        return 1
     except RuntimeError as err:
         from spd_ray.train.loop import NonFiniteLossError
         from spd_ray.train.ray_driver import RunFailedError

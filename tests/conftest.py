@@ -39,4 +39,5 @@ def shared_out(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 # Language-model fixtures (tiny-LM assets built once per session): see lm_conftest_fixtures.py.
+from harvest_fixtures import lm_run  # noqa: E402, F401
 from lm_conftest_fixtures import hf_datasets_cache, tiny_lm_assets  # noqa: E402, F401

@@ -28,10 +28,15 @@ def token_text(h: Harvest, token_id: int) -> str:
 
 
 def example_text(
-    h: Harvest, ex: Example, mark: tuple[str, str] = ("[[", "]]"), min_ci: float | None = None
+    h: Harvest,
+    ex: Example,
+    mark: tuple[str, str] = ("[[", "]]"),
+    min_ci: float | None = None,
+    marked: int | None = None,
 ) -> str:
-    """A window as text with the firing token marked (and, when `min_ci` is given, every other
-    token of the window where this subcomponent's CI exceeds it)."""
+    """A window as text with the firing token (or the window position `marked`) marked, and,
+    when `min_ci` is given, every other token of the window where this subcomponent's CI exceeds
+    it."""
     if ex.tokens is None:
         assert ex.x is not None
         vec = ", ".join(f"{v:.2f}" for v in ex.x)
@@ -42,8 +47,9 @@ def example_text(
         if tok < 0:
             continue
         text = token_text(h, tok)
-        marked = j == ex.center or (min_ci is not None and ci[j] > min_ci)
-        parts.append(f"{mark[0]}{text}{mark[1]}" if marked else text)
+        centre = ex.center if marked is None else marked
+        hit = j == centre or (min_ci is not None and ci[j] > min_ci)
+        parts.append(f"{mark[0]}{text}{mark[1]}" if hit else text)
     return "".join(parts).replace("\n", "\\n")
 
 

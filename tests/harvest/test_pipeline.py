@@ -18,7 +18,6 @@ import torch
 from ray_head import RayHead
 
 from spd_ray.harvest.store import Harvest
-from spd_ray.targets.tiny_lm import TinyLMAssets
 
 TMS_STEPS = 3000
 
@@ -117,42 +116,6 @@ def test_toy_harvest_is_the_same_on_1_and_3_actors_and_finds_tms_features(
         # Toy examples are the input vectors: feature f active, every other feature zero.
         for e in h.examples(i):
             assert e.x is not None and e.x[f] > 0 and sum(v != 0 for v in e.x) == 1
-
-
-@pytest.fixture(scope="module")
-def lm_run(
-    tiny_lm_assets: TinyLMAssets, hf_datasets_cache: Path, tmp_path_factory: pytest.TempPathFactory
-) -> tuple[Path, dict[str, str]]:
-    """A tiny Llama decomposition (a few steps; the harvest needs a checkpoint, not a good one)."""
-    import os
-
-    out = tmp_path_factory.mktemp("harvest-lm") / "out"
-    (out / "assets").mkdir(parents=True)
-    (out / "assets" / "tiny-lm").symlink_to(tiny_lm_assets.root)
-    env = {
-        **os.environ,
-        "SPD_RAY_OUT": str(out),
-        "OMP_NUM_THREADS": "1",
-        "HF_DATASETS_CACHE": str(hf_datasets_cache),
-    }
-    res = _cli(
-        env,
-        "run",
-        "tiny_llama",
-        "--in-process",
-        "--steps",
-        "4",
-        "--name",
-        "lm",
-        "--set",
-        "n_eval_steps=1",
-        "--set",
-        "eval_metric_configs=[]",
-        "--set",
-        "faithfulness_warmup_steps=2",
-    )
-    assert res.returncode == 0, res.stderr[-3000:]
-    return out / "lm", env
 
 
 def test_lm_harvest_matches_across_actors_and_shows_a_component(

@@ -1,0 +1,224 @@
+"""One requests-per-minute window and one USD budget for every actor of a labelling pipeline.
+
+Providers enforce their rate limits per key, not per process, and a budget only means something
+if it is counted once: so the window and the spend live in a single place. `LimiterCore` is that
+logic in plain Python (a clock can be injected, so it is tested without waiting); `LocalLimiter`
+serves one process; `LimiterActor` is a named Ray actor that every actor of a pipeline reaches
+through `shared_limiter(name, ...)`.
+
+The budget is checked before each request and charged after its response, so concurrent requests
+in flight when it runs out can overshoot it by at most their own cost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol
+
+import ray
+
+from spd_ray.autointerp.client import BudgetExhausted
+
+WINDOW_S = 60.0
+
+
+class LimiterCore:
+    """At most `rpm` grants in any rolling 60 s window, and no grant once `budget_usd` is spent.
+    None disables either limit."""
+
+    def __init__(
+        self,
+        rpm: float | None,
+        budget_usd: float | None,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        if rpm is not None and rpm < 1:
+            raise ValueError(f"rpm must be >= 1 (grants per 60 s window) or None, got {rpm}")
+        if budget_usd is not None and budget_usd < 0:
+            raise ValueError(f"budget_usd must be >= 0 or None, got {budget_usd}")
+        self.rpm = rpm
+        self.budget_usd = budget_usd
+        self._cap = math.floor(rpm) if rpm is not None else None
+        self._clock = clock
+        # Grant times of the last 60 s: the window itself, and kept without a limit too so that
+        # stats can report the busiest window.
+        self._recent: deque[float] = deque()
+        self.granted = 0
+        self.refused_budget = 0
+        self.spent_usd = 0.0
+        self.prompt_tokens = 0
+        self.completion_tokens = 0
+        self.max_in_window = 0
+        # Work in progress as reported by the callers (`track`): what a progress bar shows.
+        self.in_flight = 0
+        self.max_in_flight = 0
+
+    def track(self, delta: int) -> None:
+        self.in_flight += delta
+        self.max_in_flight = max(self.max_in_flight, self.in_flight)
+
+    def budget_left(self) -> bool:
+        return self.budget_usd is None or self.spent_usd < self.budget_usd
+
+    def try_acquire(self) -> tuple[bool, float]:
+        """(granted, seconds to wait before asking again). Raises BudgetExhausted once the spend
+        has reached the budget, so a budget of 0 never lets a request out."""
+        if not self.budget_left():
+            self.refused_budget += 1
+            raise BudgetExhausted(
+                f"budget of ${self.budget_usd:.4f} spent (${self.spent_usd:.4f} after "
+                f"{self.granted} requests)"
+            )
+        now = self._clock()
+        while self._recent and now - self._recent[0] >= WINDOW_S:
+            self._recent.popleft()
+        if self._cap is not None and len(self._recent) >= self._cap:
+            return False, self._recent[0] + WINDOW_S - now
+        self._recent.append(now)
+        self.granted += 1
+        self.max_in_window = max(self.max_in_window, len(self._recent))
+        return True, 0.0
+
+    def spend(self, usd: float, prompt_tokens: int, completion_tokens: int) -> None:
+        if usd < 0 or prompt_tokens < 0 or completion_tokens < 0:
+            raise ValueError(
+                f"spend must be non-negative, got usd={usd}, prompt_tokens={prompt_tokens}, "
+                f"completion_tokens={completion_tokens}"
+            )
+        self.spent_usd += usd
+        self.prompt_tokens += prompt_tokens
+        self.completion_tokens += completion_tokens
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "rpm": self.rpm,
+            "budget_usd": self.budget_usd,
+            "granted": self.granted,
+            "refused_budget": self.refused_budget,
+            "spent_usd": self.spent_usd,
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "max_in_window": self.max_in_window,
+            "in_flight": self.in_flight,
+            "max_in_flight": self.max_in_flight,
+        }
+
+
+class Limiter(Protocol):
+    """What LLMClient asks before each HTTP attempt and tells after each response."""
+
+    async def acquire(self) -> None: ...
+
+    async def spend(self, usd: float, prompt_tokens: int, completion_tokens: int) -> None: ...
+
+
+async def _acquire(core: LimiterCore, sleep: Callable[[float], Awaitable[Any]]) -> None:
+    # Single-threaded event loop: nothing changes between try_acquire's check and its grant.
+    while True:
+        granted, wait_s = core.try_acquire()
+        if granted:
+            return
+        await sleep(wait_s)
+
+
+class LocalLimiter:
+    """The limiter of one process (one event loop). `clock` and `sleep` are injectable so tests
+    can run minutes of rate limiting in no time."""
+
+    def __init__(
+        self,
+        rpm: float | None,
+        budget_usd: float | None,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep,
+    ):
+        self.core = LimiterCore(rpm, budget_usd, clock)
+        self._sleep = sleep
+
+    async def acquire(self) -> None:
+        await _acquire(self.core, self._sleep)
+
+    async def spend(self, usd: float, prompt_tokens: int, completion_tokens: int) -> None:
+        self.core.spend(usd, prompt_tokens, completion_tokens)
+
+    def stats(self) -> dict[str, Any]:
+        return self.core.stats()
+
+
+@ray.remote(num_cpus=0)
+class LimiterActor:
+    """A LimiterCore in an async actor: callers await `acquire` while it waits for room here.
+
+    `acquire` returns None when granted and the reason when the budget is spent, rather than
+    raising: an exception would reach the caller wrapped in a RayTaskError.
+    """
+
+    def __init__(self, rpm: float | None, budget_usd: float | None):
+        self.core = LimiterCore(rpm, budget_usd)
+
+    async def acquire(self) -> str | None:
+        try:
+            await _acquire(self.core, asyncio.sleep)
+        except BudgetExhausted as err:
+            return err.reason
+        return None
+
+    async def spend(self, usd: float, prompt_tokens: int, completion_tokens: int) -> None:
+        self.core.spend(usd, prompt_tokens, completion_tokens)
+
+    async def stats(self) -> dict[str, Any]:
+        return self.core.stats()
+
+    async def track(self, delta: int) -> None:
+        self.core.track(delta)
+
+    async def config(self) -> tuple[float | None, float | None]:
+        return self.core.rpm, self.core.budget_usd
+
+
+class RayLimiter:
+    """The Limiter protocol over a LimiterActor handle; picklable, so it can be handed to actors
+    or rebuilt in each of them with `shared_limiter(name, ...)`."""
+
+    def __init__(self, actor: Any, name: str):
+        self.actor = actor
+        self.name = name
+
+    async def acquire(self) -> None:
+        reason = await self.actor.acquire.remote()
+        if reason is not None:
+            raise BudgetExhausted(f"limiter {self.name!r}: {reason}")
+
+    async def spend(self, usd: float, prompt_tokens: int, completion_tokens: int) -> None:
+        await self.actor.spend.remote(usd, prompt_tokens, completion_tokens)
+
+    async def track(self, delta: int) -> None:
+        await self.actor.track.remote(delta)
+
+    def stats(self) -> dict[str, Any]:
+        """Blocking: call from the driver or sync code, not from inside an event loop."""
+        return ray.get(self.actor.stats.remote())  # type: ignore[no-any-return]
+
+
+def shared_limiter(
+    name: str, rpm: float | None, budget_usd: float | None, namespace: str | None = None
+) -> RayLimiter:
+    """Get or create the named limiter actor of this Ray job (non-detached: it dies with the
+    process that created it, so let the driver call this first). Raises ValueError when an actor
+    of that name already exists with other limits, which would silently ignore these ones.
+    Blocking (it confirms the limits with ray.get): call it from sync code."""
+    LimiterCore(rpm, budget_usd)  # fail fast on bad limits here, not inside the actor
+    actor = LimiterActor.options(  # type: ignore[attr-defined]
+        name=name, namespace=namespace, get_if_exists=True, lifetime=None
+    ).remote(rpm, budget_usd)
+    existing = tuple(ray.get(actor.config.remote()))
+    if existing != (rpm, budget_usd):
+        raise ValueError(
+            f"limiter {name!r} already exists with rpm={existing[0]}, budget_usd={existing[1]}; "
+            f"asked for rpm={rpm}, budget_usd={budget_usd}"
+        )
+    return RayLimiter(actor, name)

@@ -1,0 +1,440 @@
+"""`spd-ray autointerp`: label harvested subcomponents with an LLM, then score the labels, on a
+Ray Data actor pool of async workers.
+
+The driver selects the subcomponents (alive, filtered, not yet done), builds every prompt from the
+harvest, checks the endpoint once (an unreachable URL, a rejected key or an unknown model fails
+here, before any work), and streams the tasks through `map_batches(LLMWorker,
+compute=ActorPoolStrategy(size=actors))`. Each worker holds one `LLMClient` and a semaphore of
+`concurrency`, so at most actors x concurrency requests are ever in flight; every request first
+asks the run's named limiter actor (requests per minute, USD budget), which all workers share.
+Results come back to the driver, which appends them to the label store as they arrive: a killed
+run keeps everything finished, and a rerun sends requests only for what is not done yet.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import time
+import uuid
+from dataclasses import dataclass
+from fnmatch import fnmatch
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from spd_ray.autointerp.client import (
+    BudgetExhausted,
+    FatalLLMError,
+    LLMClient,
+    LLMError,
+    LLMSettings,
+    Usage,
+)
+from spd_ray.autointerp.prompt import LabelAnswer, PromptSettings, label_messages
+from spd_ray.autointerp.store import LabelStore
+from spd_ray.harvest.show import example_text
+from spd_ray.harvest.store import Example, Harvest
+
+SCORE_KINDS = ("detection", "fuzzing", "intruder")
+
+
+@dataclass(frozen=True)
+class AutointerpOptions:
+    llm: LLMSettings
+    actors: int = 2
+    concurrency: int = 8  # requests in flight per actor
+    rpm: float | None = None
+    budget_usd: float | None = None
+    limit: int | None = None
+    min_density: float = 0.0
+    modules: tuple[str, ...] = ()  # fnmatch patterns of module paths; empty: all
+    scores: tuple[str, ...] = ()
+    dry_run: int = 0  # >0: print this many prompts and send nothing
+    seed: int = 0
+    prompt: PromptSettings = PromptSettings()
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.actors < 1:
+            raise ValueError(f"--actors must be at least 1, got {self.actors}")
+        if self.concurrency < 1:
+            raise ValueError(f"--concurrency must be at least 1, got {self.concurrency}")
+        if self.limit is not None and self.limit < 1:
+            raise ValueError(f"--limit must be at least 1, got {self.limit}")
+        unknown = [s for s in self.scores if s not in SCORE_KINDS]
+        if unknown:
+            raise ValueError(f"--score {unknown[0]!r} is not one of {list(SCORE_KINDS)}")
+
+
+def select_components(h: Harvest, opts: AutointerpOptions) -> list[str]:
+    """Alive subcomponents passing the filters, densest first (ties by index), up to the limit."""
+    t = h.components
+    density = t.column("firing_density").to_numpy()
+    keys = t.column("key").to_pylist()
+    modules = t.column("module").to_pylist()
+    if opts.modules:
+        known = {m["path"] for m in h.meta["modules"]}
+        for pattern in opts.modules:
+            if not any(fnmatch(m, pattern) for m in known):
+                raise ValueError(
+                    f"--modules {pattern!r} matches no module; modules: {sorted(known)}"
+                )
+    order = sorted(range(len(keys)), key=lambda i: (-density[i], i))
+    chosen = [
+        keys[i]
+        for i in order
+        if density[i] > 0
+        and density[i] >= opts.min_density
+        and (not opts.modules or any(fnmatch(modules[i], p) for p in opts.modules))
+    ]
+    return chosen[: opts.limit] if opts.limit is not None else chosen
+
+
+# -- the worker ----------------------------------------------------------------------------------
+
+
+class LLMWorker:
+    """Ray Data async callable: a batch of tasks -> a batch of results, at most `concurrency`
+    requests in flight in this actor (Ray Data may run several batches of one actor at once; the
+    semaphore is shared by all of them)."""
+
+    def __init__(self, llm: LLMSettings, limiter_name: str | None, concurrency: int):
+        self.llm = llm
+        self.limiter_name = limiter_name
+        self.concurrency = concurrency
+        self._client: LLMClient | None = None
+        self._sem: asyncio.Semaphore | None = None
+        self._limiter: Any = None
+
+    def _setup(self) -> tuple[LLMClient, asyncio.Semaphore]:
+        if self._client is None:
+            import ray
+
+            from spd_ray.autointerp.limits import RayLimiter
+
+            if self.limiter_name is not None:
+                self._limiter = RayLimiter(ray.get_actor(self.limiter_name), self.limiter_name)
+            self._client = LLMClient(self.llm, self._limiter)
+            self._sem = asyncio.Semaphore(self.concurrency)
+        assert self._sem is not None
+        return self._client, self._sem
+
+    async def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        client, sem = self._setup()
+        tasks = [json.loads(t) for t in batch["task"]]
+
+        async def one(task: dict[str, Any]) -> dict[str, Any]:
+            async with sem:
+                if self._limiter is not None:
+                    await self._limiter.track(1)
+                try:
+                    return await _run_task(client, task)
+                finally:
+                    if self._limiter is not None:
+                        await self._limiter.track(-1)
+
+        results = await asyncio.gather(*(one(t) for t in tasks))
+        return {"result": np.array([json.dumps(r) for r in results], dtype=object)}
+
+
+async def _run_task(client: LLMClient, task: dict[str, Any]) -> dict[str, Any]:
+    """One component's label, or one component's score over its trials; fatal errors propagate
+    (they end the pipeline), every other failure is a result with its reason."""
+    from spd_ray.autointerp.scoring import Picks, mean_score, trial_score
+
+    base = {"key": task["key"]}
+    if task["type"] == "score":
+        base["kind"] = task["kind"]
+    usage = Usage()
+    try:
+        if task["type"] == "label":
+            answer, usage, _ = await client.complete_json(task["messages"], LabelAnswer)
+            return {**base, "status": "ok", **answer.model_dump(), "usage": _usage(usage)}
+        answers, per_trial = [], []
+        for trial in task["trials"]:
+            picks, u, _ = await client.complete_json(trial["messages"], Picks)
+            usage.add(u)
+            answers.append(picks)
+            per_trial.append({"truth": trial["truth"], "selected": picks.selected})
+        scored = [_trial(t) for t in task["trials"]]
+        score = mean_score(scored, answers)
+        per = [trial_score(t, a) for t, a in zip(scored, answers, strict=True)]
+        for row, s in zip(per_trial, per, strict=True):
+            row["score"] = s
+        return {**base, "status": "ok", "score": score, "trials": per_trial, "usage": _usage(usage)}
+    except FatalLLMError:
+        raise
+    except BudgetExhausted as err:
+        usage.add(err.usage or Usage())
+        return {
+            **base,
+            "status": "failed",
+            "reason": f"budget: {err.reason}",
+            "usage": _usage(usage),
+        }
+    except LLMError as err:
+        usage.add(err.usage or Usage())
+        return {**base, "status": "failed", "reason": err.reason, "usage": _usage(usage)}
+
+
+def _trial(t: dict[str, Any]) -> Any:
+    from spd_ray.autointerp.scoring import Trial
+
+    return Trial(kind=t["kind"], messages=t["messages"], truth=tuple(t["truth"]))
+
+
+def _usage(u: Usage) -> dict[str, Any]:
+    return {
+        "prompt_tokens": u.prompt_tokens,
+        "completion_tokens": u.completion_tokens,
+        "cost_usd": u.cost_usd,
+        "requests": u.requests,
+    }
+
+
+# -- score trials ----------------------------------------------------------------------------
+
+
+def _render(h: Harvest, e: Example, position: int | None = None) -> str:
+    """An example with the firing token (or another `position` of the window) marked."""
+    if e.tokens is None:
+        return example_text(h, e)
+    if position is None:
+        return example_text(h, e, ("<<", ">>"))
+    moved = Example(**{**e.__dict__, "tokens": list(e.tokens)})
+    text = []
+    for j, tok in enumerate(moved.tokens or []):
+        if tok < 0:
+            continue
+        piece = example_text_token(h, tok)
+        text.append(f"<<{piece}>>" if j == position else piece)
+    return "".join(text).replace("\n", "\\n")
+
+
+def example_text_token(h: Harvest, tok: int) -> str:
+    from spd_ray.harvest.show import token_text
+
+    return token_text(h, tok)
+
+
+def score_trials(
+    h: Harvest, key: str, label: str, kind: str, rng: random.Random, threshold: float
+) -> list[dict[str, Any]]:
+    """The trials of one score for one component, as plain dicts (they travel as JSON)."""
+    from spd_ray.autointerp.scoring import detection_trials, fuzzing_trials, intruder_trials
+
+    i = h.index(key)
+    own = h.examples(key)
+    counts = h.firing_counts()
+    co = np.asarray(h._array("cofiring")[i])
+    # Examples of subcomponents that never fire together with this one: at their firing token
+    # this one is certainly silent. Where every subcomponent co-fires with it (an undertrained
+    # decomposition), the ones that co-fire least.
+    alive = [j for j in np.flatnonzero(counts > 0).tolist() if j != i]
+    apart = [j for j in alive if co[j] == 0]
+    if len(apart) < 10:
+        rate = {j: co[j] / counts[j] for j in alive}
+        apart += sorted((j for j in alive if co[j] > 0), key=lambda j: (rate[j], j))[
+            : 10 - len(apart)
+        ]
+    seed = rng.randrange(1 << 30)
+    if kind == "detection":
+        others = _borrow(h, apart, rng, 20, own)
+        trials = detection_trials(label, [_render(h, e) for e in own], others, seed=seed)
+    elif kind == "fuzzing":
+        correct, wrong = [], []
+        for e in own:
+            correct.append(_render(h, e))
+            if e.tokens is not None and isinstance(e.ci, list):
+                quiet = [
+                    j
+                    for j, (t, c) in enumerate(zip(e.tokens, e.ci, strict=True))
+                    if t >= 0 and c <= threshold
+                ]
+                if quiet:
+                    wrong.append(_render(h, e, rng.choice(quiet)))
+        trials = fuzzing_trials(label, correct, wrong, seed=seed)
+    else:
+        density = counts / max(h.n_tokens, 1)
+        similar = sorted(apart, key=lambda j: abs(density[j] - density[i]))[:10]
+        trials = intruder_trials(
+            [_render(h, e) for e in own], _borrow(h, similar, rng, 10, own), seed=seed
+        )
+    return [{"kind": t.kind, "messages": t.messages, "truth": list(t.truth)} for t in trials]
+
+
+def _borrow(
+    h: Harvest, components: list[int], rng: random.Random, n: int, own: list[Example]
+) -> list[str]:
+    """Up to `n` examples of other subcomponents (one each), never a window this subcomponent
+    has among its own examples (the same firing position, or the same text)."""
+    own_uids = {(e.doc, e.offset) for e in own}
+    own_text = {_plain(_render(h, e)) for e in own}
+    out = []
+    for j in rng.sample(components, len(components)):
+        ex = [
+            e
+            for e in (h.examples(j, "reservoir") or h.examples(j))
+            if (e.doc, e.offset) not in own_uids and _plain(_render(h, e)) not in own_text
+        ]
+        if ex:
+            out.append(_render(h, rng.choice(ex)))
+        if len(out) == n:
+            break
+    return out
+
+
+def _plain(text: str) -> str:
+    return text.replace("<<", "").replace(">>", "")
+
+
+# -- the driver ----------------------------------------------------------------------------------
+
+
+def run_autointerp(run: str | Path, opts: AutointerpOptions, out: str | None = None) -> LabelStore:
+    import ray
+
+    from spd_ray.api import resolve_run_dir
+
+    run_dir = resolve_run_dir(run, out)
+    h = Harvest(run_dir)  # fails with a clear message when the run has no harvest
+    store = LabelStore(run_dir, opts.llm.model)
+    keys = select_components(h, opts)
+    labels = store.labels()
+    todo = [k for k in keys if labels.get(k, {}).get("status") != "ok"]
+    tasks: list[dict[str, Any]] = [
+        {"type": "label", "key": k, "messages": label_messages(h, k, h.examples(k), opts.prompt)}
+        for k in todo[: opts.dry_run or None]
+    ]
+    if opts.dry_run:
+        for t in tasks:
+            print(f"===== {t['key']} =====")
+            for m in t["messages"]:
+                print(f"--- {m['role']} ---\n{m['content']}")
+        print(f"(dry run: {len(todo)} subcomponents would be labelled; nothing sent)")
+        return store
+    tasks += [
+        {"type": "label", "key": k, "messages": label_messages(h, k, h.examples(k), opts.prompt)}
+        for k in todo[len(tasks) :]
+    ]
+    if opts.budget_usd != 0:
+        asyncio.run(_check(opts.llm))
+    store.write_settings(
+        {"base_url": opts.llm.base_url, "model": opts.llm.model, "harvest": str(h.path)}
+    )
+    from spd_ray.autointerp.limits import shared_limiter
+    from spd_ray.train.ray_driver import connect_ray, say
+
+    connect_ray()
+    limiter_name = f"spd-ray-autointerp-{uuid.uuid4().hex[:12]}"
+    limiter = shared_limiter(limiter_name, opts.rpm, opts.budget_usd)
+    say(f"[autointerp] {len(todo)} of {len(keys)} subcomponents to label")
+    _stream(tasks, "label", store.add_label, opts, limiter, limiter_name)
+    if opts.scores:
+        labels = store.labels()
+        scores = store.scores()
+        rng = random.Random(opts.seed)
+        threshold = h.meta["settings"]["ci_threshold"]
+        score_tasks = []
+        for k in keys:
+            if labels.get(k, {}).get("status") != "ok":
+                continue
+            for kind in opts.scores:
+                if scores.get((k, kind), {}).get("status") == "ok":
+                    continue
+                try:
+                    trials = score_trials(h, k, labels[k]["label"], kind, rng, threshold)
+                except ValueError as err:  # too few examples for this score: recorded, not fatal
+                    reason = f"cannot build {kind} trials: {err}"
+                    store.add_score({"key": k, "kind": kind, "status": "failed", "reason": reason})
+                    continue
+                score_tasks.append({"type": "score", "key": k, "kind": kind, "trials": trials})
+        say(f"[autointerp] {len(score_tasks)} scores to compute")
+        _stream(score_tasks, "score", store.add_score, opts, limiter, limiter_name)
+    stats = limiter.stats()
+    say(
+        f"[autointerp] {stats['granted']} requests, ${stats['spent_usd']:.4f}, "
+        f"{stats['prompt_tokens']}+{stats['completion_tokens']} tokens, "
+        f"at most {stats['max_in_flight']} in flight -> {store.dir}"
+    )
+    ray.kill(limiter.actor)
+    return store
+
+
+async def _check(llm: LLMSettings) -> None:
+    client = LLMClient(llm)
+    try:
+        await client.check()
+    finally:
+        await client.aclose()
+
+
+def _stream(
+    tasks: list[dict[str, Any]],
+    what: str,
+    write: Any,
+    opts: AutointerpOptions,
+    limiter: Any,
+    limiter_name: str,
+) -> None:
+    """Run tasks through the actor pool, writing each result as it arrives."""
+    if not tasks:
+        return
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ds: Any = ray.data.from_items([{"task": json.dumps(t)} for t in tasks])
+    ds = ds.map_batches(
+        LLMWorker,
+        fn_constructor_args=(opts.llm, limiter_name, opts.concurrency),
+        batch_size=max(1, opts.concurrency),
+        batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=opts.actors),
+        num_cpus=0.1,
+    )
+    done = failed = 0
+    cost = 0.0
+    last = 0.0
+    bar = tqdm(total=len(tasks), desc=what, unit="comp", disable=not opts.progress)
+    try:
+        for row in ds.iter_rows():
+            result = json.loads(row["result"])
+            write(result)
+            done += result["status"] == "ok"
+            failed += result["status"] != "ok"
+            cost += result.get("usage", {}).get("cost_usd", 0.0)
+            bar.update(1)
+            if time.monotonic() - last > 1.0:
+                last = time.monotonic()
+                bar.set_postfix(
+                    ok=done,
+                    failed=failed,
+                    in_flight=limiter.stats()["in_flight"],
+                    cost=f"${cost:.4f}",
+                )
+    except Exception as err:
+        fatal = _fatal_in(err)
+        if fatal is not None:
+            raise FatalLLMError(fatal.reason) from None
+        raise
+    finally:
+        bar.set_postfix(ok=done, failed=failed, cost=f"${cost:.4f}")
+        bar.close()
+
+
+def _fatal_in(err: BaseException) -> FatalLLMError | None:
+    """The FatalLLMError inside a Ray (Data) error chain, if any."""
+    seen: BaseException | None = err
+    while seen is not None:
+        if isinstance(seen, FatalLLMError):
+            return seen
+        cause = getattr(seen, "cause", None)
+        if isinstance(cause, FatalLLMError):
+            return cause
+        seen = seen.__cause__ or seen.__context__
+    return None

@@ -1,0 +1,44 @@
+"""A decomposed tiny Llama run shared by the harvest and autointerp tests (session-scoped: the
+decomposition runs once). `tests/conftest.py` imports the fixture."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import pytest
+
+if TYPE_CHECKING:
+    from spd_ray.targets.tiny_lm import TinyLMAssets
+
+
+@pytest.fixture(scope="session")
+def lm_run(
+    tiny_lm_assets: TinyLMAssets, hf_datasets_cache: Path, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[Path, dict[str, str]]:
+    """(run directory, environment for CLI calls) of a tiny Llama decomposition of a few steps:
+    a harvest needs a checkpoint, not a good one."""
+    out = tmp_path_factory.mktemp("lm-run") / "out"
+    (out / "assets").mkdir(parents=True)
+    (out / "assets" / "tiny-lm").symlink_to(tiny_lm_assets.root)
+    env = {
+        **os.environ,
+        "SPD_RAY_OUT": str(out),
+        "OMP_NUM_THREADS": "1",
+        "HF_DATASETS_CACHE": str(hf_datasets_cache),
+    }
+    args = ["run", "tiny_llama", "--in-process", "--steps", "4", "--name", "lm"]
+    for setting in ("n_eval_steps=1", "eval_metric_configs=[]", "faithfulness_warmup_steps=2"):
+        args += ["--set", setting]
+    res = subprocess.run(
+        [sys.executable, "-m", "spd_ray.cli", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    return out / "lm", env
