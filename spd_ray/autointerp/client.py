@@ -285,7 +285,11 @@ class LLMClient:
             total.requests += 1
             wait_hint: float | None = None
             try:
-                response = await self._openai.chat.completions.create(**kwargs)
+                try:
+                    response = await self._openai.chat.completions.create(**kwargs)
+                finally:
+                    if self.limiter is not None:
+                        await self.limiter.release()
             except openai.APIStatusError as err:
                 self._reached = True
                 self._raise_unless_retryable(err, total)

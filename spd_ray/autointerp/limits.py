@@ -53,20 +53,19 @@ class LimiterCore:
         self.prompt_tokens = 0
         self.completion_tokens = 0
         self.max_in_window = 0
-        # Work in progress as reported by the callers (`track`): what a progress bar shows.
+        # Granted requests whose response has not come back (`release`): they hold their slot
+        # until then, and for 60 s after. A slot counted from the grant would let a provider that
+        # counts arrivals see more than rpm requests in a window when requests leave late.
         self.in_flight = 0
         self.max_in_flight = 0
-
-    def track(self, delta: int) -> None:
-        self.in_flight += delta
-        self.max_in_flight = max(self.max_in_flight, self.in_flight)
 
     def budget_left(self) -> bool:
         return self.budget_usd is None or self.spent_usd < self.budget_usd
 
     def try_acquire(self) -> tuple[bool, float]:
         """(granted, seconds to wait before asking again). Raises BudgetExhausted once the spend
-        has reached the budget, so a budget of 0 never lets a request out."""
+        has reached the budget, so a budget of 0 never lets a request out. A grant must be
+        followed by `release()` when its response (or failure) comes back."""
         if not self.budget_left():
             self.refused_budget += 1
             raise BudgetExhausted(
@@ -76,12 +75,28 @@ class LimiterCore:
         now = self._clock()
         while self._recent and now - self._recent[0] >= WINDOW_S:
             self._recent.popleft()
-        if self._cap is not None and len(self._recent) >= self._cap:
-            return False, self._recent[0] + WINDOW_S - now
-        self._recent.append(now)
+        if self._cap is not None and len(self._recent) + self.in_flight >= self._cap:
+            if self._recent:
+                return False, self._recent[0] + WINDOW_S - now
+            return False, 0.25  # every slot is held by a request still in flight
         self.granted += 1
-        self.max_in_window = max(self.max_in_window, len(self._recent))
+        self.in_flight += 1
+        self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        self.max_in_window = max(self.max_in_window, len(self._recent) + self.in_flight)
         return True, 0.0
+
+    def release(self) -> None:
+        """A granted request has finished: its slot stays taken for 60 s from now."""
+        if self.in_flight <= 0:
+            raise ValueError("release() without a matching grant")
+        self.in_flight -= 1
+        self._recent.append(self._clock())
+
+    def record(self) -> None:
+        """A request sent without a grant (the endpoint check) that finished now."""
+        self.granted += 1
+        self._recent.append(self._clock())
+        self.max_in_window = max(self.max_in_window, len(self._recent) + self.in_flight)
 
     def spend(self, usd: float, prompt_tokens: int, completion_tokens: int) -> None:
         if usd < 0 or prompt_tokens < 0 or completion_tokens < 0:
@@ -113,6 +128,8 @@ class Limiter(Protocol):
 
     async def acquire(self) -> None: ...
 
+    async def release(self) -> None: ...
+
     async def spend(self, usd: float, prompt_tokens: int, completion_tokens: int) -> None: ...
 
 
@@ -141,6 +158,9 @@ class LocalLimiter:
 
     async def acquire(self) -> None:
         await _acquire(self.core, self._sleep)
+
+    async def release(self) -> None:
+        self.core.release()
 
     async def spend(self, usd: float, prompt_tokens: int, completion_tokens: int) -> None:
         self.core.spend(usd, prompt_tokens, completion_tokens)
@@ -173,8 +193,11 @@ class LimiterActor:
     async def stats(self) -> dict[str, Any]:
         return self.core.stats()
 
-    async def track(self, delta: int) -> None:
-        self.core.track(delta)
+    async def release(self) -> None:
+        self.core.release()
+
+    async def record(self) -> None:
+        self.core.record()
 
     async def config(self) -> tuple[float | None, float | None]:
         return self.core.rpm, self.core.budget_usd
@@ -196,8 +219,8 @@ class RayLimiter:
     async def spend(self, usd: float, prompt_tokens: int, completion_tokens: int) -> None:
         await self.actor.spend.remote(usd, prompt_tokens, completion_tokens)
 
-    async def track(self, delta: int) -> None:
-        await self.actor.track.remote(delta)
+    async def release(self) -> None:
+        await self.actor.release.remote()
 
     def stats(self) -> dict[str, Any]:
         """Blocking: call from the driver or sync code, not from inside an event loop."""

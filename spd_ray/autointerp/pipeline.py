@@ -129,13 +129,7 @@ class LLMWorker:
 
         async def one(task: dict[str, Any]) -> dict[str, Any]:
             async with sem:
-                if self._limiter is not None:
-                    await self._limiter.track(1)
-                try:
-                    return await _run_task(client, task)
-                finally:
-                    if self._limiter is not None:
-                        await self._limiter.track(-1)
+                return await _run_task(client, task)
 
         results = await asyncio.gather(*(one(t) for t in tasks))
         return {"result": np.array([json.dumps(r) for r in results], dtype=object)}
@@ -332,6 +326,8 @@ def run_autointerp(run: str | Path, opts: AutointerpOptions, out: str | None = N
     connect_ray()
     limiter_name = f"spd-ray-autointerp-{uuid.uuid4().hex[:12]}"
     limiter = shared_limiter(limiter_name, opts.rpm, opts.budget_usd)
+    if opts.budget_usd != 0:
+        ray.get(limiter.actor.record.remote())  # the endpoint check counts toward the rpm
     say(f"[autointerp] {len(todo)} of {len(keys)} subcomponents to label")
     _stream(tasks, "label", store.add_label, opts, limiter, limiter_name)
     if opts.scores:

@@ -166,7 +166,9 @@ class Accumulator:
         self.input_totals += torch.bincount(tok_v, minlength=V)
         probs = torch.softmax(logits.float(), dim=-1).reshape(-1, logits.shape[-1])[flat, :V]
         self.output_mass += _sparse_rows_matmul(fire.T, probs).double()
-        self.output_totals += probs.sum(0, dtype=torch.float64)
+        # A float32 sum within the batch (a float64 copy of [P, V] costs more than the rest of the
+        # bookkeeping); batches add up in float64.
+        self.output_totals += probs.sum(0).double()
 
         W = self.s.context
         pos_uid = (row_uid.to(self.device)[:, None] + torch.arange(S, device=self.device)).reshape(

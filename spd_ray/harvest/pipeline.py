@@ -123,10 +123,15 @@ class HarvestActor:
             "step": self.step,
         }
 
-    def consume(self, split: Any, batch_size: int) -> int:
+    def consume(self, split: Any, batch_size: int) -> tuple[float, float, float]:
+        """Process this actor's rows; returns (wall time of its first batch, of its end, seconds
+        spent in the model and accumulators)."""
+        first, busy = None, 0.0
         for batch in split.iter_batches(
             batch_size=batch_size, batch_format="numpy", prefetch_batches=2
         ):
+            t0 = time.time()
+            first = first if first is not None else t0
             # Ray hands out read-only arrays: copy (torch wants writable memory).
             uid = torch.tensor(batch["uid"])
             if self.kind == "lm":
@@ -136,10 +141,16 @@ class HarvestActor:
             else:
                 self.acc.add_inputs(torch.tensor(batch["x"]), uid)
             self.rows += len(uid)
-        return self.rows
+            busy += time.time() - t0
+        now = time.time()
+        return (first if first is not None else now), now, busy
 
-    def progress(self) -> tuple[int, int, int]:
-        return self.rows, self.acc.n_tokens, self.acc.nbytes()
+    def progress(self) -> tuple[int, int, int, int]:
+        """(rows, valid tokens, bytes of harvest state, peak resident bytes of this actor)."""
+        import resource
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        return self.rows, self.acc.n_tokens, self.acc.nbytes(), peak
 
     def shard(self, lo: int, hi: int) -> dict[str, Any]:
         return self.acc.shard(lo, hi)
@@ -276,6 +287,9 @@ def run_harvest(run: str | Path, opts: HarvestOptions) -> Path:
         ]
         _watch(actors, running, n_rows, source, opts.progress)
         elapsed = time.perf_counter() - t0
+        spans = ray.get(running)
+        final_stats = ray.get([a.progress.remote() for a in actors])
+        streaming_s = max(e for _, e, _ in spans) - min(f for f, _, _ in spans)
         n_tokens, shards = _merge_all(actors, info, source, partial, opts)
     except BaseException:
         for a in actors:
@@ -297,6 +311,12 @@ def run_harvest(run: str | Path, opts: HarvestOptions) -> Path:
         "n_tokens": n_tokens,
         "seconds": round(elapsed, 3),
         "tokens_per_s": round(n_tokens / max(elapsed, 1e-9), 1),
+        # From the first batch any actor started to the last one finished: without the start-up.
+        "streaming_seconds": round(streaming_s, 3),
+        "streaming_tokens_per_s": round(n_tokens / max(streaming_s, 1e-9), 1),
+        "actor_busy_seconds": [round(b, 3) for _, _, b in spans],
+        "actor_state_mb": [round(st[2] / 2**20, 1) for st in final_stats],
+        "actor_peak_rss_mb": [round(st[3] / 2**20, 1) for st in final_stats],
         "component_keys": info["keys"],
         "modules": info["modules"],
         "n_classes": info["n_classes"],
@@ -305,8 +325,8 @@ def run_harvest(run: str | Path, opts: HarvestOptions) -> Path:
     atomic_write(partial / "meta.json", lambda p: p.write_text(json.dumps(meta, indent=1)))
     final = finish_partial(run_dir)
     say(
-        f"[harvest] {n_tokens} tokens in {elapsed:.1f} s "
-        f"({meta['tokens_per_s']} tokens/s) -> {final}"
+        f"[harvest] {n_tokens} tokens in {elapsed:.1f} s ({meta['tokens_per_s']} tokens/s; "
+        f"{meta['streaming_tokens_per_s']} tokens/s once streaming) -> {final}"
     )
     return final
 

@@ -53,18 +53,26 @@ def _settings(server: LLMServer, **overrides: Any) -> LLMSettings:
     return LLMSettings(**{**fields, **overrides})
 
 
+def _instant(core: LimiterCore) -> tuple[bool, float]:
+    """A request that is answered the moment it is granted."""
+    result = core.try_acquire()
+    if result[0]:
+        core.release()
+    return result
+
+
 def test_rpm_window_on_a_fake_clock() -> None:
     clock = FakeClock()
     core = LimiterCore(rpm=5, budget_usd=None, clock=clock)
     for i in range(5):
         clock.now = 2.0 * i  # grants at 0, 2, 4, 6, 8
-        assert core.try_acquire() == (True, 0.0)
+        assert _instant(core) == (True, 0.0)
     clock.now = 10.0
     assert core.try_acquire() == (False, pytest.approx(50.0))  # until the grant at 0 is 60 s old
     clock.now = 59.9
     assert core.try_acquire() == (False, pytest.approx(0.1))
     clock.now = 60.0  # the grant at 0 leaves the window exactly now
-    assert core.try_acquire() == (True, 0.0)
+    assert _instant(core) == (True, 0.0)
     clock.now = 61.0
     assert core.try_acquire() == (False, pytest.approx(1.0))  # next oldest: the grant at 2
     stats = core.stats()
@@ -76,8 +84,29 @@ def test_unlimited_rpm_still_reports_the_busiest_window() -> None:
     core = LimiterCore(rpm=None, budget_usd=None, clock=clock)
     for t in [0, 1, 2, 30, 61, 62]:
         clock.now = float(t)
-        assert core.try_acquire() == (True, 0.0)
+        assert _instant(core) == (True, 0.0)
     assert core.stats()["max_in_window"] == 4  # 0, 1, 2 and 30; by 61 the first two have left
+
+
+def test_a_slot_is_held_until_its_response_and_60_s_after() -> None:
+    """A provider counts arrivals, which come after the grant: the slot runs from the grant to
+    60 s after the response, so no 60 s window of arrivals can hold more than rpm requests."""
+    clock = FakeClock()
+    core = LimiterCore(rpm=2, budget_usd=None, clock=clock)
+    assert core.try_acquire() == (True, 0.0)  # t=0, still in flight
+    clock.now = 1.0
+    assert _instant(core) == (True, 0.0)  # t=1, answered at once
+    clock.now = 2.0
+    assert core.try_acquire() == (False, pytest.approx(59.0))  # the t=1 slot frees at 61
+    clock.now = 30.0
+    core.release()  # the t=0 request is answered at 30: its slot now lasts until 90
+    clock.now = 61.0
+    assert _instant(core) == (True, 0.0)
+    clock.now = 62.0
+    assert core.try_acquire() == (False, pytest.approx(28.0))
+    assert core.stats()["max_in_flight"] == 2
+    with pytest.raises(ValueError, match="without a matching grant"):
+        core.release()
 
 
 def test_budget_stops_grants_once_spent() -> None:
@@ -118,6 +147,7 @@ def test_local_limiter_waits_for_the_window() -> None:
         times = []
         for _ in range(12):
             await limiter.acquire()
+            await limiter.release()
             times.append(clock.now)
         return times
 
