@@ -15,6 +15,19 @@ if TYPE_CHECKING:
     from spd_ray.targets.tiny_lm import TinyLMAssets
 
 
+def spd_ray_cli(
+    env: dict[str, str], *args: str, timeout: int = 300
+) -> subprocess.CompletedProcess[str]:
+    """`spd-ray ARGS` in a fresh process, as a user runs it."""
+    return subprocess.run(
+        [sys.executable, "-m", "spd_ray.cli", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=timeout,
+    )
+
+
 @pytest.fixture(scope="session")
 def lm_run(
     tiny_lm_assets: TinyLMAssets, hf_datasets_cache: Path, tmp_path_factory: pytest.TempPathFactory
@@ -33,12 +46,6 @@ def lm_run(
     args = ["run", "tiny_llama", "--in-process", "--steps", "4", "--name", "lm"]
     for setting in ("n_eval_steps=1", "eval_metric_configs=[]", "faithfulness_warmup_steps=2"):
         args += ["--set", setting]
-    res = subprocess.run(
-        [sys.executable, "-m", "spd_ray.cli", *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=600,
-    )
+    res = spd_ray_cli(env, *args, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     return out / "lm", env

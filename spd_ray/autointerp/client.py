@@ -295,19 +295,16 @@ class LLMClient:
                 self._raise_unless_retryable(err, total)
                 problem = f"{err.status_code}: {_error_detail(err)}"
                 wait_hint = retry_after_s(err.response.headers)
-            except openai.APITimeoutError as err:
-                # A connect timeout before anything ever answered is an unreachable host.
+            except openai.APIConnectionError as err:  # APITimeoutError included
+                # Refused, or a connect timeout, before anything ever answered: unreachable host.
                 if not self._reached and _is_connect_failure(err):
                     raise FatalLLMError(
                         f"cannot reach {s.base_url}: {_root_cause(err)}", total
                     ) from None
-                problem = f"timed out after {s.timeout_s} s"
-            except openai.APIConnectionError as err:
-                if not self._reached and _is_connect_failure(err):
-                    raise FatalLLMError(
-                        f"cannot reach {s.base_url}: {_root_cause(err)}", total
-                    ) from None
-                problem = f"connection failed ({_root_cause(err)})"
+                if isinstance(err, openai.APITimeoutError):
+                    problem = f"timed out after {s.timeout_s} s"
+                else:
+                    problem = f"connection failed ({_root_cause(err)})"
             except (json.JSONDecodeError, UnicodeDecodeError) as err:
                 self._reached = True
                 problem = f"unreadable response body ({type(err).__name__}: {err})"

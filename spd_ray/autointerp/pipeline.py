@@ -224,7 +224,7 @@ def score_trials(
     i = h.index(key)
     own = h.examples(key)
     counts = h.firing_counts()
-    co = np.asarray(h._array("cofiring")[i])
+    co = h.cofiring_row(i)
     # Examples of subcomponents that never fire together with this one: at their firing token
     # this one is certainly silent. Where every subcomponent co-fires with it (an undertrained
     # decomposition), the ones that co-fire least.
@@ -302,7 +302,7 @@ def run_autointerp(run: str | Path, opts: AutointerpOptions, out: str | None = N
     todo = [k for k in keys if labels.get(k, {}).get("status") != "ok"]
     tasks: list[dict[str, Any]] = [
         {"type": "label", "key": k, "messages": label_messages(h, k, h.examples(k), opts.prompt)}
-        for k in todo[: opts.dry_run or None]
+        for k in (todo[: opts.dry_run] if opts.dry_run else todo)
     ]
     if opts.dry_run:
         for t in tasks:
@@ -311,10 +311,6 @@ def run_autointerp(run: str | Path, opts: AutointerpOptions, out: str | None = N
                 print(f"--- {m['role']} ---\n{m['content']}")
         print(f"(dry run: {len(todo)} subcomponents would be labelled; nothing sent)")
         return store
-    tasks += [
-        {"type": "label", "key": k, "messages": label_messages(h, k, h.examples(k), opts.prompt)}
-        for k in todo[len(tasks) :]
-    ]
     if opts.budget_usd != 0:
         asyncio.run(_check(opts.llm))
     store.write_settings(

@@ -20,10 +20,7 @@ def _store(run_dir: Path, model: str | None) -> LabelStore:
             "--model ...`"
         )
     latest = max(found, key=lambda p: (p / "labels.jsonl").stat().st_mtime)
-    store = LabelStore(run_dir, latest.name)
-    store.dir = latest  # the folder name is already the slug
-    store.labels_path, store.scores_path = latest / "labels.jsonl", latest / "scores.jsonl"
-    return store
+    return LabelStore(run_dir, latest.name)  # a folder name is a slug: it maps to itself
 
 
 def labels_table(run_dir: Path, model: str | None = None, failed: bool = False) -> str:

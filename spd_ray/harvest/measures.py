@@ -87,6 +87,16 @@ def _check_measure(measure: str, valid_names: tuple[str, ...]) -> None:
         raise ValueError(f"unknown measure {measure!r}; valid measures: {', '.join(valid_names)}")
 
 
+def _spread(valid: np.ndarray, values: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Each measure's values over the valid entries, as a full float64 array, NaN elsewhere."""
+    out: dict[str, np.ndarray] = {}
+    for name, vals in values.items():
+        full = np.full(valid.shape[0], np.nan, dtype=np.float64)
+        full[valid] = vals
+        out[name] = full
+    return out
+
+
 def pair_measures(
     c_ij: np.ndarray, c_i: int, c_j: np.ndarray, T: int, self_index: int | None
 ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
@@ -116,12 +126,7 @@ def pair_measures(
         "pmi": np.log(lift),
         "lift": lift,
     }
-    out: dict[str, np.ndarray] = {}
-    for name in PAIR_MEASURES:
-        full = np.full(n, np.nan, dtype=np.float64)
-        full[valid] = values[name]
-        out[name] = full
-    return valid, out
+    return valid, _spread(valid, values)
 
 
 def token_measures(
@@ -133,7 +138,6 @@ def token_measures(
     _same_shape("counts", counts, "totals", totals)
     fire = _scalar("n_fire", n_fire, positive=False)
     t = _scalar("T", T, positive=True)
-    v = counts.shape[0]
 
     valid = (counts > 0) & (totals > 0)
     if fire == 0:
@@ -148,12 +152,7 @@ def token_measures(
         "lift": precision / (fire / t),
         "pmi": np.log(cnt * t / (fire * tot)),
     }
-    out: dict[str, np.ndarray] = {}
-    for name in TOKEN_MEASURES:
-        full = np.full(v, np.nan, dtype=np.float64)
-        full[valid] = values[name]
-        out[name] = full
-    return valid, out
+    return valid, _spread(valid, values)
 
 
 def top_ranked(

@@ -94,7 +94,7 @@ class HarvestActor:
         device: str,
     ):
         from spd_ray.api import load_run
-        from spd_ray.harvest.accumulate import Accumulator
+        from spd_ray.harvest.accumulate import Accumulator, component_keys
         from spd_ray.targets.hf import vocab_size
 
         torch.set_num_threads(threads)
@@ -108,9 +108,7 @@ class HarvestActor:
             n_classes = int(config.target_model.n_features)  # type: ignore[union-attr]
         self.acc = Accumulator(loaded.model, settings, self.kind, n_classes, index, device)  # type: ignore[arg-type]
         self.rows = 0
-        self.keys = [
-            f"{p}:{c}" for p in loaded.model.module_paths for c in range(loaded.model.C(p))
-        ]
+        self.keys = component_keys(loaded.model)
         self.modules = [{"path": p, "C": loaded.model.C(p)} for p in loaded.model.module_paths]
         self.n_classes = n_classes
         self.step = loaded.step

@@ -189,6 +189,10 @@ class Harvest:
         row = self.components.slice(i, 1).to_pylist()[0]
         return row
 
+    def cofiring_row(self, key: str | int) -> np.ndarray:
+        """Co-firing counts [N] of one subcomponent with every subcomponent (one row read)."""
+        return np.asarray(self._array("cofiring")[self.index(key)])
+
     def firing_counts(self) -> np.ndarray:
         return self.components.column("firing_count").to_numpy()
 
@@ -234,7 +238,7 @@ class Harvest:
         lift): reads one row of the co-firing matrix."""
         i = self.index(key)
         counts = self.firing_counts()
-        row = np.asarray(self._array("cofiring")[i])
+        row = self.cofiring_row(i)
         return top_correlated(row, int(counts[i]), counts, self.n_tokens, i, measure, k, largest)
 
     def tokens(

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from harvest_fixtures import spd_ray_cli
 from llm_server import LLMServer
 from ray_head import RayHead
 
@@ -29,32 +30,21 @@ from spd_ray.harvest.store import Harvest
 MODEL = "test-model"
 
 
-def _cli(env: dict[str, str], *args: str, timeout: int = 300) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "spd_ray.cli", *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=timeout,
-    )
-
-
 @pytest.fixture(scope="module")
 def harvested(
     lm_run: tuple[Path, dict[str, str]], ray_head: RayHead
 ) -> tuple[Path, dict[str, str]]:
     run, env = lm_run
     env = {**env, "RAY_ADDRESS": ray_head.address, "TEST_LLM_KEY": "sk-test"}
-    res = _cli(env, "harvest", str(run), "--batches", "4", "--batch-size", "8", "--no-progress")
+    res = spd_ray_cli(
+        env, "harvest", str(run), "--batches", "4", "--batch-size", "8", "--no-progress"
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     return run, env
 
 
-def _autointerp(
-    env: dict[str, str], run: Path, server: LLMServer, *args: str
-) -> subprocess.CompletedProcess[str]:
-    return _cli(
-        env,
+def _autointerp_args(run: Path, server: LLMServer, *args: str) -> list[str]:
+    return [
         "autointerp",
         str(run),
         "--base-url",
@@ -65,7 +55,22 @@ def _autointerp(
         "TEST_LLM_KEY",
         "--no-progress",
         *args,
-    )
+    ]
+
+
+def _autointerp(
+    env: dict[str, str], run: Path, server: LLMServer, *args: str
+) -> subprocess.CompletedProcess[str]:
+    return spd_ray_cli(env, *_autointerp_args(run, server, *args))
+
+
+def _clear_store(run: Path) -> Path:
+    """The label store of MODEL, emptied (each test labels from scratch)."""
+    store = _store(run)
+    if store.exists():
+        for f in store.iterdir():
+            f.unlink()
+    return store
 
 
 def _lines(path: Path) -> list[dict[str, Any]]:
@@ -143,7 +148,7 @@ def test_faults_lose_nothing_and_in_flight_stays_bounded(
         res = _autointerp(env, run, server, "--limit", str(limit))
         assert res.returncode == 0, res.stderr[-3000:]
         assert server.chat_requests == 1 + 1
-    table = _cli(env, "labels", str(run))
+    table = spd_ray_cli(env, "labels", str(run))
     assert table.returncode == 0 and f"({limit} labelled, 0 failed" in table.stdout
 
 
@@ -155,31 +160,16 @@ def _selected(h: Harvest, limit: int) -> list[str]:
 
 def test_killed_run_resends_only_what_is_missing(harvested: tuple[Path, dict[str, str]]) -> None:
     run, env = harvested
-    store = _store(run)
-    if store.exists():
-        for f in store.iterdir():
-            f.unlink()
+    store = _clear_store(run)
     limit = 24
     with LLMServer(api_key="sk-test", answer=_label_answer, latency_s=0.4) as server:
         cmd = [
             sys.executable,
             "-m",
             "spd_ray.cli",
-            "autointerp",
-            str(run),
-            "--base-url",
-            server.base_url,
-            "--model",
-            MODEL,
-            "--api-key-env",
-            "TEST_LLM_KEY",
-            "--no-progress",
-            "--limit",
-            str(limit),
-            "--actors",
-            "1",
-            "--concurrency",
-            "2",
+            *_autointerp_args(
+                run, server, "--limit", str(limit), "--actors", "1", "--concurrency", "2"
+            ),
         ]
         proc = subprocess.Popen(
             cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True
@@ -282,10 +272,7 @@ def test_scores_oracle_near_one_random_near_half(harvested: tuple[Path, dict[str
         "4",
     ]
     for answer, check in ((Oracle(h), "oracle"), (_random_answer, "random")):
-        store = _store(run)
-        if store.exists():
-            for f in store.iterdir():
-                f.unlink()
+        _clear_store(run)
         with LLMServer(api_key="sk-test", answer=answer) as server:
             res = _autointerp(env, run, server, *args)
             assert res.returncode == 0, res.stderr[-3000:]
@@ -305,7 +292,7 @@ def test_scores_oracle_near_one_random_near_half(harvested: tuple[Path, dict[str
                 # 8 components x 5-10 trials each: the std of the mean is below 0.03, so 0.15
                 # is a > 5 sigma band around chance.
                 assert abs(mean - 0.5) < 0.15, (kind, values)
-    table = _cli(env, "labels", str(run))
+    table = spd_ray_cli(env, "labels", str(run))
     assert table.returncode == 0
     assert "detection" in table.stdout and "intruder" in table.stdout
 
@@ -314,10 +301,7 @@ def test_zero_budget_sends_nothing_and_bad_endpoints_fail_fast(
     harvested: tuple[Path, dict[str, str]], tmp_path: Path
 ) -> None:
     run, env = harvested
-    store = _store(run)
-    if store.exists():
-        for f in store.iterdir():
-            f.unlink()
+    store = _clear_store(run)
     with LLMServer(api_key="sk-test", answer=_label_answer) as server:
         res = _autointerp(env, run, server, "--limit", "5", "--budget-usd", "0")
         assert res.returncode == 0, res.stderr[-3000:]
@@ -331,7 +315,7 @@ def test_zero_budget_sends_nothing_and_bad_endpoints_fail_fast(
             ({}, "no-such-model", "no-such-model"),
         ):
             t0 = time.monotonic()
-            res = _cli(
+            res = spd_ray_cli(
                 {**env, **extra_env},
                 "autointerp",
                 str(run),
@@ -348,10 +332,12 @@ def test_zero_budget_sends_nothing_and_bad_endpoints_fail_fast(
             assert time.monotonic() - t0 < 30
         base = server.base_url
     # The server is gone: its port refuses connections.
-    res = _cli(env, "autointerp", str(run), "--base-url", base, "--model", MODEL, "--limit", "3")
+    res = spd_ray_cli(
+        env, "autointerp", str(run), "--base-url", base, "--model", MODEL, "--limit", "3"
+    )
     assert res.returncode != 0 and "reach" in res.stderr.strip().splitlines()[-1]
     bare = tmp_path / "bare"
     bare.mkdir()
     (bare / "config.yaml").write_text((run / "config.yaml").read_text())
-    res = _cli(env, "autointerp", str(bare), "--base-url", base, "--model", MODEL)
+    res = spd_ray_cli(env, "autointerp", str(bare), "--base-url", base, "--model", MODEL)
     assert res.returncode == 2 and "has no harvest" in res.stderr

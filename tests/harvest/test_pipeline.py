@@ -7,29 +7,18 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
+from harvest_fixtures import spd_ray_cli
 from ray_head import RayHead
 
 from spd_ray.harvest.store import Harvest
 
 TMS_STEPS = 3000
-
-
-def _cli(env: dict[str, str], *args: str, timeout: int = 300) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "spd_ray.cli", *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=timeout,
-    )
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +39,7 @@ def tms_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _harvest(env: dict[str, str], run: Path, *args: str) -> Path:
-    res = _cli(env, "harvest", str(run), "--no-progress", *args)
+    res = spd_ray_cli(env, "harvest", str(run), "--no-progress", *args)
     assert res.returncode == 0, res.stderr[-4000:]
     path = Path(res.stdout.strip().splitlines()[-1])
     assert path == run / "harvest"
@@ -129,7 +118,7 @@ def test_lm_harvest_matches_across_actors_and_shows_a_component(
     # An interrupted harvest leaves harvest.partial/: the next one removes it and starts over.
     (run / "harvest.partial").mkdir()
     (run / "harvest.partial" / "stale").write_text("half-written")
-    res = _cli(env, "harvest", str(run), "--no-progress", *args, "--actors", "2")
+    res = spd_ray_cli(env, "harvest", str(run), "--no-progress", *args, "--actors", "2")
     assert res.returncode == 0, res.stderr[-3000:]
     assert "removed an unfinished harvest" in res.stderr
     assert not (run / "harvest.partial").exists()
@@ -151,25 +140,25 @@ def test_lm_harvest_matches_across_actors_and_shows_a_component(
     assert 0 < len(ex) <= 5 and all(len(e.tokens) == 9 for e in ex)
     assert ex[0].tokens[4] >= 0  # the firing token itself is never padding
 
-    show = _cli(env, "harvest-show", str(run), key, "--examples", "2")
+    show = spd_ray_cli(env, "harvest-show", str(run), key, "--examples", "2")
     assert show.returncode == 0, show.stderr[-2000:]
     for section in ("fires on", "input tokens:", "predicted tokens:", "co-firing", "[["):
         assert section in show.stdout, section
-    bad = _cli(env, "harvest-show", str(run), "model.layers.0.mlp.nope:3")
+    bad = spd_ray_cli(env, "harvest-show", str(run), "model.layers.0.mlp.nope:3")
     assert bad.returncode == 2 and "no module 'model.layers.0.mlp.nope'" in bad.stderr
 
 
 def test_bad_input_fails_at_once(lm_run: tuple[Path, dict[str, str]], tmp_path: Path) -> None:
     run, env = lm_run
     env = {**env, "RAY_ADDRESS": "127.0.0.1:1"}  # nothing may reach Ray before these checks
-    res = _cli(env, "harvest", str(run), "--actors", "0")
+    res = spd_ray_cli(env, "harvest", str(run), "--actors", "0")
     assert res.returncode == 2 and "--actors must be at least 1" in res.stderr
-    res = _cli(env, "harvest", str(run), "--column", "nope")
+    res = spd_ray_cli(env, "harvest", str(run), "--column", "nope")
     assert res.returncode == 2 and "column_name 'nope' is not in dataset" in res.stderr
     bare = tmp_path / "bare"
     bare.mkdir()
     shutil.copy(run / "config.yaml", bare / "config.yaml")
-    res = _cli(env, "harvest", str(bare))
+    res = spd_ray_cli(env, "harvest", str(bare))
     assert res.returncode == 2 and "has no checkpoint" in res.stderr
-    res = _cli(env, "harvest-show", str(bare), "x:1")
+    res = spd_ray_cli(env, "harvest-show", str(bare), "x:1")
     assert res.returncode == 2 and "has no harvest" in res.stderr
