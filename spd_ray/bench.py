@@ -86,12 +86,16 @@ def run_bench(experiments: list[str], steps: int, warmup: int, threads: int) -> 
         )
 
 
-def ray_overhead(experiment: str, steps: int, out: str | None = None) -> dict[str, float]:
+def ray_overhead(
+    experiment: str, steps: int, out: str | None = None, repeats: int = 1
+) -> list[dict[str, float]]:
     """What running on Ray Train (1 worker, local Ray) costs over the in-process loop, for one
     registry experiment: `spd-ray run` with and without `--in-process`, each in a fresh process
-    as a user runs them. Reports whole-command wall time (Ray start, worker start, teardown
-    included) and the loop's time per step (evals included in both). A short warm-up run first
-    fills the on-disk torch.compile cache that both then use."""
+    as a user runs them, `repeats` times in turns (in-process, Ray, in-process, Ray, ...: this
+    host's speed drifts by 10-20% over minutes, so one pair says little). Per pair: whole-command
+    wall time (Ray start, worker start, teardown included), the loop's time per step (evals
+    included in both) and the median over log intervals of steps/s (evals excluded). A short
+    warm-up run first fills the on-disk torch.compile cache that every run then uses."""
     import json
     import os
     import subprocess
@@ -111,30 +115,50 @@ def ray_overhead(experiment: str, steps: int, out: str | None = None) -> dict[st
             raise RuntimeError(f"{name} failed: {res.stderr[-2000:]}")
         return time.perf_counter() - t0
 
-    run("warmup", "--in-process", "--steps", "20")  # trains the target, fills compile caches
-    wall_in = run("in-process", "--in-process", "--steps", str(steps))
-    wall_ray = run("ray", "--steps", str(steps))
-
     def loop_s(name: str) -> float:
         return float(json.loads((root / name / "summary.json").read_text())["wall_seconds"])
 
-    loop_in, loop_ray = loop_s("in-process"), loop_s("ray")
-    return {
-        "wall_in_process_s": wall_in,
-        "wall_ray_s": wall_ray,
-        "extra_wall_s": wall_ray - wall_in,
-        "step_ms_in_process": 1000 * loop_in / steps,
-        "step_ms_ray": 1000 * loop_ray / steps,
-        "step_ratio": loop_ray / loop_in,
-    }
+    def median_steps_per_s(name: str) -> float:
+        rows = [json.loads(line) for line in (root / name / "metrics.jsonl").open()]
+        return statistics.median(r["train/steps_per_s"] for r in rows if "train/steps_per_s" in r)
+
+    run("warmup", "--in-process", "--steps", "20")  # trains the target, fills compile caches
+    pairs = []
+    for i in range(repeats):
+        wall_in = run(f"in-process-{i}", "--in-process", "--steps", str(steps))
+        wall_ray = run(f"ray-{i}", "--steps", str(steps))
+        loop_in, loop_ray = loop_s(f"in-process-{i}"), loop_s(f"ray-{i}")
+        pairs.append(
+            {
+                "wall_in_process_s": wall_in,
+                "wall_ray_s": wall_ray,
+                "extra_wall_s": wall_ray - wall_in,
+                "step_ms_in_process": 1000 * loop_in / steps,
+                "step_ms_ray": 1000 * loop_ray / steps,
+                "step_ratio": loop_ray / loop_in,
+                "interval_ratio": median_steps_per_s(f"in-process-{i}")
+                / median_steps_per_s(f"ray-{i}"),
+            }
+        )
+    return pairs
 
 
-def run_ray_overhead(experiment: str, steps: int) -> None:
-    r = ray_overhead(experiment, steps)
+def run_ray_overhead(experiment: str, steps: int, repeats: int = 1) -> None:
+    pairs = ray_overhead(experiment, steps, repeats=repeats)
     print(f"# {experiment}, {steps} steps, torch {torch.__version__}", file=sys.stderr)
     print(
-        f"in-process: {r['wall_in_process_s']:.1f} s wall, {r['step_ms_in_process']:.2f} ms/step\n"
-        f"Ray Train, 1 worker: {r['wall_ray_s']:.1f} s wall, {r['step_ms_ray']:.2f} ms/step\n"
-        f"Ray costs {r['extra_wall_s']:+.1f} s of wall time; per-step ratio "
-        f"{r['step_ratio']:.3f}"
+        f"{'pair':>4} {'wall in-proc s':>14} {'wall Ray s':>10} {'extra s':>8} "
+        f"{'ms/step in-proc':>15} {'ms/step Ray':>11} {'step ratio':>10} {'interval ratio':>14}"
     )
+    for i, r in enumerate(pairs):
+        print(
+            f"{i:>4} {r['wall_in_process_s']:>14.1f} {r['wall_ray_s']:>10.1f} "
+            f"{r['extra_wall_s']:>+8.1f} {r['step_ms_in_process']:>15.2f} "
+            f"{r['step_ms_ray']:>11.2f} {r['step_ratio']:>10.3f} {r['interval_ratio']:>14.3f}"
+        )
+    if len(pairs) > 1:
+        med = {k: statistics.median(r[k] for r in pairs) for k in pairs[0]}
+        print(
+            f"median: Ray costs {med['extra_wall_s']:+.1f} s of wall time; per-step ratio "
+            f"{med['step_ratio']:.3f} (loop time), {med['interval_ratio']:.3f} (median interval)"
+        )

@@ -164,7 +164,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from spd_ray.bench import run_bench, run_ray_overhead
 
     if args.ray_overhead:
-        run_ray_overhead(args.experiments.split(",")[0], args.steps)
+        run_ray_overhead(args.experiments.split(",")[0], args.steps, args.repeats)
         return 0
     run_bench(args.experiments.split(","), args.steps, args.warmup, args.threads)
     return 0
@@ -251,6 +251,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="compare a full run on Ray Train (1 worker) with the in-process run "
         "(first experiment; e.g. --experiments tms_5-2 --steps 2000)",
+    )
+    p.add_argument(
+        "--repeats",
+        type=int,
+        default=1,
+        help="with --ray-overhead: in-process/Ray pairs, run in turns (the median is printed)",
     )
     p.set_defaults(func=cmd_bench)
     return parser

@@ -35,10 +35,16 @@ RAY_SUBDIR = "ray"
 
 
 def ray_env() -> dict[str, str]:
-    """Environment for Ray processes: loopback-only, no usage stats, snappy report polling."""
+    """Environment for Ray processes (defaults; what the user set wins): no usage stats, and the
+    Train controller polling its workers every 0.5 s instead of 2 s. Every step of a run's
+    start and end waits for a poll (worker group started, training done), so the 2 s default adds
+    ~3-4 s to each run (`spd-ray bench --ray-overhead`); a poll is one cheap actor call, and
+    four of them a second cost no measurable step time. Ray Train forwards the setting to the
+    controller and the workers."""
     env = {
         "RAY_USAGE_STATS_ENABLED": "0",
         "RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS": "0",
+        "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",
         "TOKENIZERS_PARALLELISM": "false",
     }
     return env
@@ -78,12 +84,21 @@ def local_cpus() -> int:
         return os.cpu_count() or 1
 
 
+_started_local = False
+
+
+def started_local_ray() -> bool:
+    """True when this process started the Ray it is connected to (so it ends with this process)."""
+    return _started_local
+
+
 def connect_ray() -> bool:
     """Attach to a running cluster - `RAY_ADDRESS`, or one started with `ray start` on this
     machine - or else start a local Ray sized to this machine (`RAY_ADDRESS=local` forces a
     private local Ray). Returns True when this process started a local Ray."""
     import ray
 
+    global _started_local
     if ray.is_initialized():
         return False
     for key, value in ray_env().items():
@@ -99,12 +114,20 @@ def connect_ray() -> bool:
             kwargs["runtime_env"] = {"env_vars": forwarded}
         ray.init(address=address, log_to_driver=True, **kwargs)
         return False
+    # Node drains (preemption) do not happen on a Ray that lives and dies with this process, and
+    # the watcher is one more idle process taking CPU from the workers.
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     ray.init(
         address="local",
         num_cpus=local_cpus(),
         include_dashboard=False,
         log_to_driver=True,
+        # Ray prestarts one idle worker per CPU for the first driver's tasks; Train's actors never
+        # use them (each has its own runtime env), and on a small machine starting them delays the
+        # run's own processes.
+        _system_config={"prestart_worker_first_driver": False},
     )
+    _started_local = True
     return True
 
 
@@ -335,6 +358,36 @@ def default_cpus_per_worker(workers: int, concurrent_runs: int = 1) -> float:
     return max(1.0, float(int(cpus // (workers * concurrent_runs))))
 
 
+def lean_trainer_class(drop_pg_cleaner: bool) -> type:
+    """`TorchTrainer` without the helper actors a run of ours never uses: Ray Train V2 starts a
+    dataset manager even when no dataset is given, and a placement-group cleaner. Each is a Python process that costs ~1 s of CPU to start
+    and ~0.5% of a core while idle - on a 2-core machine, time taken from the workers. Built on
+    Ray's private callback classes; when they move, the plain TorchTrainer is used."""
+    from ray.train.torch import TorchTrainer
+
+    try:
+        from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
+        from ray.train.v2._internal.callbacks.placement_group_callback import (
+            PlacementGroupCleanerCallback,
+        )
+    except ImportError:  # pragma: no cover - another Ray version
+        return TorchTrainer
+    if not hasattr(TorchTrainer, "_create_default_callbacks"):  # pragma: no cover
+        return TorchTrainer
+    unused: tuple[type, ...] = (DatasetsCallback,)
+    if drop_pg_cleaner:
+        unused += (PlacementGroupCleanerCallback,)
+
+    class LeanTorchTrainer(TorchTrainer):  # type: ignore[misc, valid-type]
+        def _create_default_callbacks(self) -> list[Any]:
+            callbacks = super()._create_default_callbacks()  # type: ignore[misc]
+            if self.datasets:
+                return callbacks
+            return [cb for cb in callbacks if not isinstance(cb, unused)]
+
+    return LeanTorchTrainer
+
+
 def make_trainer(
     config: Config,
     run_dir: RunDir,
@@ -347,12 +400,14 @@ def make_trainer(
     callbacks: list[Any] | None = None,
     require: tuple[str, ...] = (),
     report_interval_s: float = 30.0,
+    lean: bool = False,
 ) -> Any:
-    """The TorchTrainer of one run: `workers` x `train_worker`, Ray's state under `<run>/ray/`."""
+    """The TorchTrainer of one run: `workers` x `train_worker`, Ray's state under `<run>/ray/`.
+    `lean` drops Ray Train's placement-group cleaner, an actor that only matters when the
+    controller can die while its cluster lives on: pass it for a Ray this process started."""
     import ray.train
-    from ray.train.torch import TorchTrainer
 
-    return TorchTrainer(
+    return lean_trainer_class(drop_pg_cleaner=lean)(
         train_worker,
         train_loop_config=WorkerArgs(
             config=config.model_dump(mode="json"),
@@ -393,7 +448,14 @@ def run_on_ray(
         cpus_per_worker = default_cpus_per_worker(workers)
     (run_dir.path / ERROR_FILE).unlink(missing_ok=True)
     trainer = make_trainer(
-        config, run_dir, out_root, workers, use_gpu, cpus_per_worker, max_failures
+        config,
+        run_dir,
+        out_root,
+        workers,
+        use_gpu,
+        cpus_per_worker,
+        max_failures,
+        lean=started_local_ray(),
     )
     from spd_ray.train.loop import NonFiniteLossError
 

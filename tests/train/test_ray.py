@@ -7,9 +7,11 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -255,11 +257,24 @@ def test_ray_job_submit_runs_a_decomposition(ray_head: RayHead, tmp_path: Path) 
 
 def test_local_ray_uses_all_cpus_and_matches_in_process(tmp_path: Path) -> None:
     """Without a cluster, `spd-ray run` starts a local Ray sized to the machine; its one worker
-    gets every CPU as torch threads and reproduces the in-process run."""
-    env = _env(None, tmp_path, RAY_ADDRESS="local")
+    gets every CPU as torch threads and reproduces the in-process run. Ray Train's helper actors
+    that a Ray living only as long as the command has no use for are not started."""
+    ray_tmp = Path(tempfile.mkdtemp(prefix="spdl-", dir="/tmp"))  # short: Ray's socket paths
+    env = _env(None, tmp_path, RAY_ADDRESS="local", RAY_TMPDIR=str(ray_tmp))
     env.pop("SPD_RAY_THREADS")
-    res = _run("run", str(TINY), "--name", "r", env=env)
+    try:
+        res = _run("run", str(TINY), "--name", "r", env=env)
+        actors = {
+            line.split(":actor_name:", 1)[1].strip()
+            for log in ray_tmp.glob("ray/session_*/logs/worker-*.out")
+            for line in log.read_text().splitlines()
+            if ":actor_name:" in line
+        }
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
     assert res.returncode == 0, res.stderr[-3000:]
+    assert {"TrainController", "RayTrainWorker"} <= actors, actors
+    assert not actors & {"PlacementGroupCleaner", "DatasetManager", "PreemptionWatcher"}, actors
     run_dir = Path(res.stdout.strip().splitlines()[-1])
     assert run_dir == tmp_path / "r"
     summary = _summary(run_dir)
