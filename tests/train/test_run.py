@@ -66,6 +66,7 @@ def test_run_writes_the_run_directory_and_rerun_says_finished(tmp_path: Path) ->
     assert RunDir(run_dir).read_metrics() == metrics  # nothing rewritten or duplicated
 
 
+@pytest.mark.slow  # ~80 s; CI runs the same kill-and-resume check on Ray (tests/train/test_ray.py)
 def test_killed_run_resumes_from_checkpoint_and_matches_uninterrupted(tmp_path: Path) -> None:
     ref = _cli(
         "run",
