@@ -360,9 +360,10 @@ def default_cpus_per_worker(workers: int, concurrent_runs: int = 1) -> float:
 
 def lean_trainer_class(drop_pg_cleaner: bool) -> type:
     """`TorchTrainer` without the helper actors a run of ours never uses: Ray Train V2 starts a
-    dataset manager even when no dataset is given, and a placement-group cleaner. Each is a Python process that costs ~1 s of CPU to start
-    and ~0.5% of a core while idle - on a 2-core machine, time taken from the workers. Built on
-    Ray's private callback classes; when they move, the plain TorchTrainer is used."""
+    dataset manager even when no dataset is given, and a placement-group cleaner. Each is a
+    Python process that imports Ray as it starts and takes ~0.5% of a core while idle - on a
+    2-core machine, time taken from the workers. Built on Ray's private callback classes; when
+    they move, the plain TorchTrainer is used."""
     from ray.train.torch import TorchTrainer
 
     try:
