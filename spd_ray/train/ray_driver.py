@@ -92,15 +92,15 @@ def started_local_ray() -> bool:
     return _started_local
 
 
-def connect_ray() -> bool:
+def connect_ray() -> None:
     """Attach to a running cluster - `RAY_ADDRESS`, or one started with `ray start` on this
     machine - or else start a local Ray sized to this machine (`RAY_ADDRESS=local` forces a
-    private local Ray). Returns True when this process started a local Ray."""
+    private local Ray); `started_local_ray()` says which happened."""
     import ray
 
     global _started_local
     if ray.is_initialized():
-        return False
+        return
     for key, value in ray_env().items():
         os.environ.setdefault(key, value)
     address = os.environ.get("RAY_ADDRESS") or _recorded_cluster()
@@ -113,7 +113,7 @@ def connect_ray() -> bool:
         if forwarded and "RAY_JOB_CONFIG_JSON_ENV_VAR" not in os.environ:
             kwargs["runtime_env"] = {"env_vars": forwarded}
         ray.init(address=address, log_to_driver=True, **kwargs)
-        return False
+        return
     # Node drains (preemption) do not happen on a Ray that lives and dies with this process, and
     # the watcher is one more idle process taking CPU from the workers.
     os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
@@ -128,7 +128,6 @@ def connect_ray() -> bool:
         _system_config={"prestart_worker_first_driver": False},
     )
     _started_local = True
-    return True
 
 
 def is_local_cluster() -> bool:

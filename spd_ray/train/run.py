@@ -398,14 +398,13 @@ def run_experiment(
             name, r.run_dir, r.metrics, r.resumed_from, r.already_finished, wall_s=r.wall_s
         )
 
-    from spd_ray.train.ray_driver import connect_ray, run_on_ray
+    from spd_ray.train.ray_driver import run_on_ray
 
     t0 = time.perf_counter()
     outcome = prepare_ray_run(config, name, root, fresh)
     if outcome.already_finished:
         return outcome
     run_dir = RunDir(outcome.run_dir)
-    connect_ray()
     run_on_ray(config, run_dir, root, workers, use_gpu, cpus_per_worker, max_failures)
     outcome.metrics = run_dir.read_summary()["final_eval"]
     outcome.wall_s = time.perf_counter() - t0
