@@ -357,12 +357,40 @@ def default_cpus_per_worker(workers: int, concurrent_runs: int = 1) -> float:
     return max(1.0, float(int(cpus // (workers * concurrent_runs))))
 
 
+def _fixed_policy_without_coordinator() -> type | None:
+    """Ray Train's fixed-size scaling policy minus its autoscaling-coordinator client: on a Ray
+    that lives and dies with this process there is no autoscaler to tell about a run's
+    resources, yet the client starts Ray Data's `_AutoscalingCoordinatorActor` (one more process:
+    ~1 s of CPU while the worker starts, ~0.3% of the machine while it trains). None when Ray's
+    private classes moved."""
+    try:
+        from ray.train.v2._internal.execution.scaling_policy.fixed import FixedScalingPolicy
+    except ImportError:  # pragma: no cover - another Ray version
+        return None
+    hooks = ("after_controller_start", "_maybe_send_resource_request", "_send_resource_request")
+    if not all(hasattr(FixedScalingPolicy, h) for h in hooks):  # pragma: no cover
+        return None
+
+    class LocalFixedScalingPolicy(FixedScalingPolicy):  # type: ignore[misc, valid-type]
+        def after_controller_start(self, train_run_context: Any) -> None:
+            pass  # no coordinator client; cancelling a request then does nothing
+
+        def _maybe_send_resource_request(self) -> None:
+            pass
+
+        def _send_resource_request(self) -> None:
+            pass
+
+    return LocalFixedScalingPolicy
+
+
 def lean_trainer_class(drop_pg_cleaner: bool) -> type:
     """`TorchTrainer` without the helper actors a run of ours never uses: Ray Train V2 starts a
-    dataset manager even when no dataset is given, and a placement-group cleaner. Each is a
-    Python process that imports Ray as it starts and takes ~0.5% of a core while idle - on a
-    2-core machine, time taken from the workers. Built on Ray's private callback classes; when
-    they move, the plain TorchTrainer is used."""
+    dataset manager even when no dataset is given; on a Ray this process started (`lean`),
+    also no placement-group cleaner and no autoscaling coordinator (there is no autoscaler). Each
+    is a Python process that imports Ray as it starts and takes ~0.3-0.5% of a core while idle -
+    on a 2-core machine, time taken from the workers. Built on Ray's private callback and policy
+    classes; when they move, the plain TorchTrainer (or its policy) is used."""
     from ray.train.torch import TorchTrainer
 
     try:
@@ -370,13 +398,16 @@ def lean_trainer_class(drop_pg_cleaner: bool) -> type:
         from ray.train.v2._internal.callbacks.placement_group_callback import (
             PlacementGroupCleanerCallback,
         )
+        from ray.train.v2._internal.execution.scaling_policy.fixed import FixedScalingPolicy
     except ImportError:  # pragma: no cover - another Ray version
         return TorchTrainer
     if not hasattr(TorchTrainer, "_create_default_callbacks"):  # pragma: no cover
         return TorchTrainer
     unused: tuple[type, ...] = (DatasetsCallback,)
+    local_policy = None
     if drop_pg_cleaner:
         unused += (PlacementGroupCleanerCallback,)
+        local_policy = _fixed_policy_without_coordinator()
 
     class LeanTorchTrainer(TorchTrainer):  # type: ignore[misc, valid-type]
         def _create_default_callbacks(self) -> list[Any]:
@@ -384,6 +415,12 @@ def lean_trainer_class(drop_pg_cleaner: bool) -> type:
             if self.datasets:
                 return callbacks
             return [cb for cb in callbacks if not isinstance(cb, unused)]
+
+        def _initialize_and_run_controller(self, **kwargs: Any) -> Any:
+            policy = kwargs.get("scaling_policy")
+            if local_policy is not None and type(policy) is FixedScalingPolicy:
+                kwargs["scaling_policy"] = local_policy(policy.scaling_config)
+            return super()._initialize_and_run_controller(**kwargs)  # type: ignore[misc]
 
     return LeanTorchTrainer
 
@@ -404,7 +441,8 @@ def make_trainer(
 ) -> Any:
     """The TorchTrainer of one run: `workers` x `train_worker`, Ray's state under `<run>/ray/`.
     `lean` drops Ray Train's placement-group cleaner, an actor that only matters when the
-    controller can die while its cluster lives on: pass it for a Ray this process started."""
+    controller can die while its cluster lives on, and its autoscaling coordinator: pass it for
+    a Ray this process started."""
     import ray.train
 
     return lean_trainer_class(drop_pg_cleaner=lean)(

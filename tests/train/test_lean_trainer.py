@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import ray.train
 
-from spd_ray.train.ray_driver import lean_trainer_class
+from spd_ray.train.ray_driver import _fixed_policy_without_coordinator, lean_trainer_class
 
 RAY_HELPERS = {"DatasetsCallback", "PlacementGroupCleanerCallback"}
 
@@ -38,3 +38,46 @@ def test_an_attached_run_keeps_the_pg_cleaner() -> None:
 
 def test_datasets_keep_every_default_callback() -> None:
     assert _callback_names(True, datasets={"train": lambda: None}) == _plain_names()
+
+
+def test_the_local_scaling_policy_decides_like_ray_s_fixed_one_without_a_coordinator() -> None:
+    """On a Ray this process started, the controller's policy makes Ray's fixed-size decisions
+    but never creates the autoscaling coordinator actor (no Ray needed: creating it would fail)."""
+    from ray.train.v2._internal.execution.scaling_policy import ResizeDecision
+    from ray.train.v2._internal.execution.scaling_policy.fixed import FixedScalingPolicy
+
+    policy_cls = _fixed_policy_without_coordinator()
+    assert policy_cls is not None and issubclass(policy_cls, FixedScalingPolicy)
+    config = ray.train.ScalingConfig(num_workers=3, resources_per_worker={"CPU": 2})
+    policy = policy_cls(config)
+    policy.after_controller_start(object())
+    decision = policy.make_decision_for_non_running_worker_group()
+    assert isinstance(decision, ResizeDecision)
+    assert (decision.num_workers, decision.resources_per_worker) == (3, {"CPU": 2})
+    assert (
+        type(policy.make_decision_for_running_worker_group(None, None)).__name__ == "NoopDecision"
+    )
+    assert policy._coordinator_client is None
+    policy.before_controller_abort()  # nothing to cancel
+
+
+def test_only_a_run_on_its_own_ray_swaps_the_scaling_policy(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """What Ray's fit() hands over (its fixed policy) reaches Ray's controller set-up swapped on
+    a Ray of our own and untouched on an attached cluster. (Ray's set-up is replaced by a
+    recorder here; test_ray.py's local-Ray test shows that the actor is really not started.)"""
+    from ray.train.v2._internal.execution.scaling_policy import create_scaling_policy
+    from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
+
+    seen: list[str] = []
+
+    def record(self: object, **kwargs: object) -> None:
+        seen.append(type(kwargs["scaling_policy"]).__name__)
+
+    monkeypatch.setattr(DataParallelTrainer, "_initialize_and_run_controller", record)
+    for lean in (True, False):
+        trainer = lean_trainer_class(lean)(
+            lambda: None, scaling_config=ray.train.ScalingConfig(num_workers=1)
+        )
+        policy = create_scaling_policy(trainer.scaling_config)
+        trainer._initialize_and_run_controller(scaling_policy=policy)
+    assert seen == ["LocalFixedScalingPolicy", "FixedScalingPolicy"]
