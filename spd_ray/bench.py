@@ -143,7 +143,194 @@ def ray_overhead(
     return pairs
 
 
-def run_ray_overhead(experiment: str, steps: int, repeats: int = 1) -> None:
+def _descendants(root: int) -> list[int]:
+    """`root` and every process below it (a local Ray's GCS, raylet and workers all descend
+    from the driver that started it)."""
+    import os
+    from pathlib import Path
+
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        ppid = int(stat[stat.rindex(")") + 2 :].split()[1])
+        children.setdefault(ppid, []).append(int(entry))
+    found, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        found.append(pid)
+        todo.extend(children.get(pid, []))
+    return found
+
+
+def _signal_all(pids: list[int], sig: int) -> None:
+    import contextlib
+    import os
+
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, sig)
+
+
+class _LoggedSteps:
+    """The latest logged training step of a run, read from the tail of its metrics.jsonl."""
+
+    def __init__(self, path: Any):
+        self.path = path
+
+    def latest(self) -> int:
+        import json
+
+        try:
+            with self.path.open("rb") as f:
+                f.seek(max(0, self.path.stat().st_size - 16384))
+                lines = f.read().decode(errors="ignore").splitlines()
+        except FileNotFoundError:
+            return 0
+        for line in reversed(lines):
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue  # the first line of the tail is cut
+            if "train/steps_per_s" in row:
+                return int(row["step"])
+        return 0
+
+    def rate(self, seconds: float) -> float:
+        """Steps/s over about `seconds`, timed between the first and the last log row that
+        appear in that time (rows come every `train_log_freq` steps; arrival times are exact
+        to the 20 ms poll)."""
+        import time
+
+        seen: list[tuple[int, float]] = []
+        last, end = self.latest(), time.perf_counter() + seconds
+        while time.perf_counter() < end:
+            time.sleep(0.02)
+            step = self.latest()
+            if step != last:
+                seen.append((step, time.perf_counter()))
+                last = step
+        if len(seen) < 2:
+            return float("nan")
+        return (seen[-1][0] - seen[0][0]) / (seen[-1][1] - seen[0][1])
+
+
+def ray_overhead_interleaved(
+    experiment: str, windows: int, window_s: float = 10.0, out: str | None = None
+) -> list[dict[str, float]]:
+    """Per-step cost of Ray Train (1 worker, local Ray) measured so that the host's drift
+    cancels: an in-process run and a Ray run are both started and kept alive, and only one of
+    them runs at a time - the other is frozen with SIGSTOP, the Ray one with every process of
+    its Ray (GCS, raylet, agents, controller), so a frozen Ray takes no CPU. They take turns
+    in windows of `window_s` seconds (A B, B A, ...); each pair of adjacent windows gives one
+    ratio of steps/s. Linux only (reads /proc)."""
+    import os
+    import shutil
+    import signal
+    import subprocess
+    import tempfile
+    import time
+    from pathlib import Path
+
+    root = Path(out or tempfile.mkdtemp(prefix="spd-ray-interleave-"))
+    env = {**os.environ, "SPD_RAY_OUT": str(root)}
+    env.pop("SPD_RAY_THREADS", None)
+    steps = 10_000_000  # stopped from here long before the end
+
+    def start(name: str, *extra: str) -> tuple[subprocess.Popen[bytes], _LoggedSteps]:
+        cmd = [sys.executable, "-m", "spd_ray.cli", "run", experiment, "--name", name]
+        proc = subprocess.Popen(
+            [*cmd, "--fresh", "--steps", str(steps), *extra],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=(root / f"{name}.log").open("wb"),
+            start_new_session=True,
+        )
+        logged = _LoggedSteps(root / name / "metrics.jsonl")
+        deadline = time.monotonic() + 600
+        while logged.latest() < 200:  # training, past its first steps
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"{name} did not start: see {root / (name + '.log')}")
+            time.sleep(0.2)
+        return proc, logged
+
+    ray_proc, ray_steps = start("ray")
+    ray_pids = _descendants(ray_proc.pid)
+    _signal_all(ray_pids, signal.SIGSTOP)
+    in_proc, in_steps = None, None
+    pairs: list[dict[str, float]] = []
+    try:
+        in_proc, in_steps = start("in-process", "--in-process")
+        in_pids = _descendants(in_proc.pid)
+        turns = {
+            "in_process": (in_pids, in_steps, ray_pids),
+            "ray": (ray_pids, ray_steps, in_pids),
+        }
+        for i in range(windows):
+            order = ("in_process", "ray") if i % 2 == 0 else ("ray", "in_process")
+            rates: dict[str, float] = {}
+            for name in order:
+                running, logged, frozen = turns[name]
+                _signal_all(frozen, signal.SIGSTOP)
+                _signal_all(running, signal.SIGCONT)
+                time.sleep(1.0)  # settle: caches, the log row in flight
+                rates[name] = logged.rate(window_s)
+            pairs.append(
+                {
+                    "steps_per_s_in_process": rates["in_process"],
+                    "steps_per_s_ray": rates["ray"],
+                    "ratio": rates["in_process"] / rates["ray"],
+                }
+            )
+            print(
+                f"  window pair {i}: in-process {rates['in_process']:.1f} steps/s, "
+                f"Ray {rates['ray']:.1f} steps/s, ratio {pairs[-1]['ratio']:.3f}",
+                file=sys.stderr,
+            )
+    finally:
+        everything = _descendants(ray_proc.pid) + (_descendants(in_proc.pid) if in_proc else [])
+        _signal_all(everything, signal.SIGCONT)
+        for proc in (ray_proc, in_proc):
+            if proc is not None and proc.poll() is None:
+                proc.send_signal(signal.SIGINT)
+        for proc in (ray_proc, in_proc):
+            if proc is None:
+                continue
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        _signal_all([p for p in everything if os.path.exists(f"/proc/{p}")], signal.SIGKILL)
+        if out is None:
+            shutil.rmtree(root, ignore_errors=True)
+    return pairs
+
+
+def run_ray_overhead(
+    experiment: str, steps: int, repeats: int = 1, interleave: int = 0, window_s: float = 10.0
+) -> None:
+    if interleave:
+        print(
+            f"# {experiment}: in-process and Ray runs taking turns, {window_s:.0f} s each",
+            file=sys.stderr,
+        )
+        windows = ray_overhead_interleaved(experiment, interleave, window_s)
+        ratios = [w["ratio"] for w in windows if w["ratio"] == w["ratio"]]  # not NaN
+        if len(ratios) >= 2:
+            q1, _, q3 = statistics.quantiles(ratios, n=4)
+            print(
+                f"interleaved: per-step ratio Ray/in-process {statistics.median(ratios):.3f} "
+                f"(median of {len(ratios)} window pairs; quartiles {q1:.3f}-{q3:.3f})"
+            )
+        else:
+            print("interleaved: too few window pairs with a rate")
+        if not repeats:
+            return
     pairs = ray_overhead(experiment, steps, repeats=repeats)
     print(f"# {experiment}, {steps} steps, torch {torch.__version__}", file=sys.stderr)
     print(

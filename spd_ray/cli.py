@@ -164,7 +164,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from spd_ray.bench import run_bench, run_ray_overhead
 
     if args.ray_overhead:
-        run_ray_overhead(args.experiments.split(",")[0], args.steps, args.repeats)
+        run_ray_overhead(
+            args.experiments.split(",")[0],
+            args.steps,
+            args.repeats,
+            interleave=args.interleave,
+            window_s=args.window,
+        )
         return 0
     run_bench(args.experiments.split(","), args.steps, args.warmup, args.threads)
     return 0
@@ -256,8 +262,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--repeats",
         type=int,
         default=1,
-        help="with --ray-overhead: in-process/Ray pairs, run in turns (the median is printed)",
+        help="with --ray-overhead: in-process/Ray pairs, run in turns (the median is printed; "
+        "0: none)",
     )
+    p.add_argument(
+        "--interleave",
+        type=int,
+        default=0,
+        metavar="N",
+        help="with --ray-overhead: first measure the per-step ratio with both runs alive, "
+        "taking turns (the other frozen) for N window pairs - the host's drift cancels",
+    )
+    p.add_argument("--window", type=float, default=10.0, help="with --interleave: seconds per turn")
     p.set_defaults(func=cmd_bench)
     return parser
 
