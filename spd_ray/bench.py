@@ -10,6 +10,8 @@ from __future__ import annotations
 import resource
 import statistics
 import sys
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -86,6 +88,24 @@ def run_bench(experiments: list[str], steps: int, warmup: int, threads: int) -> 
         )
 
 
+def _overhead_runs(
+    experiment: str, out: str | None, prefix: str
+) -> tuple[Path, dict[str, str], Callable[[str], list[str]]]:
+    """The output root, environment and `spd-ray run` command line (per run name) of the
+    overhead benchmarks: fresh runs of `experiment` with default threads, as a user runs them."""
+    import os
+    import tempfile
+
+    root = Path(out or tempfile.mkdtemp(prefix=prefix))
+    env = {**os.environ, "SPD_RAY_OUT": str(root)}
+    env.pop("SPD_RAY_THREADS", None)
+
+    def command(name: str) -> list[str]:
+        return [sys.executable, "-m", "spd_ray.cli", "run", experiment, "--name", name, "--fresh"]
+
+    return root, env, command
+
+
 def ray_overhead(
     experiment: str, steps: int, out: str | None = None, repeats: int = 1
 ) -> list[dict[str, float]]:
@@ -97,20 +117,14 @@ def ray_overhead(
     included in both) and the median over log intervals of steps/s (evals excluded). A short
     warm-up run first fills the on-disk torch.compile cache that every run then uses."""
     import json
-    import os
     import subprocess
-    import tempfile
     import time
-    from pathlib import Path
 
-    root = Path(out or tempfile.mkdtemp(prefix="spd-ray-overhead-"))
-    env = {**os.environ, "SPD_RAY_OUT": str(root)}
-    env.pop("SPD_RAY_THREADS", None)
+    root, env, command = _overhead_runs(experiment, out, "spd-ray-overhead-")
 
     def run(name: str, *extra: str) -> float:
-        cmd = [sys.executable, "-m", "spd_ray.cli", "run", experiment, "--name", name, "--fresh"]
         t0 = time.perf_counter()
-        res = subprocess.run([*cmd, *extra], env=env, capture_output=True, text=True)
+        res = subprocess.run([*command(name), *extra], env=env, capture_output=True, text=True)
         if res.returncode != 0:
             raise RuntimeError(f"{name} failed: {res.stderr[-2000:]}")
         return time.perf_counter() - t0
@@ -147,7 +161,6 @@ def _descendants(root: int) -> list[int]:
     """`root` and every process below it (a local Ray's GCS, raylet and workers all descend
     from the driver that started it)."""
     import os
-    from pathlib import Path
 
     children: dict[int, list[int]] = {}
     for entry in os.listdir("/proc"):
@@ -179,7 +192,7 @@ def _signal_all(pids: list[int], sig: int) -> None:
 class _LoggedSteps:
     """The latest logged training step of a run, read from the tail of its metrics.jsonl."""
 
-    def __init__(self, path: Any):
+    def __init__(self, path: Path):
         self.path = path
 
     def latest(self) -> int:
@@ -232,24 +245,20 @@ def ray_overhead_interleaved(
     import shutil
     import signal
     import subprocess
-    import tempfile
     import time
-    from pathlib import Path
 
-    root = Path(out or tempfile.mkdtemp(prefix="spd-ray-interleave-"))
-    env = {**os.environ, "SPD_RAY_OUT": str(root)}
-    env.pop("SPD_RAY_THREADS", None)
+    root, env, command = _overhead_runs(experiment, out, "spd-ray-interleave-")
     steps = 10_000_000  # stopped from here long before the end
 
     def start(name: str, *extra: str) -> tuple[subprocess.Popen[bytes], _LoggedSteps]:
-        cmd = [sys.executable, "-m", "spd_ray.cli", "run", experiment, "--name", name]
-        proc = subprocess.Popen(
-            [*cmd, "--fresh", "--steps", str(steps), *extra],
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=(root / f"{name}.log").open("wb"),
-            start_new_session=True,
-        )
+        with (root / f"{name}.log").open("wb") as log:
+            proc = subprocess.Popen(
+                [*command(name), "--steps", str(steps), *extra],
+                env=env,
+                stdout=subprocess.DEVNULL,
+                stderr=log,
+                start_new_session=True,
+            )
         logged = _LoggedSteps(root / name / "metrics.jsonl")
         deadline = time.monotonic() + 600
         while logged.latest() < 200:  # training, past its first steps

@@ -384,9 +384,9 @@ def _fixed_policy_without_coordinator() -> type | None:
     return LocalFixedScalingPolicy
 
 
-def lean_trainer_class(drop_pg_cleaner: bool) -> type:
+def lean_trainer_class(own_ray: bool) -> type:
     """`TorchTrainer` without the helper actors a run of ours never uses: Ray Train V2 starts a
-    dataset manager even when no dataset is given; on a Ray this process started (`lean`),
+    dataset manager even when no dataset is given; on a Ray this process started (`own_ray`),
     also no placement-group cleaner and no autoscaling coordinator (there is no autoscaler). Each
     is a Python process that imports Ray as it starts and takes ~0.3-0.5% of a core while idle -
     on a 2-core machine, time taken from the workers. Built on Ray's private callback and policy
@@ -405,7 +405,7 @@ def lean_trainer_class(drop_pg_cleaner: bool) -> type:
         return TorchTrainer
     unused: tuple[type, ...] = (DatasetsCallback,)
     local_policy = None
-    if drop_pg_cleaner:
+    if own_ray:
         unused += (PlacementGroupCleanerCallback,)
         local_policy = _fixed_policy_without_coordinator()
 
@@ -445,7 +445,7 @@ def make_trainer(
     a Ray this process started."""
     import ray.train
 
-    return lean_trainer_class(drop_pg_cleaner=lean)(
+    return lean_trainer_class(own_ray=lean)(
         train_worker,
         train_loop_config=WorkerArgs(
             config=config.model_dump(mode="json"),

@@ -4,6 +4,7 @@ processes get frozen, and which step a run's log says it reached."""
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -24,7 +25,7 @@ def test_a_process_tree_is_found_whole_and_frozen_and_thawed_together() -> None:
         "import subprocess, sys, time\n"
         "kids = [subprocess.Popen([sys.executable, '-c', "
         "'import subprocess, sys, time; "
-        "subprocess.Popen([sys.executable, \"-c\", \"import time; time.sleep(60)\"]); "
+        'subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"]); '
         "time.sleep(60)']) for _ in range(2)]\n"
         "time.sleep(60)\n"
     )
@@ -35,7 +36,7 @@ def test_a_process_tree_is_found_whole_and_frozen_and_thawed_together() -> None:
             time.sleep(0.1)
         tree = _descendants(root.pid)
         assert len(tree) == 5 and tree[0] == root.pid
-        assert sys.modules["os"].getpid() not in tree
+        assert os.getpid() not in tree
         _signal_all(tree, signal.SIGSTOP)
         time.sleep(0.2)
         assert {_state(p) for p in tree} == {"T"}

@@ -9,8 +9,8 @@ from spd_ray.train.ray_driver import _fixed_policy_without_coordinator, lean_tra
 RAY_HELPERS = {"DatasetsCallback", "PlacementGroupCleanerCallback"}
 
 
-def _callback_names(drop_pg_cleaner: bool, **kwargs: object) -> list[str]:
-    trainer = lean_trainer_class(drop_pg_cleaner)(
+def _callback_names(own_ray: bool, **kwargs: object) -> list[str]:
+    trainer = lean_trainer_class(own_ray)(
         lambda: None, scaling_config=ray.train.ScalingConfig(num_workers=1), **kwargs
     )
     return [type(cb).__name__ for cb in trainer._create_default_callbacks()]
