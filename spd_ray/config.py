@@ -16,6 +16,8 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from spd_ray.io import LockedError, write_text
+
 
 class BaseConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -527,6 +529,7 @@ USER_ERRORS: tuple[type[Exception], ...] = (
     ValueError,
     FileNotFoundError,
     NotImplementedError,
+    LockedError,
 )
 
 
@@ -567,10 +570,12 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
 
 def save_config(config: Config, path: Path) -> None:
     data = config.model_dump(mode="json", exclude_none=False)
-    if path.suffix == ".json":
-        path.write_text(json.dumps(data, indent=2))
-    else:
-        path.write_text(yaml.safe_dump(data, sort_keys=False))
+    text = (
+        json.dumps(data, indent=2)
+        if path.suffix == ".json"
+        else yaml.safe_dump(data, sort_keys=False)
+    )
+    write_text(path, text)
 
 
 def config_hash(model: BaseModel) -> str:
