@@ -38,7 +38,6 @@ import itertools
 import json
 import logging
 import math
-import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -50,6 +49,8 @@ from datasets.distributed import split_dataset_by_node
 from jaxtyping import Int
 from torch import Tensor
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+from spd_ray.io import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -175,6 +176,12 @@ def _stream_seed(seed: int, epoch: int) -> int:
     world size. It is the same for every virtual shard: `datasets` shuffles (the file order and
     the buffer) before it splits by node, so only a shared seed makes the shards a partition."""
     return int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
+
+
+def _save_npy(path: Path, tokens: np.ndarray) -> None:
+    # Through a handle: np.save would append ".npy" to the temp file's name.
+    with path.open("wb") as f:
+        np.save(f, tokens)
 
 
 def _tokenizer_digest(tokenizer: PreTrainedTokenizerBase | None) -> str:
@@ -356,9 +363,7 @@ class LMBatches:
             blocks.append(self._rows_of_block(list(column), lo))
         tokens = np.concatenate(blocks)
         cache_dir.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.npy")
-        np.save(tmp, tokens)
-        os.replace(tmp, path)
+        atomic_write(path, lambda tmp: _save_npy(tmp, tokens))
         logger.info("tokenized shard %d: %s rows into %s", shard, tokens.shape, path)
         return tokens, False
 

@@ -19,6 +19,8 @@ import json
 import random
 from pathlib import Path
 
+from spd_ray.io import write_text
+
 
 def _words(text: str) -> list[str]:
     """Split on '|' if present (multi-word entries), else on whitespace; drop duplicates."""
@@ -635,6 +637,6 @@ def build_story_corpus(
     for split, n in (("train", n_train), ("test", n_test)):
         lines = [json.dumps({"story": story(rng)}) for _ in range(n)]
         path = out / f"{split}.jsonl"
-        path.write_text("\n".join(lines) + "\n")
+        write_text(path, "\n".join(lines) + "\n")
         paths[split] = path
     return paths

@@ -1,4 +1,5 @@
-"""Target models to decompose: toy models (TMS, ResidMLP), their trainers, cached loading."""
+"""Target models to decompose: toy models (TMS, ResidMLP), their trainers, cached loading, and
+the fingerprint that identifies a target."""
 
 from spd_ray.targets.loading import (
     build_toy,
@@ -6,6 +7,7 @@ from spd_ray.targets.loading import (
     load_target,
     load_target_file,
     save_target,
+    target_fingerprint,
     train_toy,
 )
 from spd_ray.targets.resid_mlp import ResidMLP, train_resid_mlp
@@ -19,6 +21,7 @@ __all__ = [
     "load_target",
     "load_target_file",
     "save_target",
+    "target_fingerprint",
     "tms_features_represented",
     "train_resid_mlp",
     "train_tms",

@@ -3,7 +3,8 @@
 A name is a hub id, a local folder (absolute, `~`-, `.`-relative or an existing relative path,
 resolved against the current directory like every other path of a config), or an offline tiny-LM
 asset `@tiny-lm/<part>`: `<output root>/assets/tiny-lm/<part>`, built there first with
-`make_tiny_lm` (default, trained settings) when the part is missing. The same convention applies to
+`make_tiny_lm` (the settings of the build already there, else the default trained ones) when the
+part is missing or half-written; only a whole part is accepted. The same convention applies to
 `tokenizer_name` and `task_config.dataset_name`, so registry configs can name the offline assets
 without knowing the output root.
 
@@ -34,16 +35,17 @@ def is_local_name(name: str) -> bool:
     return name.startswith(("/", "~", ".")) or Path(name).exists()
 
 
-def _existing_build_steps(root: Path) -> int | None:
-    """The `steps` argument of the tiny-LM build already in `root` (None: default settings), so
-    adding a missing part keeps the other parts as they are."""
-    from spd_ray.targets.tiny_lm import DEFAULT_STEPS, DONE, LLAMA
+def _existing_build_args(root: Path) -> tuple[int | None, int]:
+    """The `steps` and `seed` of the tiny-LM build already in `root` (steps None: default
+    settings), so adding or repairing a part keeps the other parts as they are."""
+    from spd_ray.targets.tiny_lm import CORPUS, DEFAULT_STEPS, DONE, LLAMA
 
     done = root / DONE
     if not done.exists():
-        return None
-    steps = json.loads(done.read_text())["params"][LLAMA]["steps"]
-    return None if steps == DEFAULT_STEPS[LLAMA] else int(steps)
+        return None, 0
+    params = json.loads(done.read_text())["params"]
+    steps = params[LLAMA]["steps"]
+    return (None if steps == DEFAULT_STEPS[LLAMA] else int(steps)), int(params[CORPUS]["seed"])
 
 
 def ensure_tiny_lm(root: Path, progress: bool = True) -> None:
@@ -56,23 +58,48 @@ def ensure_tiny_lm(root: Path, progress: bool = True) -> None:
         try:
             if progress:
                 print(f"building the tiny-LM assets in {root} (once)", file=sys.stderr)
-            make_tiny_lm(root, steps=_existing_build_steps(root), progress=progress)
+            steps, seed = _existing_build_args(root)
+            make_tiny_lm(root, steps=steps, seed=seed, progress=progress)
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+def _check_part(root: Path, part: str, name: str, field: str) -> None:
+    """A tiny-LM part is accepted only when whole (`tiny_lm.part_complete`)."""
+    from spd_ray.targets.tiny_lm import part_complete
+
+    if not part_complete(root, part):
+        steps, seed = _existing_build_args(root)
+        flags = ("" if steps is None else f" --steps {steps}") + (f" --seed {seed}" if seed else "")
+        raise FileNotFoundError(
+            f"{field} {name!r}: the tiny-LM part {root / part} is incomplete (half-written: no "
+            f"build marker and no whole last file); rebuild it with "
+            f"`spd-ray make-tiny-lm {root}{flags}`"
+        )
+
+
 def resolve_name(name: str, field: str, out_root: Path, progress: bool = True) -> str:
-    """A hub id unchanged, a local path made absolute, `@tiny-lm/<part>` resolved (and built).
+    """A hub id unchanged, a local path made absolute, `@tiny-lm/<part>` resolved (and built when
+    missing or incomplete).
 
     `field` names the config key in errors.
     """
     if name.startswith(TINY_LM_PREFIX):
+        from spd_ray.targets.tiny_lm import PARTS, part_complete
+
         root = tiny_lm_root(out_root)
-        path = root / name[len(TINY_LM_PREFIX) :]
-        if not path.exists():
+        rel = name[len(TINY_LM_PREFIX) :]
+        if ".." in Path(rel).parts or Path(rel).is_absolute():
+            raise ValueError(f"{field} {name!r}: a tiny-LM name is @tiny-lm/<part>[/<file>]")
+        part = Path(rel).parts[0] if rel else ""
+        path = root / rel
+        known = part in PARTS
+        if not path.exists() or (known and not part_complete(root, part)):
             ensure_tiny_lm(root, progress)
         if not path.exists():
             raise FileNotFoundError(f"{field} {name!r}: the tiny-LM assets have no {path}")
+        if known:
+            _check_part(root, part, name, field)
         return str(path)
     if is_local_name(name):
         path = Path(name).expanduser().resolve()

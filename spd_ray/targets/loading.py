@@ -8,6 +8,7 @@ the model class is rebuilt from `target_config.model_type`.
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import importlib
 import sys
 from collections.abc import Iterator
@@ -87,6 +88,43 @@ def load_target_file(path: str | Path) -> nn.Module:
     model = build_toy(cfg)
     model.load_state_dict(payload["state_dict"])
     return _frozen(model)
+
+
+def target_fingerprint(target: nn.Module) -> str:
+    """A 16-hex-digit fingerprint (sha256) of a target's architecture and weights.
+
+    Covers the class (module and qualified name) and every parameter and buffer - persistent or
+    not, so derived buffers such as rotary frequencies count too - by name, shape, dtype and raw
+    bytes, in sorted name order. A tensor shared under several names (tied embeddings) is hashed
+    once and referenced by its first name afterwards. Not covered: `requires_grad`, train/eval
+    mode, the device, hooks and plain Python attributes (a Hugging Face config counts only
+    through the tensors it shapes).
+
+    The promises: the same string in every process and on every device for equal modules; equal
+    for a module and a copy saved and reloaded (`save_pretrained`/`from_pretrained`,
+    `save_target`/`load_target_file`); different when any weight changes by any amount, when a
+    dtype or shape changes, or for another class. Costs one pass of sha256 over the weights (a
+    copy to the CPU first for tensors elsewhere).
+    """
+    digest = hashlib.sha256()
+    cls = type(target)
+    digest.update(f"class {cls.__module__}.{cls.__qualname__}\n".encode())
+    tensors = {
+        **{f"param {n}": p for n, p in target.named_parameters(remove_duplicate=False)},
+        **{f"buffer {n}": b for n, b in target.named_buffers(remove_duplicate=False)},
+    }
+    first_name: dict[tuple[object, ...], str] = {}
+    for name in sorted(tensors):
+        t = tensors[name].detach()
+        digest.update(f"{name} {tuple(t.shape)} {t.dtype}".encode())
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), t.shape, t.stride(), t.dtype)
+        if t.numel() > 0 and key in first_name:
+            digest.update(f" = {first_name[key]}\n".encode())
+            continue
+        first_name[key] = name
+        digest.update(b"\n")
+        digest.update(t.cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data)
+    return digest.hexdigest()[:16]
 
 
 def _frozen(model: nn.Module) -> nn.Module:

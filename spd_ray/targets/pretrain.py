@@ -10,7 +10,6 @@ interchangeable in every name field.
 from __future__ import annotations
 
 import importlib
-import json
 import logging
 import math
 import time
@@ -26,6 +25,7 @@ from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerB
 
 from spd_ray.config import ConfigError, apply_overrides, read_config_dict
 from spd_ray.data.lm import LMBatches, load_tokenizer
+from spd_ray.io import building_dir, write_json, write_text
 
 logger = logging.getLogger(__name__)
 
@@ -250,17 +250,41 @@ def save_pretrained(
     config: PretrainConfig,
     summary: dict[str, Any],
 ) -> None:
-    """The model and tokenizer (`save_pretrained`), the config and the summary into `out_dir`."""
+    """The model and tokenizer (`save_pretrained`), the config and the summary into `out_dir`
+    (config and summary written atomically; callers build `out_dir` as a temp folder)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     data = config.model_dump(mode="json", by_alias=True)
-    (out_dir / CONFIG_FILE).write_text(yaml.safe_dump(data, sort_keys=False))
-    (out_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
+    write_text(out_dir / CONFIG_FILE, yaml.safe_dump(data, sort_keys=False))
+    write_json(out_dir / SUMMARY_FILE, summary)
 
 
-def pretrain(config: PretrainConfig, progress: bool = True) -> dict[str, Any]:
-    """Train (`fit`) and save into `config.out_dir`; returns the summary."""
+def check_out_dir(config: PretrainConfig, overwrite: bool) -> Path:
+    """The resolved `out_dir`, which must be a new or empty folder unless `overwrite`."""
+    out = Path(config.out_dir).expanduser().resolve()
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"out_dir {out} exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise ValueError(
+            f"out_dir {out} already holds files (a trained model?); choose another out_dir, "
+            "or pass --overwrite (overwrite=True) to replace it once the new model is saved"
+        )
+    return out
+
+
+def pretrain(
+    config: PretrainConfig, progress: bool = True, overwrite: bool = False
+) -> dict[str, Any]:
+    """Train (`fit`) and save into `config.out_dir`; returns the summary.
+
+    `out_dir` is checked before training (a non-empty folder is refused unless `overwrite`), and
+    the outputs are written into a temp folder beside it that replaces it only when complete, so a
+    kill leaves the old folder (or none), never a half-saved model.
+    """
+    out = check_out_dir(config, overwrite)
     model, tokenizer, summary = fit(config, progress)
-    save_pretrained(Path(config.out_dir).expanduser(), model, tokenizer, config, summary)
+    check_out_dir(config, overwrite)  # filled by someone else while training?
+    with building_dir(out) as tmp:
+        save_pretrained(tmp, model, tokenizer, config, summary)
     return summary

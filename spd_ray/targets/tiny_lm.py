@@ -11,9 +11,12 @@ builds stand-ins into ordinary Hugging Face folders, which load exactly where hu
     OUT/tiny-llama-1L/   1-layer LlamaForCausalLM (d 128, MLP 512, vocab 512)
     OUT/DONE.json        the build parameters and results
 
-Each part is committed by its own marker (`OUT/.parts/<part>.json`, holding its parameters), so an
-interrupted build resumes at the first missing part, and a finished build (`DONE.json` with the same
-parameters) returns at once. Everything is deterministic given the seed.
+Each part is built in a temp folder beside it (`OUT/.<part>.partial-*`), swapped in whole, and then
+committed by its own marker (`OUT/.parts/<part>.json`, holding its parameters, written atomically):
+a part folder with its marker is complete, an interrupted build resumes at the first part whose
+marker is missing or stale, and a finished build (`DONE.json` and every marker with the same
+parameters) returns at once. A rebuild never deletes a part before its replacement is complete.
+Everything is deterministic given the seed.
 
 `steps=0` is the fast mode for tests: a 2000-story corpus and untrained models (a few seconds).
 `steps=None` trains both models for their default number of steps on a 10000-story corpus.
@@ -33,12 +36,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from spd_ray.argtypes import nonneg_int
+from spd_ray.io import Lock, LockedError, building_dir, write_json
+
 logger = logging.getLogger(__name__)
 
 CORPUS, TOKENIZER, LLAMA, GPT2 = "tiny-simplestories", "tokenizer", "tiny-llama", "tiny-gpt2"
 TOKENIZER_512, LLAMA_1L = "tokenizer-512", "tiny-llama-1L"
+PARTS = (CORPUS, TOKENIZER, LLAMA, GPT2, TOKENIZER_512, LLAMA_1L)
 DONE = "DONE.json"
 PARTS_DIR = ".parts"
+LOCK = ".build.lock"
 EOS = "<|endoftext|>"
 VOCAB_SIZE = 4096
 MODEL_MAX_LENGTH = 512
@@ -159,7 +167,9 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def _build_corpus(out: Path, root: Path, params: dict[str, Any], progress: bool) -> dict[str, Any]:
+def _build_corpus(
+    out: Path, root: Path, part: str, params: dict[str, Any], progress: bool
+) -> dict[str, Any]:
     from spd_ray.data.stories import build_story_corpus
 
     paths = build_story_corpus(out, params["n_train"], params["n_test"], params["seed"])
@@ -167,7 +177,7 @@ def _build_corpus(out: Path, root: Path, params: dict[str, Any], progress: bool)
 
 
 def _build_tokenizer(
-    out: Path, root: Path, params: dict[str, Any], progress: bool
+    out: Path, root: Path, part: str, params: dict[str, Any], progress: bool
 ) -> dict[str, Any]:
     lines = (root / CORPUS / "train.jsonl").read_text().splitlines()
     stories = (json.loads(line)["story"] for line in lines)
@@ -176,25 +186,30 @@ def _build_tokenizer(
     return {"vocab_size": len(tokenizer)}
 
 
-def _build_model(out: Path, root: Path, params: dict[str, Any], progress: bool) -> dict[str, Any]:
-    from spd_ray.targets.pretrain import PretrainConfig, pretrain
+def _build_model(
+    out: Path, root: Path, part: str, params: dict[str, Any], progress: bool
+) -> dict[str, Any]:
+    from spd_ray.targets.pretrain import PretrainConfig, fit, save_pretrained
 
     config = PretrainConfig.model_validate(
         {
             **params,
-            "tokenizer_name": str(root / MODEL_TOKENIZERS[out.name]),
+            "tokenizer_name": str(root / MODEL_TOKENIZERS[part]),
             "dataset_name": str(root / CORPUS),
             "column_name": "story",
             "split": "train",
             "eval_split": "test",
             "streaming": True,
-            "out_dir": str(out),
+            "out_dir": str(root / part),  # where it is read from once swapped in
         }
     )
-    return pretrain(config, progress=progress)
+    model, tokenizer, summary = fit(config, progress)
+    save_pretrained(out, model, tokenizer, config, summary)
+    return summary
 
 
-_BUILDERS: dict[str, Callable[[Path, Path, dict[str, Any], bool], dict[str, Any]]] = {
+# Each builder writes part `part` into the empty temp folder `out`; earlier parts are in `root`.
+_BUILDERS: dict[str, Callable[[Path, Path, str, dict[str, Any], bool], dict[str, Any]]] = {
     CORPUS: _build_corpus,
     TOKENIZER: _build_tokenizer,
     LLAMA: _build_model,
@@ -203,6 +218,16 @@ _BUILDERS: dict[str, Callable[[Path, Path, dict[str, Any], bool], dict[str, Any]
     LLAMA_1L: _build_model,
 }
 
+
+# The file each builder writes last (for folders that have no marker).
+_LAST_FILE = {
+    CORPUS: "test.jsonl",
+    TOKENIZER: "tokenizer.json",
+    LLAMA: "pretrain_summary.json",
+    GPT2: "pretrain_summary.json",
+    TOKENIZER_512: "tokenizer.json",
+    LLAMA_1L: "pretrain_summary.json",
+}
 
 # A part is stale when its own or any upstream part's parameters changed.
 _UPSTREAM = {
@@ -219,6 +244,82 @@ def _read_json(path: Path) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
+def check_build_args(steps: int | None, seed: int) -> None:
+    """The `make_tiny_lm` arguments the CLI bounds at parse time, checked again for API callers
+    before anything is created or deleted."""
+    if steps is not None and (not isinstance(steps, int) or isinstance(steps, bool) or steps < 0):
+        raise ValueError(f"steps must be None or a whole number >= 0, got {steps!r}")
+    # >= 0: numpy's seed sequences (the data order) reject negative seeds.
+    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+        raise ValueError(f"seed must be a whole number >= 0, got {seed!r}")
+
+
+def part_complete(root: Path, part: str) -> bool:
+    """Whether `root/part` is a whole part, safe to load.
+
+    Built here: its marker exists (written only after the folder was swapped in whole). A folder
+    without one (assembled by hand, e.g. `spd-ray pretrain` into it, or left by an older build):
+    the file its builder writes last is there and whole - a build killed mid-part has not
+    written it.
+    """
+    folder = root / part
+    if not folder.is_dir():
+        return False
+    if (root / PARTS_DIR / f"{part}.json").is_file():
+        return True
+    last = folder / _LAST_FILE[part]
+    if not last.is_file():
+        return False
+    data = last.read_bytes()
+    if last.suffix == ".jsonl":
+        return data.endswith(b"\n")
+    try:
+        json.loads(data)
+    except ValueError:
+        return False
+    return True
+
+
+def _lineage(params: dict[str, dict[str, Any]], part: str) -> dict[str, Any]:
+    return {p: params[p] for p in (*_UPSTREAM[part], part)}
+
+
+def _current(root: Path, params: dict[str, dict[str, Any]], part: str) -> dict[str, Any] | None:
+    """The marker of `part` when the part is complete and built with these parameters."""
+    marker = _read_json(root / PARTS_DIR / f"{part}.json")
+    if marker is None or marker["params"] != _lineage(params, part):
+        return None
+    return marker if (root / part).is_dir() else None
+
+
+def _partials(root: Path) -> list[Path]:
+    """Temp folders of part builds (`building_dir`'s and `replace_dir`'s names)."""
+    found = (root.glob(f".{part}.{kind}-*") for part in PARTS for kind in ("partial", "old"))
+    return [p for paths in found for p in paths if p.is_dir()]
+
+
+def _remove_partials(root: Path) -> None:
+    """Temp folders of builds that died (the build lock is held, so none is live)."""
+    for stale in _partials(root):
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+def _sweep_partials(root: Path) -> None:
+    """Remove the temp folders of dead builds, unless a live build holds the lock (and without
+    touching the folder when there are none, so read-only asset folders load)."""
+    if not _partials(root):
+        return
+    lock = Lock(root / LOCK, f"tiny-LM assets {root}")
+    try:
+        lock.acquire()
+    except LockedError:
+        return
+    try:
+        _remove_partials(root)
+    finally:
+        lock.release()
+
+
 def make_tiny_lm(
     out: str | Path,
     *,
@@ -231,8 +332,16 @@ def make_tiny_lm(
 
     `steps`: None trains each model for `DEFAULT_STEPS`; 0 is the fast mode (small corpus,
     untrained models); N trains both models for N steps. `force` rebuilds every part.
+
+    Each part is built into a temp folder beside it and swapped in whole, then its marker is
+    written: a kill at any moment leaves every part either old and complete or new and complete,
+    and nothing is deleted before its replacement is in place. A second build of the same folder
+    at the same time fails at once (`LockedError`, naming the holder).
     """
+    check_build_args(steps, seed)
     root = Path(out).expanduser().resolve()
+    if root.exists() and not root.is_dir():
+        raise ValueError(f"tiny-LM output {root} exists and is not a folder")
     params = build_params(steps, seed)
 
     def assets(build: dict[str, Any]) -> TinyLMAssets:
@@ -240,33 +349,34 @@ def make_tiny_lm(
         return TinyLMAssets(root, *parts, build=build)
 
     done = _read_json(root / DONE)
-    if done is not None and done["params"] == params and not force:
+    finished = done is not None and done["params"] == params
+    if finished and not force and all(_current(root, params, p) for p in _BUILDERS):
+        assert done is not None
+        _sweep_partials(root)
         return assets(done)
-    (root / DONE).unlink(missing_ok=True)
-    markers = root / PARTS_DIR
-    if force:
-        shutil.rmtree(markers, ignore_errors=True)
-    markers.mkdir(parents=True, exist_ok=True)
-    results: dict[str, Any] = {}
-    start = time.perf_counter()
-    for part, builder in _BUILDERS.items():
-        lineage = {p: params[p] for p in (*_UPSTREAM[part], part)}
-        marker = _read_json(markers / f"{part}.json")
-        if marker is not None and marker["params"] == lineage and (root / part).is_dir():
-            results[part] = marker["result"]
-            continue
-        (markers / f"{part}.json").unlink(missing_ok=True)
-        shutil.rmtree(root / part, ignore_errors=True)
-        t0 = time.perf_counter()
-        result = builder(root / part, root, params[part], progress)
-        result["build_seconds"] = time.perf_counter() - t0
-        logger.info("built %s in %.1f s", part, result["build_seconds"])
-        (markers / f"{part}.json").write_text(
-            json.dumps({"params": lineage, "result": result}, indent=2)
-        )
-        results[part] = result
-    build = {"params": params, "results": results, "seconds": time.perf_counter() - start}
-    (root / DONE).write_text(json.dumps(build, indent=2) + "\n")
+    root.mkdir(parents=True, exist_ok=True)
+    with Lock(root / LOCK, f"tiny-LM assets {root}"):
+        _remove_partials(root)
+        markers = root / PARTS_DIR
+        markers.mkdir(exist_ok=True)
+        results: dict[str, Any] = {}
+        start = time.perf_counter()
+        for part, builder in _BUILDERS.items():
+            marker = None if force else _current(root, params, part)
+            if marker is not None:
+                results[part] = marker["result"]
+                continue
+            t0 = time.perf_counter()
+            with building_dir(root / part) as tmp:
+                result = builder(tmp, root, part, params[part], progress)
+            result["build_seconds"] = time.perf_counter() - t0
+            logger.info("built %s in %.1f s", part, result["build_seconds"])
+            write_json(
+                markers / f"{part}.json", {"params": _lineage(params, part), "result": result}
+            )
+            results[part] = result
+        build = {"params": params, "results": results, "seconds": time.perf_counter() - start}
+        write_json(root / DONE, build)
     return assets(build)
 
 
@@ -294,7 +404,7 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     from spd_ray.targets.pretrain import load_pretrain_config, pretrain
 
     config = load_pretrain_config(args.config, args.overrides)
-    summary = pretrain(config)
+    summary = pretrain(config, overwrite=args.overwrite)
     for key in ("initial_loss", "final_loss", "eval_loss", "tokens_per_s"):
         if summary[key] is not None:
             print(f"  {key} = {summary[key]:.6g}", file=sys.stderr)
@@ -311,13 +421,20 @@ def add_cli(sub: Any) -> None:
     p.add_argument("out", nargs="?", help="output folder (default: <output root>/assets/tiny-lm)")
     p.add_argument(
         "--steps",
-        type=int,
+        type=nonneg_int,
         help=f"training steps per model (default {DEFAULT_STEPS}; 0: fast untrained build)",
     )
     p.add_argument(
-        "--seed", type=int, default=0, help="seeds the corpus, tokenizer data and models"
+        "--seed",
+        type=nonneg_int,
+        default=0,
+        help="seeds the corpus, tokenizer data and models (>= 0)",
     )
-    p.add_argument("--force", action="store_true", help="rebuild every part")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="rebuild every part (each old part stays in place until its new one is complete)",
+    )
     p.set_defaults(func=cmd_make_tiny_lm)
 
     q = sub.add_parser("pretrain", help="pretrain a small causal LM from a YAML config")
@@ -329,5 +446,10 @@ def add_cli(sub: Any) -> None:
         default=[],
         metavar="KEY=VALUE",
         help="override a config key, e.g. --set steps=10 (value parsed as YAML)",
+    )
+    q.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an out_dir that already holds files (swapped in when the new one is saved)",
     )
     q.set_defaults(func=cmd_pretrain)

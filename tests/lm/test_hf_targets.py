@@ -108,6 +108,8 @@ def test_tiny_lm_prefix_resolves_under_the_output_root_and_builds_once(
     def fake_build(out: Path, **kwargs: Any) -> None:
         calls.append((out, kwargs["steps"]))
         (out / "tiny-llama").mkdir(parents=True, exist_ok=True)
+        (out / ".parts").mkdir(exist_ok=True)  # a part counts as built once its marker is there
+        (out / ".parts" / "tiny-llama.json").write_text("{}")
 
     monkeypatch.setattr(tiny_lm, "make_tiny_lm", fake_build)
     fresh = tmp_path / "fresh"

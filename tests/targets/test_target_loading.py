@@ -1,3 +1,7 @@
+import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +19,7 @@ from spd_ray.targets import (
     load_target,
     load_target_file,
     save_target,
+    target_fingerprint,
 )
 
 TINY_RESID = {
@@ -143,3 +148,94 @@ def test_atomic_write_leaves_old_file_on_failure(tmp_path):
         atomic_write(path, fail)
     assert path.read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["f.txt"]
+
+
+# ---- target_fingerprint ----------------------------------------------------------------------
+
+
+def test_fingerprint_is_stable_over_save_and_reload_and_sees_every_weight(tiny_lm_assets, tmp_path):
+    from transformers import GPT2LMHeadModel, LlamaForCausalLM
+
+    llama = LlamaForCausalLM.from_pretrained(str(tiny_lm_assets.llama))
+    fp = target_fingerprint(llama)
+    assert len(fp) == 16 and int(fp, 16) >= 0
+    assert target_fingerprint(llama) == fp
+    llama.save_pretrained(tmp_path / "copy")
+    assert target_fingerprint(LlamaForCausalLM.from_pretrained(str(tmp_path / "copy"))) == fp
+
+    # One weight moved by 1e-3 (the last entry of the last layer), then moved back.
+    w = llama.model.layers[-1].mlp.down_proj.weight
+    old = w[-1, -1].item()
+    with torch.no_grad():
+        w[-1, -1] += 1e-3
+        changed = target_fingerprint(llama)
+        w[-1, -1] = old
+    assert changed != fp
+    assert target_fingerprint(llama) == fp
+
+    # Another architecture, the same class with another shape, another dtype.
+    gpt2 = GPT2LMHeadModel.from_pretrained(str(tiny_lm_assets.gpt2))
+    one_layer = LlamaForCausalLM.from_pretrained(str(tiny_lm_assets.llama_1l))
+    bf16 = LlamaForCausalLM.from_pretrained(str(tiny_lm_assets.llama)).to(torch.bfloat16)
+    fps = {fp, target_fingerprint(gpt2), target_fingerprint(one_layer), target_fingerprint(bf16)}
+    assert len(fps) == 4
+    # Tied embeddings (GPT-2) survive a reload too.
+    gpt2.save_pretrained(tmp_path / "gpt2")
+    reloaded = GPT2LMHeadModel.from_pretrained(str(tmp_path / "gpt2"))
+    assert target_fingerprint(reloaded) == target_fingerprint(gpt2)
+
+
+def test_fingerprint_of_a_toy_target_file_and_of_its_class(tmp_path):
+    cfg = ResidMLPTargetConfig(**TINY_RESID)
+    model = loading.build_toy(cfg)
+    save_target(model, cfg, tmp_path / "t.pt")
+    loaded = load_target_file(tmp_path / "t.pt")
+    assert target_fingerprint(loaded) == target_fingerprint(model)
+
+    class Renamed(ResidMLP):
+        pass
+
+    other = Renamed(cfg)
+    other.load_state_dict(model.state_dict())
+    assert target_fingerprint(other) != target_fingerprint(model)  # same weights, other class
+
+
+def test_fingerprint_is_the_same_in_another_process(tiny_lm_assets):
+    from transformers import LlamaForCausalLM
+
+    code = (
+        "import sys; from transformers import LlamaForCausalLM; "
+        "from spd_ray.targets import target_fingerprint; "
+        "print(target_fingerprint(LlamaForCausalLM.from_pretrained(sys.argv[1])))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(tiny_lm_assets.llama)],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "PYTHONHASHSEED": "123"},
+    ).stdout
+    here = target_fingerprint(LlamaForCausalLM.from_pretrained(str(tiny_lm_assets.llama)))
+    assert out.strip().splitlines()[-1] == here
+
+
+def test_fingerprint_hashes_at_least_100_mb_per_s():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        hidden_size=512,
+        intermediate_size=1536,
+        num_hidden_layers=8,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        vocab_size=4096,
+    )
+    model = LlamaForCausalLM(cfg)
+    n_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    assert n_bytes > 100e6
+    start = time.perf_counter()
+    target_fingerprint(model)
+    seconds = time.perf_counter() - start
+    # About 1.3 GB/s on one core of the development machine; 13x slack for a busy host.
+    assert n_bytes / seconds > 100e6, f"{n_bytes / seconds / 1e6:.0f} MB/s"

@@ -4,12 +4,18 @@ an interrupted build, training, and the two CLI subcommands."""
 from __future__ import annotations
 
 import argparse
+import errno
 import hashlib
 import json
+import re
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from torch import nn
 from transformers import (
     AutoModelForCausalLM,
@@ -20,7 +26,9 @@ from transformers import (
 from transformers.pytorch_utils import Conv1D
 
 import spd_ray.targets.tiny_lm as tiny_lm
+from spd_ray.cli import main as cli_main
 from spd_ray.config import ConfigError
+from spd_ray.targets.hf import resolve_name
 from spd_ray.targets.pretrain import (
     PretrainConfig,
     build_model,
@@ -268,3 +276,213 @@ def test_default_build_trains_both_models(tmp_path):
     assert results[LLAMA]["eval_loss"] < 1.6, results[LLAMA]
     assert results[GPT2]["eval_loss"] < 2.5, results[GPT2]
     assert built.build["seconds"] < 240
+
+
+# ---- Reliability: arguments, interrupted builds, half-written parts, out_dir -----------------
+
+
+def _snapshot(root: Path) -> dict[str, tuple[str, int]]:
+    """sha256 and mtime of every file under `root` (hidden ones included)."""
+    return {
+        str(p.relative_to(root)): (_sha(p), p.stat().st_mtime_ns)
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
+
+
+def _part_shas(root: Path) -> dict[str, str]:
+    """sha256 of every file of every part (the content a reader loads)."""
+    return {
+        str(p.relative_to(root)): _sha(p)
+        for part in tiny_lm.PARTS
+        for p in sorted((root / part).rglob("*"))
+        if p.is_file()
+    }
+
+
+def _copy_assets(assets: TinyLMAssets, dest: Path) -> Path:
+    shutil.copytree(assets.root, dest, symlinks=True)
+    (dest / tiny_lm.LOCK).unlink(missing_ok=True)
+    return dest
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["--steps", "-1"], ["--steps", "x"], ["--steps", "1.5"], ["--seed", "-1"], ["--seed", "y"]],
+)
+def test_bad_make_tiny_lm_arguments_fail_at_parse_time_and_touch_nothing(
+    tiny_lm_assets, tmp_path, capsys, argv
+):
+    root = _copy_assets(tiny_lm_assets, tmp_path / "assets")
+    before = _snapshot(root)
+    assert len(before) >= 20  # every part's files, the markers and DONE.json
+    with pytest.raises(SystemExit) as exc:
+        _parser().parse_args(["make-tiny-lm", str(root), *argv, "--force"])
+    assert exc.value.code == 2
+    assert f"argument {argv[0]}" in capsys.readouterr().err
+    assert _snapshot(root) == before
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"steps": -1}, "steps must be None or a whole number >= 0, got -1"),
+        ({"steps": 1.5}, "steps must be None or a whole number >= 0, got 1.5"),
+        ({"seed": -3}, "seed must be a whole number >= 0, got -3"),
+    ],
+)
+def test_make_tiny_lm_api_checks_arguments_before_touching_the_folder(
+    tiny_lm_assets, tmp_path, kwargs, message
+):
+    root = _copy_assets(tiny_lm_assets, tmp_path / "assets")
+    before = _snapshot(root)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        make_tiny_lm(root, force=True, progress=False, **kwargs)
+    assert _snapshot(root) == before
+    (tmp_path / "file").write_text("not a folder")
+    with pytest.raises(ValueError, match="exists and is not a folder"):
+        make_tiny_lm(tmp_path / "file", steps=0, progress=False)
+    assert (tmp_path / "file").read_text() == "not a folder"
+
+
+def test_build_killed_mid_part_leaves_the_old_parts_whole(tiny_lm_assets, tmp_path):
+    """kill -9 of a real `--force` rebuild while tiny-llama is half-saved in its temp folder (the
+    build is held just before its last file): every part still reads as before, the half part is
+    never accepted, the next build cleans up."""
+    out_root = tmp_path / "out"
+    root = _copy_assets(tiny_lm_assets, out_root / "assets" / "tiny-lm")
+    before = _part_shas(root)
+    code = (
+        "import sys, time; import spd_ray.targets.pretrain as p; "
+        "p.write_json = lambda path, data: (print('held', flush=True), time.sleep(600)); "
+        "from spd_ray.targets.tiny_lm import make_tiny_lm; "
+        "make_tiny_lm(sys.argv[1], steps=0, force=True, progress=False)"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code, str(root)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert proc.stdout is not None and proc.stdout.readline() == "held\n"
+    finally:
+        proc.kill()
+        proc.wait()
+    partial = list(root.glob(f".{LLAMA}.partial-*"))
+    assert len(partial) == 1
+    assert (partial[0] / "model.safetensors").is_file()
+    assert not (partial[0] / "pretrain_summary.json").exists()  # killed mid-part
+    assert _part_shas(root) == before
+    got = resolve_name(f"@tiny-lm/{LLAMA}", "pretrained_model_name", out_root, progress=False)
+    assert got == str(root / LLAMA)
+    assert isinstance(LlamaForCausalLM.from_pretrained(got), LlamaForCausalLM)
+    again = make_tiny_lm(root, steps=0, progress=False)
+    assert not list(root.glob(".*.partial-*")) and not list(root.glob(".*.old-*"))
+    assert _part_shas(again.root) == before
+
+
+def test_failing_part_write_keeps_the_old_part_and_its_marker(
+    tiny_lm_assets, tmp_path, monkeypatch
+):
+    root = _copy_assets(tiny_lm_assets, tmp_path / "assets")
+    before = _snapshot(root)
+
+    def disk_full(out: Path, *args):
+        (out / "model.safetensors").write_bytes(b"half")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setitem(tiny_lm._BUILDERS, GPT2, disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        make_tiny_lm(root, steps=0, force=True, progress=False)
+    after = _snapshot(root)
+    gpt2_files = [k for k in before if k.startswith(f"{GPT2}/") or k == f".parts/{GPT2}.json"]
+    assert len(gpt2_files) >= 4
+    for key in [*gpt2_files, "DONE.json"]:
+        assert after[key] == before[key], key  # same bytes, never rewritten
+    assert {k for k in after if ".partial-" in k} == set()
+    assert tiny_lm.part_complete(root, GPT2)
+
+
+def test_a_half_written_part_is_repaired_or_rejected_naming_the_folder(
+    tiny_lm_assets, tmp_path, monkeypatch
+):
+    out_root = tmp_path / "out"
+    root = _copy_assets(tiny_lm_assets, out_root / "assets" / "tiny-lm")
+    good = _sha(root / GPT2 / "model.safetensors")
+    # What a build killed by the old code left: a torn file, no summary (written last), no marker.
+    (root / ".parts" / f"{GPT2}.json").unlink()
+    assert tiny_lm.part_complete(root, GPT2)  # whole: its last file is there
+    (root / GPT2 / "model.safetensors").write_bytes(b"torn")
+    (root / GPT2 / "pretrain_summary.json").unlink()
+    assert not tiny_lm.part_complete(root, GPT2)
+
+    monkeypatch.setattr(tiny_lm, "make_tiny_lm", lambda *a, **k: None)  # a build that fails
+    with pytest.raises(FileNotFoundError) as err:
+        resolve_name(f"@tiny-lm/{GPT2}", "pretrained_model_name", out_root, progress=False)
+    message = str(err.value)
+    assert f"{root / GPT2} is incomplete" in message
+    assert f"spd-ray make-tiny-lm {root} --steps 0`" in message  # the settings of DONE.json
+    monkeypatch.undo()
+
+    # The real build repairs it from DONE.json's settings: the same bytes as before.
+    got = resolve_name(f"@tiny-lm/{GPT2}", "pretrained_model_name", out_root, progress=False)
+    assert got == str(root / GPT2) and tiny_lm.part_complete(root, GPT2)
+    assert _sha(root / GPT2 / "model.safetensors") == good
+    with pytest.raises(ValueError, match="a tiny-LM name is"):
+        resolve_name("@tiny-lm/../x", "tokenizer_name", out_root, progress=False)
+
+
+def test_a_part_without_marker_is_whole_only_when_its_last_file_is(tmp_path):
+    root = tmp_path
+    (root / "tokenizer").mkdir()
+    (root / "tiny-simplestories").mkdir()
+    assert not tiny_lm.part_complete(root, "tokenizer")
+    (root / "tokenizer" / "tokenizer.json").write_text('{"model": {"vocab"')  # torn
+    (root / "tiny-simplestories" / "test.jsonl").write_text('{"story": "a"}\n{"story": "b')
+    assert not tiny_lm.part_complete(root, "tokenizer")
+    assert not tiny_lm.part_complete(root, "tiny-simplestories")
+    (root / "tokenizer" / "tokenizer.json").write_text('{"model": {"vocab": {}}}')
+    (root / "tiny-simplestories" / "test.jsonl").write_text('{"story": "a"}\n{"story": "b"}\n')
+    assert tiny_lm.part_complete(root, "tokenizer")
+    assert tiny_lm.part_complete(root, "tiny-simplestories")
+    assert not tiny_lm.part_complete(root, GPT2)  # no folder
+
+
+def test_pretrain_refuses_a_filled_out_dir_before_training(tiny_lm_assets, tmp_path, monkeypatch):
+    config = _config(tiny_lm_assets, tmp_path)
+    out = Path(config.out_dir)
+    out.mkdir()
+    (out / "model.safetensors").write_bytes(b"the old model")
+    with pytest.raises(ValueError, match=re.escape(f"out_dir {out} already holds files")):
+        pretrain(config, progress=False)
+    assert not (tmp_path / "cache").exists()  # refused before any data was read
+    assert (out / "model.safetensors").read_bytes() == b"the old model"
+
+    # The CLI says the same in one line, exit 2, and --overwrite replaces the folder whole.
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(config.model_dump(by_alias=True)))
+    assert cli_main(["pretrain", str(tmp_path / "c.yaml")]) == 2
+    assert (out / "model.safetensors").read_bytes() == b"the old model"
+
+    import spd_ray.targets.pretrain as pretrain_mod
+
+    def torn_save(out_dir: Path, *args):
+        (out_dir / "model.safetensors").write_bytes(b"half")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(pretrain_mod, "save_pretrained", torn_save)
+    with pytest.raises(OSError, match="No space left"):
+        pretrain(config, progress=False, overwrite=True)
+    assert (out / "model.safetensors").read_bytes() == b"the old model"
+    monkeypatch.undo()
+
+    assert cli_main(["pretrain", str(tmp_path / "c.yaml"), "--overwrite"]) == 0
+    assert isinstance(AutoModelForCausalLM.from_pretrained(str(out)), LlamaForCausalLM)
+    assert sorted(p.name for p in tmp_path.iterdir() if ".partial-" in p.name) == []
+
+
+def test_pretrain_validates_the_config_before_creating_out_dir(tiny_lm_assets, tmp_path):
+    config = _config(tiny_lm_assets, tmp_path, max_seq_len=256)
+    with pytest.raises(ValueError, match="max_seq_len 256 exceeds"):
+        pretrain(config, progress=False)
+    assert not Path(config.out_dir).exists()
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ValueError, match="exists and is not a folder"):
+        pretrain(_config(tiny_lm_assets, tmp_path, out_dir=str(tmp_path / "file")))
