@@ -11,9 +11,9 @@ from torch import nn
 from spd_ray.config import Config
 from spd_ray.core.model import ComponentModel
 from spd_ray.core.step import build_component_model
-from spd_ray.targets import load_target, load_target_file
-from spd_ray.train.run import RunResult, decompose
-from spd_ray.train.rundir import RunDir, output_root
+from spd_ray.targets import load_target, load_target_file, target_fingerprint
+from spd_ray.train.run import RunResult, decompose, describe_target
+from spd_ray.train.rundir import TARGET_COPY, RunDir, output_root
 
 __all__ = ["LoadedRun", "RunResult", "decompose", "load_run", "resolve_run_dir"]
 
@@ -53,13 +53,16 @@ def _root_for(run_path: Path, out: str | Path | None) -> Path:
 def load_run(path: str | Path, out: str | Path | None = None, device: str = "cpu") -> LoadedRun:
     run_dir = RunDir(resolve_run_dir(path, out))
     config = run_dir.read_config()
-    target_copy = run_dir.path / "target.pt"
+    target_copy = run_dir.path / TARGET_COPY
     if target_copy.exists():
         target = load_target_file(target_copy)
+        source = str(target_copy)
     else:
         target = load_target(config, _root_for(run_dir.path, out))
+        source = describe_target(config)
+    run_dir.check_target(target_fingerprint(target), source, record=False)
     model = build_component_model(config, target)
-    saved = run_dir.load_checkpoint(device)
+    saved = run_dir.load_checkpoint(device)  # tensors and plain containers only
     model.load_state_dict(saved["model"], strict=False)
     model.to(device).eval()
     return LoadedRun(config, model, model.target, run_dir.path, int(saved["step"]))

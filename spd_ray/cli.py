@@ -11,6 +11,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+from spd_ray.argtypes import MAX_FAILURES_LIMIT, int_in, nonneg_int, positive_float, positive_int
 from spd_ray.config import USER_ERRORS, Config
 
 
@@ -21,7 +22,7 @@ def _common_run_args(p: argparse.ArgumentParser) -> None:
         help="registry name (see `spd-ray list`) or a YAML/JSON config path; "
         "`spd-ray run` also takes several, comma-separated",
     )
-    p.add_argument("--steps", type=int, help="override the number of training steps")
+    p.add_argument("--steps", type=positive_int, help="override the number of training steps")
     p.add_argument(
         "--set",
         dest="overrides",
@@ -48,7 +49,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if len(targets) > 1:
         return _run_several(args, targets)
     experiment, config = load_target_config(targets[0], args.overrides, args.steps)
-    name = args.name or default_run_name(experiment)
+    name = default_run_name(experiment) if args.name is None else args.name
     outcome = run_experiment(config, name=name, in_process=args.in_process, **_launch_options(args))
     if outcome.already_finished:
         print(f"run {name} already finished at step {config.steps}", file=sys.stderr)
@@ -97,7 +98,7 @@ def _run_several(args: argparse.Namespace, targets: list[str]) -> int:
     for target in targets:
         experiment, config = load_target_config(target, args.overrides, args.steps)
         # --name is a prefix here: <name>-<experiment> keeps every run resumable by rerunning.
-        name = f"{args.name}-{experiment}" if args.name else default_run_name(experiment)
+        name = default_run_name(experiment) if args.name is None else f"{args.name}-{experiment}"
         jobs.append((name, config))
     outcomes = run_many(jobs, **_launch_options(args))
     print(format_outcomes(outcomes))
@@ -189,15 +190,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--all", action="store_true", help="run every registry experiment (one Ray Train run each)"
     )
-    p.add_argument("--workers", type=int, default=1, help="data-parallel Ray Train workers")
+    p.add_argument(
+        "--workers", type=positive_int, default=1, help="data-parallel Ray Train workers"
+    )
     p.add_argument("--gpu", action="store_true", help="one GPU per worker (NCCL)")
     p.add_argument(
         "--cpus-per-worker",
-        type=float,
+        type=positive_float,
         help="CPUs (and torch threads) per worker (default: a local Ray's CPUs split evenly)",
     )
     p.add_argument(
-        "--max-failures", type=int, default=3, help="worker-group restarts from the last checkpoint"
+        "--max-failures",
+        type=int_in(0, MAX_FAILURES_LIMIT),
+        default=3,
+        help=f"worker-group restarts from the last checkpoint (0-{MAX_FAILURES_LIMIT})",
     )
     p.add_argument(
         "--in-process",
@@ -209,9 +215,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sweep", help="search hyperparameters with Ray Tune + Optuna")
     _common_run_args(p)
     p.add_argument("--space", required=True, help="search-space YAML (see experiments/sweeps/)")
-    p.add_argument("--trials", type=int, default=8, help="trials to sample (a grid runs them all)")
-    p.add_argument("--concurrent", type=int, help="trials at once (default: as CPUs allow)")
-    p.add_argument("--workers-per-trial", type=int, default=1, help="Ray Train workers per trial")
+    p.add_argument(
+        "--trials", type=positive_int, default=8, help="trials to sample (a grid runs them all)"
+    )
+    p.add_argument(
+        "--concurrent", type=positive_int, help="trials at once (default: as CPUs allow)"
+    )
+    p.add_argument(
+        "--workers-per-trial", type=positive_int, default=1, help="Ray Train workers per trial"
+    )
     p.add_argument("--gpu", action="store_true", help="one GPU per trial worker")
     p.add_argument(
         "--objective",
@@ -221,7 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="repeatable; default: eval/loss/StochasticReconLoss:min and eval/l0/total:min",
     )
     p.add_argument("--scheduler", choices=["asha", "none"], default="none")
-    p.add_argument("--seed", type=int, default=0, help="sampler seed")
+    p.add_argument("--seed", type=nonneg_int, default=0, help="sampler seed")
     p.add_argument(
         "--name", help="sweep name (default: sweep-<experiment>-<timestamp>); reuse it to resume"
     )
@@ -249,9 +261,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="time the training step of registry experiments")
     p.add_argument("--experiments", default="tms_5-2,resid_mlp1")
-    p.add_argument("--steps", type=int, default=60, help="timed steps per experiment")
-    p.add_argument("--warmup", type=int, default=10, help="untimed steps first")
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores)")
+    p.add_argument("--steps", type=positive_int, default=60, help="timed steps per experiment")
+    p.add_argument("--warmup", type=nonneg_int, default=10, help="untimed steps first")
+    p.add_argument("--threads", type=nonneg_int, default=0, help="torch threads (0: all cores)")
     p.add_argument(
         "--ray-overhead",
         action="store_true",
@@ -260,20 +272,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--repeats",
-        type=int,
+        type=nonneg_int,
         default=1,
         help="with --ray-overhead: in-process/Ray pairs, run in turns (the median is printed; "
         "0: none)",
     )
     p.add_argument(
         "--interleave",
-        type=int,
+        type=nonneg_int,
         default=0,
         metavar="N",
         help="with --ray-overhead: first measure the per-step ratio with both runs alive, "
         "taking turns (the other frozen) for N window pairs - the host's drift cancels",
     )
-    p.add_argument("--window", type=float, default=10.0, help="with --interleave: seconds per turn")
+    p.add_argument(
+        "--window", type=positive_float, default=10.0, help="with --interleave: seconds per turn"
+    )
     p.set_defaults(func=cmd_bench)
     return parser
 
@@ -298,6 +312,9 @@ def main(argv: list[str] | None = None) -> int:
         if not isinstance(err, NonFiniteLossError | RunFailedError):
             raise
         print(f"spd-ray {args.command}: run failed: {_one_line(err)}", file=sys.stderr)
+        return 1
+    except OSError as err:  # a full disk, a read-only folder, ...: what was written stays
+        print(f"spd-ray {args.command}: error: {_one_line(err)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(

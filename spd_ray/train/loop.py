@@ -63,6 +63,8 @@ class LoopState:
     warmup_done: bool = False
     sums: dict[str, Tensor] = field(default_factory=dict)
     n_summed: int = 0
+    last_eval: dict[str, float] = field(default_factory=dict)  # saved: a rerun after the final
+    # checkpoint returns the final eval without training or evaluating again
 
 
 def make_state(config: Config, ctx: LoopContext) -> LoopState:
@@ -88,6 +90,7 @@ def state_dict(state: LoopState, model: ComponentModel, batches: Any) -> dict[st
         "data": batches.state_dict(),
         "sums": {k: v.detach().cpu() for k, v in state.sums.items()},
         "n_summed": state.n_summed,
+        "last_eval": dict(state.last_eval),
     }
 
 
@@ -104,6 +107,7 @@ def load_state(
     device = next(iter(model.parameters())).device
     state.sums = {k: v.to(device) for k, v in saved["sums"].items()}
     state.n_summed = int(saved["n_summed"])
+    state.last_eval = {k: float(v) for k, v in saved.get("last_eval", {}).items()}
 
 
 def trainable_state_dict(model: ComponentModel) -> dict[str, Tensor]:
@@ -169,9 +173,8 @@ def run_loop(
             faithfulness_warmup(config, model, reporter)
         state.warmup_done = True
     if state.step == 0:
-        _run_eval(config, ctx, 0, reporter)
+        state.last_eval = _run_eval(config, ctx, 0, reporter)
 
-    final_eval: dict[str, float] = {}
     t_interval = time.perf_counter()
     steps_in_interval = 0
     while state.step < config.steps:
@@ -214,10 +217,13 @@ def run_loop(
             state.sums, state.n_summed = {}, 0
             t_interval, steps_in_interval = time.perf_counter(), 0
         if state.step % config.eval_freq == 0 or last:
-            final_eval = _run_eval(config, ctx, state.step, reporter)
+            state.last_eval = _run_eval(config, ctx, state.step, reporter)
         if (config.save_freq and state.step % config.save_freq == 0) or last:
             reporter.checkpoint(state.step, state_dict(state, model, ctx.train_batches), final=last)
-    return final_eval
+    if not state.last_eval:
+        # Only a checkpoint from before `last_eval` was saved can end here without an eval.
+        state.last_eval = _run_eval(config, ctx, state.step, reporter)
+    return state.last_eval
 
 
 def _run_eval(config: Config, ctx: LoopContext, step: int, reporter: Reporter) -> dict[str, float]:

@@ -16,6 +16,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -24,14 +25,14 @@ import torch
 from matplotlib.figure import Figure
 
 from spd_ray.config import USER_ERRORS, Config, config_from_dict
-from spd_ray.train.rundir import RunDir, tune_malloc
+from spd_ray.io import child, write_text
+from spd_ray.train.rundir import RAY_SUBDIR, RunDir, tune_malloc
 from spd_ray.train.tracking import RunWriter
 
 if TYPE_CHECKING:
     from spd_ray.train.run import Outcome  # noqa: F401
 
 ERROR_FILE = "error.txt"
-RAY_SUBDIR = "ray"
 
 
 def ray_env() -> dict[str, str]:
@@ -70,11 +71,50 @@ def _recorded_cluster() -> str | None:
 
 
 FORWARDED_ENV_PREFIXES = ("SPD_RAY_", "HF_", "TRANSFORMERS_", "WANDB_", "RAY_TRAIN_")
+# Keys and tokens: a runtime env is stored by the cluster and shown on its dashboard, so these
+# never travel in one; a cluster gets them from its own environment (README: secrets).
+_SECRET_WORDS = {
+    "KEY",
+    "APIKEY",
+    "TOKEN",
+    "SECRET",
+    "PASSWORD",
+    "PASSWD",
+    "CREDENTIAL",
+    "CREDENTIALS",
+}
+
+
+def is_secret(name: str) -> bool:
+    """WANDB_API_KEY, HF_TOKEN, AWS_SECRET_ACCESS_KEY, ...: a word of the name says it."""
+    return any(word in _SECRET_WORDS for word in name.upper().split("_"))
 
 
 def forwarded_env() -> dict[str, str]:
-    """The driver's settings that the workers of an attached cluster must see too."""
-    return {k: v for k, v in os.environ.items() if k.startswith(FORWARDED_ENV_PREFIXES)}
+    """The driver's settings that the workers of an attached cluster must see too, less any
+    secret."""
+    return {
+        k: v
+        for k, v in os.environ.items()
+        if k.startswith(FORWARDED_ENV_PREFIXES) and not is_secret(k)
+    }
+
+
+def driver_secrets() -> tuple[str, ...]:
+    """Names (never values) of the secrets among the settings this driver would forward."""
+    return tuple(
+        sorted(k for k in os.environ if k.startswith(FORWARDED_ENV_PREFIXES) and is_secret(k))
+    )
+
+
+def _warn_missing_secrets(names: tuple[str, ...] | list[str]) -> None:
+    missing = [n for n in names if not os.environ.get(n)]
+    if missing:
+        say(
+            f"warning: {', '.join(missing)} set where spd-ray was started but not on this "
+            "worker's node; secrets are not sent through Ray - set them in the cluster's own "
+            "environment (README: Secrets on a cluster)"
+        )
 
 
 def local_cpus() -> int:
@@ -130,6 +170,19 @@ def connect_ray() -> None:
     _started_local = True
 
 
+def require_gpus(needed: int, what: str) -> None:
+    """Fail at once, naming `--gpu`, when the connected cluster has fewer GPUs than `needed`:
+    Ray would otherwise queue the work forever waiting for GPUs that never come."""
+    import ray
+
+    have = ray.cluster_resources().get("GPU", 0.0)
+    if have < needed:
+        raise ValueError(
+            f"--gpu: {what} needs {needed} GPU(s), but the Ray cluster has {have:g} "
+            "(drop --gpu, or attach to a cluster with GPUs through RAY_ADDRESS)"
+        )
+
+
 def is_local_cluster() -> bool:
     """True when the connected Ray has exactly one node, and it is this machine."""
     import ray
@@ -154,6 +207,7 @@ class WorkerArgs:
     threads: int
     use_gpu: bool
     require: tuple[str, ...] = ()
+    driver_secrets: tuple[str, ...] = ()  # names only: warn when a worker lacks one
     # ray.train.report blocks until the controller polls (up to its health-check interval), so a
     # plain run reports rarely (checkpoints always report); sweep trials report often for ASHA.
     report_interval_s: float = 30.0
@@ -252,20 +306,6 @@ class RayReporter:
         self.last_report = time.monotonic()
 
 
-def _newest_state(run_dir: RunDir) -> dict[str, Any] | None:
-    """The newer of Ray's latest checkpoint and the run directory's checkpoint.pt."""
-    import ray.train
-
-    candidates: list[dict[str, Any]] = []
-    ckpt = ray.train.get_checkpoint()
-    if ckpt is not None:
-        with ckpt.as_directory() as d:
-            candidates.append(torch.load(Path(d) / "checkpoint.pt", weights_only=False))
-    if run_dir.checkpoint_path.exists():
-        candidates.append(run_dir.load_checkpoint())
-    return max(candidates, key=lambda s: int(s["step"])) if candidates else None
-
-
 def load_target_once_per_node(config: Config, out_root: Path, local_rank: int) -> Any:
     """The target, fetched once per node: the node's first worker loads it (downloading a hub
     model into the node's Hugging Face cache, or training/finding a toy target), the others wait
@@ -287,8 +327,8 @@ def train_worker(args_dict: dict[str, Any]) -> None:
     """The function every Ray Train worker runs."""
     import ray.train
 
-    from spd_ray.train.loop import NonFiniteLossError, load_state, make_state, run_loop
-    from spd_ray.train.run import build_worker, summarize
+    from spd_ray.train.loop import NonFiniteLossError, run_loop
+    from spd_ray.train.run import build_worker, resume_state, summarize
 
     args = WorkerArgs(**args_dict)
     if not os.environ.get("SPD_RAY_VERBOSE"):
@@ -309,14 +349,11 @@ def train_worker(args_dict: dict[str, Any]) -> None:
     name = run_dir.path.name
     target = load_target_once_per_node(config, Path(args.out_root), ctx_train.get_local_rank())
     worker = build_worker(config, target, Path(args.out_root), device, rank, world)
-    state = make_state(config, worker.ctx)
-    saved = _newest_state(run_dir)
-    if saved is not None:
-        load_state(state, worker.model, worker.ctx.train_batches, saved)
-        if rank == 0:
-            run_dir.truncate_metrics_after(state.step)
-            say(f"[{name}] resumed from step {state.step}")
+    state = resume_state(config, worker, run_dir, device)
     if rank == 0:
+        if state.step:
+            say(f"[{name}] resumed from step {state.step}")
+        _warn_missing_secrets(args.driver_secrets)
         say(
             f"[{name}] {world} worker(s) on {device}, {torch.get_num_threads()} torch thread(s) "
             f"each; rank 0 pid {os.getpid()}"
@@ -340,7 +377,7 @@ def train_worker(args_dict: dict[str, Any]) -> None:
     except NonFiniteLossError as err:
         # Retrying would only repeat it: record why and end the run; the last good checkpoint stays.
         if rank == 0:
-            (run_dir.path / ERROR_FILE).write_text(str(err) + "\n")
+            write_text(run_dir.path / ERROR_FILE, str(err) + "\n")
     finally:
         if writer is not None:
             writer.close(summary)
@@ -455,6 +492,7 @@ def make_trainer(
             use_gpu=use_gpu,
             require=require,
             report_interval_s=report_interval_s,
+            driver_secrets=driver_secrets(),
         ).__dict__,
         scaling_config=ray.train.ScalingConfig(
             num_workers=workers,
@@ -551,57 +589,80 @@ def run_many(
     """Several runs (name, config), one TorchTrainer each, as many at once as the cluster's CPUs
     (or GPUs) allow. A run that fails - bad config, non-finite loss, too many worker failures -
     is reported as failed; the others go on."""
-    import ray
 
-    from spd_ray.train.run import Outcome, check_workers, prepare_ray_run
+    from spd_ray.train.run import Outcome, check_launch, claim, preflight, prepare_ray_run
     from spd_ray.train.rundir import output_root
 
     root = output_root(out)
     outcomes: dict[str, Outcome] = {}
     pending: list[tuple[Config, Outcome]] = []
-    for name, config in jobs:
-        try:
-            check_workers(config, workers)
-            outcome = prepare_ray_run(config, name, root, fresh)
-        except USER_ERRORS as e:
-            outcomes[name] = Outcome(name, root / name, error=" ".join(str(e).split()))
-            continue
-        outcomes[name] = outcome
-        if not outcome.already_finished:
-            pending.append((config, outcome))
-    if pending:
+    if use_gpu:
         connect_ray()
-        per_worker = cpus_per_worker or default_cpus_per_worker(workers, len(pending))
-        resources = ray.cluster_resources()
-        if use_gpu:
-            slots = int(resources.get("GPU", 0) // workers)
-        else:
-            slots = int(resources.get("CPU", 1) // (workers * per_worker))
-        slots = max(1, slots)
-        fit = ray.remote(num_cpus=0, max_retries=0)(_fit_remote)
-        running: dict[Any, Outcome] = {}
-        queue = list(pending)
-        while queue or running:
-            while queue and len(running) < slots:
-                config, outcome = queue.pop(0)
-                ref = fit.remote(
-                    config.model_dump(mode="json"),
-                    str(outcome.run_dir),
-                    str(root),
-                    workers,
-                    use_gpu,
-                    per_worker,
-                    max_failures,
-                )
-                running[ref] = outcome
-            done, _ = ray.wait(list(running), num_returns=1)
-            outcome = running.pop(done[0])
+        require_gpus(workers, f"--workers {workers}")
+    with ExitStack() as held:  # every run's lock, until all runs end
+        for name, config in jobs:
             try:
-                outcome.metrics, outcome.wall_s = ray.get(done[0])
-            except Exception as err:  # noqa: BLE001 - recorded in the outcome table
-                cause = getattr(err, "cause", None) or err
-                outcome.error = " ".join(str(cause).split())[:300] or type(cause).__name__
+                run_dir = RunDir(child(root, name, "--name"))
+                check_launch(config, workers, max_failures)
+                preflight(config)
+                with ExitStack() as one:
+                    one.enter_context(claim(run_dir))
+                    outcome = prepare_ray_run(config, run_dir, root, fresh)
+                    held.enter_context(one.pop_all())
+            except USER_ERRORS as e:
+                outcomes[name] = Outcome(name, root / name, error=" ".join(str(e).split()))
+                continue
+            outcomes[name] = outcome
+            if not outcome.already_finished:
+                pending.append((config, outcome))
+        _run_pending(pending, root, workers, use_gpu, cpus_per_worker, max_failures)
     return [outcomes[name] for name, _ in jobs]
+
+
+def _run_pending(
+    pending: list[tuple[Config, Outcome]],
+    root: Path,
+    workers: int,
+    use_gpu: bool,
+    cpus_per_worker: float | None,
+    max_failures: int,
+) -> None:
+    """The prepared runs of `run_many`, as many at once as the cluster allows."""
+    import ray
+
+    if not pending:
+        return
+    connect_ray()
+    per_worker = cpus_per_worker or default_cpus_per_worker(workers, len(pending))
+    resources = ray.cluster_resources()
+    if use_gpu:
+        slots = int(resources.get("GPU", 0) // workers)
+    else:
+        slots = int(resources.get("CPU", 1) // (workers * per_worker))
+    slots = max(1, slots)
+    fit = ray.remote(num_cpus=0, max_retries=0)(_fit_remote)
+    running: dict[Any, Outcome] = {}
+    queue = list(pending)
+    while queue or running:
+        while queue and len(running) < slots:
+            config, outcome = queue.pop(0)
+            ref = fit.remote(
+                config.model_dump(mode="json"),
+                str(outcome.run_dir),
+                str(root),
+                workers,
+                use_gpu,
+                per_worker,
+                max_failures,
+            )
+            running[ref] = outcome
+        done, _ = ray.wait(list(running), num_returns=1)
+        outcome = running.pop(done[0])
+        try:
+            outcome.metrics, outcome.wall_s = ray.get(done[0])
+        except Exception as err:  # noqa: BLE001 - recorded in the outcome table
+            cause = getattr(err, "cause", None) or err
+            outcome.error = " ".join(str(cause).split())[:300] or type(cause).__name__
 
 
 def format_outcomes(outcomes: list[Outcome]) -> str:

@@ -8,9 +8,10 @@ the in-process entry point that writes the run directory itself.
 from __future__ import annotations
 
 import os
-import shutil
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -20,6 +21,7 @@ from matplotlib.figure import Figure
 from torch import nn
 from tqdm import tqdm
 
+from spd_ray.argtypes import MAX_FAILURES_LIMIT
 from spd_ray.config import (
     Config,
     IHTargetConfig,
@@ -27,6 +29,7 @@ from spd_ray.config import (
     LMTaskConfig,
     ResidMLPTargetConfig,
     TMSTargetConfig,
+    config_hash,
 )
 from spd_ray.core.masks import Noise
 from spd_ray.core.model import ComponentModel
@@ -34,10 +37,11 @@ from spd_ray.core.step import build_component_model
 from spd_ray.data.ih import IHBatches, make_ih_task
 from spd_ray.data.toy import ToyBatches, make_toy_dataset
 from spd_ray.evals.evaluate import check_eval_metrics, evaluate
-from spd_ray.targets import cached_target_path, load_target
+from spd_ray.io import child
+from spd_ray.targets import cached_target_path, load_target, target_fingerprint
 from spd_ray.targets.hf import max_positions, resolve_name, vocab_size
 from spd_ray.targets.loading import build_toy
-from spd_ray.train.loop import LoopContext, load_state, make_state, run_loop
+from spd_ray.train.loop import LoopContext, LoopState, load_state, make_state, run_loop
 from spd_ray.train.rundir import RunDir, output_root, tune_malloc
 from spd_ray.train.tracking import RunWriter
 
@@ -307,6 +311,58 @@ def summarize(
     return summary
 
 
+def resume_state(config: Config, worker: Worker, run_dir: RunDir, device: Any) -> LoopState:
+    """The loop state a run starts from - its newest readable checkpoint, else a fresh state - with
+    `metrics.jsonl` cut back to that step on the writing rank: every start of every path
+    (in-process, Ray worker, restarted worker group, sweep trial) goes through here."""
+    state = make_state(config, worker.ctx)
+    saved = run_dir.newest_state(device)
+    if saved is not None:
+        load_state(state, worker.model, worker.ctx.train_batches, saved)
+    if worker.ctx.rank == 0:
+        run_dir.start_at(state.step)
+    return state
+
+
+def describe_target(config: Config) -> str:
+    if config.pretrained_model_name is not None:
+        return config.pretrained_model_name
+    if config.pretrained_model_path is not None:
+        return config.pretrained_model_path
+    assert config.target_model is not None
+    return f"{type(config.target_model).__name__} {config_hash(config.target_model)}"
+
+
+@contextmanager
+def claim(run_dir: RunDir) -> Iterator[None]:
+    """Hold the run's lock for the block (a second command on the run fails at once, naming this
+    one). A folder made only to hold the lock is removed again when the block fails before the
+    run was initialised, so bad input leaves nothing behind."""
+    made = not run_dir.path.exists()
+    lock = run_dir.lock().acquire()
+    try:
+        yield
+    except BaseException:
+        if made and not run_dir.exists():
+            run_dir.clear()
+            lock.path.unlink(missing_ok=True)
+            run_dir.path.rmdir()
+        raise
+    finally:
+        lock.release()
+
+
+def open_run(config: Config, run_dir: RunDir, root: Path, fingerprint: str, fresh: bool) -> None:
+    """With the run's lock held and the config validated: `--fresh` clears the old run, then
+    config.yaml, the target's fingerprint and a copy of a toy target's file are recorded (or,
+    on a rerun, checked against the run's own)."""
+    if fresh:
+        run_dir.clear()
+    run_dir.init(config)
+    run_dir.check_target(fingerprint, describe_target(config))
+    copy_target_file(config, root, run_dir)
+
+
 def decompose(
     config: Config,
     target: nn.Module | None = None,
@@ -323,53 +379,53 @@ def decompose(
     behave like the originals outside SPD forwards).
 
     Rerunning with the same `name` and `out` resumes from the run's checkpoint; `fresh=True` deletes
-    the old run first. Returns the final eval metrics and the trained model.
+    the old run first (once the config is known to be good). Returns the final eval metrics and the
+    trained model.
     """
     tune_malloc()
     root = output_root(out)
-    run_name = name or default_run_name("run")
-    run_dir = RunDir(root / run_name)
-    if fresh and run_dir.path.exists():
-        shutil.rmtree(run_dir.path)
+    run_name = default_run_name("run") if name is None else name
+    run_dir = RunDir(child(root, run_name, "name"))
     if target is None:
         preflight(config)
-        target = load_target(config, root)
-    worker = build_worker(config, target, root, device)  # validates modules and metrics first
-    run_dir.init(config)
-    copy_target_file(config, root, run_dir)
-    state = make_state(config, worker.ctx)
-    result = RunResult(run_name, run_dir.path, model=worker.model)
-    if run_dir.checkpoint_path.exists():
-        load_state(state, worker.model, worker.ctx.train_batches, run_dir.load_checkpoint(device))
-        result.resumed_from = state.step
+    with claim(run_dir):
+        if target is None:
+            target = load_target(config, root)
+        fingerprint = target_fingerprint(target)  # before build_worker wraps its modules
+        worker = build_worker(config, target, root, device)  # validates modules and metrics first
+        open_run(config, run_dir, root, fingerprint, fresh)
+        state = resume_state(config, worker, run_dir, device)
+        result = RunResult(run_name, run_dir.path, model=worker.model, resumed_from=state.step)
         if run_dir.finished() and state.step >= config.steps:
             result.metrics = run_dir.read_summary()["final_eval"]
             result.already_finished = True
             return result
-        run_dir.truncate_metrics_after(state.step)
-    reporter = LocalReporter(run_dir, config, progress, state.step)
-    worker.ctx.on_step = reporter.on_step
-    t0 = time.perf_counter()
-    summary: dict[str, Any] | None = None
-    try:
-        result.metrics = run_loop(config, worker.ctx, state, reporter)
-        result.wall_s = time.perf_counter() - t0
-        summary = summarize(run_dir, result.metrics, result.wall_s, 1)
-        run_dir.write_summary(summary)
-    finally:
-        reporter.close(summary)
-    return result
+        reporter = LocalReporter(run_dir, config, progress, state.step)
+        worker.ctx.on_step = reporter.on_step
+        t0 = time.perf_counter()
+        summary: dict[str, Any] | None = None
+        try:
+            result.metrics = run_loop(config, worker.ctx, state, reporter)
+            result.wall_s = time.perf_counter() - t0
+            summary = summarize(run_dir, result.metrics, result.wall_s, 1)
+            run_dir.write_summary(summary)
+        finally:
+            reporter.close(summary)
+        return result
 
 
 def copy_target_file(config: Config, root: Path, run_dir: RunDir) -> None:
     """Keep the toy target's file beside the run so the run directory loads on its own."""
-    dest = run_dir.path / "target.pt"
-    if dest.exists():
-        return
     if config.pretrained_model_path is not None:
-        shutil.copyfile(config.pretrained_model_path, dest)
+        run_dir.copy_target(Path(config.pretrained_model_path))
     elif isinstance(config.target_model, TMSTargetConfig | ResidMLPTargetConfig):
-        shutil.copyfile(cached_target_path(config.target_model, root), dest)
+        run_dir.copy_target(cached_target_path(config.target_model, root))
+
+
+def check_launch(config: Config, workers: int, max_failures: int) -> None:
+    check_workers(config, workers)
+    if not 0 <= max_failures <= MAX_FAILURES_LIMIT:
+        raise ValueError(f"--max-failures must be between 0 and {MAX_FAILURES_LIMIT}")
 
 
 def run_experiment(
@@ -386,10 +442,17 @@ def run_experiment(
 ) -> Outcome:
     """What `spd-ray run` does: the run on Ray Train (or in this process), resumable by name."""
     root = output_root(out)
-    check_workers(config, workers)
+    run_dir = RunDir(child(root, name, "--name"))
+    check_launch(config, workers, max_failures)
+    if cpus_per_worker is not None and not cpus_per_worker > 0:
+        raise ValueError(f"--cpus-per-worker must be > 0 (got {cpus_per_worker})")
     if in_process:
         if workers != 1:
             raise ValueError("--in-process runs exactly one worker")
+        if use_gpu and not torch.cuda.is_available():
+            raise ValueError(
+                "--gpu: this machine has no CUDA GPU (torch.cuda.is_available() is False)"
+            )
         threads = int(os.environ.get("SPD_RAY_THREADS", "0")) or os.cpu_count() or 1
         torch.set_num_threads(threads)
         device = "cuda" if use_gpu else "cpu"
@@ -398,17 +461,21 @@ def run_experiment(
             name, r.run_dir, r.metrics, r.resumed_from, r.already_finished, wall_s=r.wall_s
         )
 
-    from spd_ray.train.ray_driver import run_on_ray
+    from spd_ray.train.ray_driver import connect_ray, require_gpus, run_on_ray
 
     t0 = time.perf_counter()
-    outcome = prepare_ray_run(config, name, root, fresh)
-    if outcome.already_finished:
+    preflight(config)
+    if use_gpu:
+        connect_ray()
+        require_gpus(workers, f"--workers {workers}")
+    with claim(run_dir):
+        outcome = prepare_ray_run(config, run_dir, root, fresh)
+        if outcome.already_finished:
+            return outcome
+        run_on_ray(config, run_dir, root, workers, use_gpu, cpus_per_worker, max_failures)
+        outcome.metrics = run_dir.read_summary()["final_eval"]
+        outcome.wall_s = time.perf_counter() - t0
         return outcome
-    run_dir = RunDir(outcome.run_dir)
-    run_on_ray(config, run_dir, root, workers, use_gpu, cpus_per_worker, max_failures)
-    outcome.metrics = run_dir.read_summary()["final_eval"]
-    outcome.wall_s = time.perf_counter() - t0
-    return outcome
 
 
 def check_workers(config: Config, workers: int) -> None:
@@ -418,19 +485,18 @@ def check_workers(config: Config, workers: int) -> None:
         raise ValueError(f"batch_size {config.batch_size} is not divisible by --workers {workers}")
 
 
-def prepare_ray_run(config: Config, name: str, root: Path, fresh: bool) -> Outcome:
-    """Driver-side work before the workers start: validate, train (or find) the target, create
-    the run directory; says whether the run already finished."""
-    run_dir = RunDir(root / name)
-    if fresh and run_dir.path.exists():
-        shutil.rmtree(run_dir.path)
+def prepare_ray_run(config: Config, run_dir: RunDir, root: Path, fresh: bool) -> Outcome:
+    """Driver-side work before the workers start, with the run's lock held: validate, train (or
+    find) the target, open the run directory; says whether the run already finished."""
     preflight(config)
-    load_target(config, root)  # trained once here and cached; the workers load the cached file
-    run_dir.init(config)
-    copy_target_file(config, root, run_dir)
-    outcome = Outcome(name, run_dir.path)
-    if run_dir.checkpoint_path.exists():
-        outcome.resumed_from = int(run_dir.load_checkpoint()["step"])
+    target = load_target(config, root)  # trained once here and cached; the workers load the file
+    fingerprint = target_fingerprint(target)
+    build_component_model(config, target)  # any target: bad module patterns fail before --fresh
+    open_run(config, run_dir, root, fingerprint, fresh)
+    outcome = Outcome(run_dir.path.name, run_dir.path)
+    saved = run_dir.newest_state()
+    if saved is not None:
+        outcome.resumed_from = int(saved["step"])
         if run_dir.finished() and outcome.resumed_from >= config.steps:
             outcome.metrics = run_dir.read_summary()["final_eval"]
             outcome.already_finished = True

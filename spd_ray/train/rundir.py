@@ -1,7 +1,16 @@
 """The run directory contract: config.yaml, metrics.jsonl, summary.json, figures/, checkpoint.pt.
 
-Only this module (and the CLI) writes files for a run. Checkpoints are written atomically (temp file
-+ rename), so an interrupted save never leaves a broken checkpoint behind.
+Only this module (and the CLI) writes files for a run, and it keeps these promises:
+- every replaced file (config, checkpoint, summary, target copy) is replaced atomically and durably;
+- `metrics.jsonl` is append-only; a torn last line (kill, full disk) is skipped by readers and cut
+  by the next start, and every start cuts it back to the step it starts from, so each (step,
+  metric) appears once however often a run is interrupted or restarted;
+- metrics are fsynced before each checkpoint, so a checkpoint never holds a step whose metrics are
+  lost;
+- a new checkpoint keeps the previous one (`checkpoint.prev.pt`); loading takes the newest readable
+  one of those and Ray's copies under `ray/`, with a warning for each unreadable one, and loads
+  tensors and plain containers only (`weights_only=True`: no code runs from a checkpoint file);
+- one command at a time holds a run (`lock()`).
 """
 
 from __future__ import annotations
@@ -9,7 +18,9 @@ from __future__ import annotations
 import ctypes
 import json
 import os
+import shutil
 import sys
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -18,12 +29,47 @@ import yaml
 from matplotlib.figure import Figure
 
 from spd_ray.config import Config, ConfigError, config_from_dict, save_config
-from spd_ray.io import atomic_write
+from spd_ray.io import (
+    Lock,
+    append_jsonl,
+    copy_file,
+    fsync_path,
+    read_jsonl,
+    rewrite_jsonl,
+    write_json,
+)
 
 CHECKPOINT = "checkpoint.pt"
 SUMMARY = "summary.json"
 METRICS = "metrics.jsonl"
 CONFIG = "config.yaml"
+PREV_CHECKPOINT = "checkpoint.prev.pt"
+TARGET_COPY = "target.pt"
+TARGET_INFO = "target.json"
+LOCK = ".lock"
+RAY_SUBDIR = "ray"
+
+
+class CheckpointError(ValueError):
+    """No checkpoint of a run could be read."""
+
+
+def load_state_file(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """A checkpoint file's state: tensors and plain containers only (`weights_only=True`), so a
+    crafted file cannot run code."""
+    state = torch.load(path, map_location=map_location, weights_only=True)
+    if not isinstance(state, dict) or "step" not in state:
+        raise CheckpointError(f"{path} is not a spd-ray checkpoint (no step)")
+    return state  # type: ignore[no-any-return]
+
+
+def warn(line: str) -> None:
+    sys.stderr.write(f"warning: {line}\n")
+    sys.stderr.flush()
+
+
+def _one_line(err: BaseException) -> str:
+    return " ".join(str(err).split())[:200] or type(err).__name__
 
 
 def output_root(out: str | Path | None = None) -> Path:
@@ -70,6 +116,20 @@ class RunDir:
     def figures_dir(self) -> Path:
         return self.path / "figures"
 
+    def lock(self) -> Lock:
+        """The advisory lock that one command holds while it writes this run."""
+        return Lock(self.path / LOCK, f"run {self.path}")
+
+    def clear(self) -> None:
+        """Remove everything in the run but its lock (`--fresh`, with the lock held)."""
+        for entry in self.path.iterdir():
+            if entry.name == LOCK:
+                continue
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+
     def exists(self) -> bool:
         return (self.path / CONFIG).exists()
 
@@ -95,25 +155,29 @@ class RunDir:
         self.path.mkdir(parents=True, exist_ok=True)
         save_config(config, self.path / CONFIG)
 
-    def truncate_metrics_after(self, step: int) -> None:
-        """Drop metrics logged after `step` (work lost with the interrupted process) before
-        resuming."""
+    def start_at(self, step: int) -> None:
+        """Cut `metrics.jsonl` back to what a run starting at `step` keeps: nothing for a start at
+        step 0 (its warmup and first eval are logged again), else every row up to and including
+        `step` (the checkpoint's step was fully logged before it was saved). Also drops a torn
+        last line. Called on every start, with or without a checkpoint."""
         path = self.path / METRICS
         if not path.exists():
             return
-        lines = path.read_text().splitlines()
-        kept = [ln for ln in lines if ln.strip() and json.loads(ln)["step"] <= step]
-        atomic_write(path, lambda p: p.write_text("".join(ln + "\n" for ln in kept)))
+        rows = read_jsonl(path)
+        kept = [r for r in rows if step > 0 and r["step"] <= step]
+        if len(kept) != len(rows) or not path.read_bytes().endswith(b"\n"):
+            rewrite_jsonl(path, kept)
 
     def append_metrics(self, step: int, metrics: dict[str, float]) -> None:
-        with (self.path / METRICS).open("a") as f:
-            f.write(json.dumps({"step": step, **metrics}) + "\n")
+        append_jsonl(self.path / METRICS, {"step": step, **metrics})
+
+    def sync_metrics(self) -> None:
+        path = self.path / METRICS
+        if path.exists():
+            fsync_path(path)
 
     def read_metrics(self) -> list[dict[str, Any]]:
-        path = self.path / METRICS
-        if not path.exists():
-            return []
-        return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
+        return read_jsonl(self.path / METRICS)
 
     def save_figures(self, step: int, figures: dict[str, Figure]) -> None:
         from spd_ray.evals.figures import save_figures
@@ -121,15 +185,84 @@ class RunDir:
         save_figures(figures, self.figures_dir, step)
 
     def save_checkpoint(self, state: dict[str, Any]) -> None:
-        atomic_write(self.checkpoint_path, lambda p: torch.save(state, p))
+        """Metrics first, then the checkpoint through a synced temp file; the one it replaces is
+        kept as `checkpoint.prev.pt` (a fallback should the new one ever be unreadable)."""
+        self.sync_metrics()
+        tmp = self.path / f".{CHECKPOINT}.{os.getpid()}.{uuid.uuid4().hex}.tmp"
+        try:
+            torch.save(state, tmp)
+            fsync_path(tmp)
+            if self.checkpoint_path.exists():
+                os.replace(self.checkpoint_path, self.path / PREV_CHECKPOINT)
+            os.replace(tmp, self.checkpoint_path)
+            fsync_path(self.path)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def checkpoint_files(self) -> list[Path]:
+        """Every checkpoint of the run on disk, newest first: checkpoint.pt, the previous one and
+        Ray's copies."""
+        found = [self.checkpoint_path, self.path / PREV_CHECKPOINT]
+        found += self.path.glob(f"{RAY_SUBDIR}/checkpoint_*/{CHECKPOINT}")
+        existing = []
+        for path in found:
+            try:
+                existing.append((path.stat().st_mtime_ns, path))
+            except FileNotFoundError:
+                continue
+        return [p for _, p in sorted(existing, key=lambda t: t[0], reverse=True)]
+
+    def has_checkpoint(self) -> bool:
+        return bool(self.checkpoint_files())
+
+    def newest_state(self, map_location: str | torch.device = "cpu") -> dict[str, Any] | None:
+        """The newest readable checkpoint's state, None when the run has none. An unreadable file
+        (truncated, corrupt, not a checkpoint) is skipped with a one-line warning; when every file
+        is unreadable, a CheckpointError names them."""
+        failures = []
+        for path in self.checkpoint_files():
+            try:
+                state = load_state_file(path, map_location)
+            except Exception as err:  # noqa: BLE001 - any unreadable file: try the next one
+                failures.append(f"{path}: {_one_line(err)}")
+                warn(f"skipping unreadable checkpoint {path} ({_one_line(err)})")
+                continue
+            return state
+        if failures:
+            raise CheckpointError(f"no readable checkpoint in {self.path}: {'; '.join(failures)}")
+        return None
 
     def load_checkpoint(self, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-        if not self.checkpoint_path.exists():
+        state = self.newest_state(map_location)
+        if state is None:
             raise FileNotFoundError(f"no checkpoint in {self.path} ({CHECKPOINT} missing)")
-        return torch.load(self.checkpoint_path, map_location=map_location, weights_only=False)  # type: ignore[no-any-return]
+        return state
+
+    def copy_target(self, source: Path) -> None:
+        """Keep the target's file beside the run (atomically: never a torn copy)."""
+        dest = self.path / TARGET_COPY
+        if not dest.exists():
+            copy_file(source, dest)
+
+    def check_target(self, fingerprint: str, describe: str, record: bool = True) -> None:
+        """Refuse a target whose fingerprint differs from the one this run recorded; with
+        `record`, record it when the run has none yet (readers pass False)."""
+        path = self.path / TARGET_INFO
+        if path.exists():
+            old = json.loads(path.read_text())
+            if old["fingerprint"] != fingerprint:
+                raise ConfigError(
+                    f"{self.path} decomposed a target with fingerprint {old['fingerprint']} "
+                    f"({old.get('source', '?')}), but the target now loaded ({describe}) has "
+                    f"fingerprint {fingerprint}: it was rebuilt or changed; restore it, or start "
+                    "a new run (--fresh or another --name)"
+                )
+            return
+        if record:
+            write_json(path, {"fingerprint": fingerprint, "source": describe})
 
     def write_summary(self, summary: dict[str, Any]) -> None:
-        atomic_write(self.path / SUMMARY, lambda p: p.write_text(json.dumps(summary, indent=2)))
+        write_json(self.path / SUMMARY, summary)
 
     def read_summary(self) -> dict[str, Any]:
         return json.loads((self.path / SUMMARY).read_text())  # type: ignore[no-any-return]

@@ -1,9 +1,9 @@
 """Experiment trackers beside the run directory: TensorBoard always, wandb when the config asks.
 
 Only the process that writes the run directory (rank 0) creates a `Trackers`. TensorBoard event
-files go to `<run>/tb/`, so `tensorboard --logdir <out>` shows every run under an output root. A
-resumed run purges the events logged after its checkpoint (`purge_step`), so curves never hold the
-lost steps twice.
+files go to `<run>/tb/`, so `tensorboard --logdir <out>` shows every run under an output root. Every
+start purges the events logged after the step it starts from (`purge_step`: all of them for a start
+at step 0, those after the checkpoint's step on a resume), so curves never hold a step twice.
 
 wandb is used when `config.wandb_project` is set: rank 0 calls `wandb.init` itself (Ray's
 `setup_wandb` creates one run per rank under Train V2). Without an API key (no `WANDB_API_KEY`,
@@ -49,7 +49,8 @@ class Trackers:
 
         self.tb = SummaryWriter(
             str(run_path / TB_SUBDIR),
-            purge_step=start_step if start_step > 0 else None,
+            # TensorBoard drops events at steps >= purge_step; the checkpoint's own step stays.
+            purge_step=start_step + 1 if start_step > 0 else 0,
             flush_secs=10,
         )
         self.wandb: Any = None
