@@ -21,6 +21,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from spd_ray.config import Config, save_config
+from spd_ray.io import atomic_write
 from spd_ray.sweep.trials import short_key, trial_config
 
 Direction = Literal["min", "max"]
@@ -200,11 +201,13 @@ def write_table(rows: Sequence[TrialRow], path: Path) -> list[Path]:
     """`path` (.csv) and, when pyarrow is installed, the same table beside it as .parquet."""
     assert path.suffix == ".csv", f"{path}: the table is written as .csv"
     frame = table_frame(rows)
-    frame.to_csv(path, index=False)
+    # Replaced whole: `sweep-status` reads the table while the sweep rewrites it.
+    atomic_write(path, lambda p: frame.to_csv(p, index=False))
     written = [path]
     if importlib.util.find_spec("pyarrow") is not None:
-        frame.to_parquet(path.with_suffix(".parquet"), index=False)
-        written.append(path.with_suffix(".parquet"))
+        parquet = path.with_suffix(".parquet")
+        atomic_write(parquet, lambda p: frame.to_parquet(p, index=False))
+        written.append(parquet)
     return written
 
 
@@ -276,19 +279,18 @@ def write_best_configs(
     the first objective): `base_config` with the trial's params, runnable by `spd-ray run`.
 
     `base_config` must be the config the trials started from (launch overrides included).
-    Earlier best/pareto files in `out_dir` are removed so the folder shows this front only.
+    Each file is replaced atomically; earlier best/pareto files that are not part of this front
+    are removed only after the new ones are in place, so a crash never leaves no best config.
     """
+    best = best_rows(rows, objectives)  # raises before any file is touched
     out_dir.mkdir(parents=True, exist_ok=True)
-    for old in [*out_dir.glob("pareto_*.yaml"), *out_dir.glob("best.yaml")]:
-        old.unlink()
     names = ", ".join(f"{m} ({d})" for m, d in objectives)
     written = []
-    best = best_rows(rows, objectives)
     for n, i in enumerate(best):
         row = rows[i]
         name = "best.yaml" if len(objectives) == 1 else f"pareto_{n}.yaml"
         path = out_dir / name
-        save_config(trial_config(base_config, row["params"], f"trial {row['trial_id']}"), path)
+        config = trial_config(base_config, row["params"], f"trial {row['trial_id']}")
         scores = ", ".join(f"{m}={_fmt(row['metrics'][m])}" for m, _ in objectives)
         params = ", ".join(f"{k}={_fmt(v)}" for k, v in row["params"].items())
         kind = "Best trial" if len(objectives) == 1 else f"Pareto trial {n + 1}/{len(best)}"
@@ -297,8 +299,16 @@ def write_best_configs(
             f"# Params:   {params}\n"
             f"# Launch:   spd-ray run {path}\n"
         )
-        path.write_text(header + path.read_text())
+
+        def write(tmp: Path, config: Config = config, header: str = header) -> None:
+            save_config(config, tmp)
+            tmp.write_text(header + tmp.read_text())
+
+        atomic_write(path, write)
         written.append(path)
+    for old in [*out_dir.glob("pareto_*.yaml"), *out_dir.glob("best.yaml")]:
+        if old not in written:
+            old.unlink()
     return written
 
 
@@ -346,7 +356,8 @@ def plot_objectives(rows: Sequence[TrialRow], objectives: Sequence[Objective], p
     ax.set_title(f"{len(done)} trials" + (f" ({failed} without objectives)" if failed else ""))
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, format="png")
+    # The format is explicit: the temporary file's name ends in .tmp.
+    atomic_write(path, lambda p: fig.savefig(p, format="png"))
     return path
 
 

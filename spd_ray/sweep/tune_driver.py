@@ -2,12 +2,13 @@
 
 Layout of `<out>/<sweep name>/`:
 - `sweep.json`: what was asked (experiment, space, objectives, ...); a rerun must match it.
+- `.lock`: held by the live `spd-ray sweep` (pid, host, command), so a second one stops at once.
 - `trials/<trial id>/`: each trial's run directory (the run contract: config.yaml, metrics.jsonl,
   summary.json, tb/ events, checkpoint.pt), so `load_run` and TensorBoard work on it.
 - `tune/`: Ray Tune's experiment state (`Tuner.restore` continues from it).
 - `study.db`: the Optuna study (SQLite; `optuna-dashboard sqlite:///.../study.db`).
-- `results.csv` (+ parquet), `best.yaml` or `pareto_<i>.yaml`, `objectives.png`: rewritten as
-  trials finish and at the end.
+- `results.csv` (+ parquet), `best.yaml` or `pareto_<i>.yaml`, `objectives.png`: replaced
+  atomically as trials finish and at the end (`sweep-status` never reads a partial table).
 
 Search: a space made only of `values` leaves runs as a grid (Tune's variant generator, every
 combination once). Otherwise Optuna's TPE sampler picks `--trials` configs - multi-objective when
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -30,6 +32,7 @@ from typing import Any
 import torch
 
 from spd_ray.config import Config, ConfigError, config_from_dict
+from spd_ray.io import Lock, child, write_json, write_text
 from spd_ray.sweep.results import (
     Objective,
     TrialRow,
@@ -45,6 +48,7 @@ from spd_ray.sweep.trials import trial_config, validate_space
 from spd_ray.train.rundir import RunDir, output_root
 
 SPEC_FILE = "sweep.json"
+LOCK_FILE = ".lock"
 TABLE = "results.csv"
 TUNE_SUBDIR = "tune"
 DEFAULT_OBJECTIVES: list[Objective] = [
@@ -103,12 +107,14 @@ def _trial_run_dir(sweep_dir: Path, trial_id: str) -> RunDir:
 
 def sweep_trial(params: dict[str, Any], spec: dict[str, Any], sweep_dir: str, cpus: float) -> None:
     """One Tune trial: the base config with `params`, trained in its own run directory; `cpus`
-    is what the trial (one worker) or each of its Train workers holds."""
+    is what the trial (one worker) or each of its Train workers holds. The sweep's lock covers
+    its trials; a restarted trial resumes like any run (`resume_state`)."""
     from ray import tune
 
-    from spd_ray.train.loop import NonFiniteLossError, load_state, make_state, run_loop
-    from spd_ray.train.ray_driver import RayReporter
-    from spd_ray.train.run import build_worker, copy_target_file, summarize
+    from spd_ray.targets import load_target, target_fingerprint
+    from spd_ray.train.loop import NonFiniteLossError, run_loop
+    from spd_ray.train.ray_driver import ERROR_FILE, RayReporter
+    from spd_ray.train.run import build_worker, copy_target_file, open_run, resume_state, summarize
     from spd_ray.train.rundir import tune_malloc
     from spd_ray.train.tracking import RunWriter
 
@@ -116,25 +122,25 @@ def sweep_trial(params: dict[str, Any], spec: dict[str, Any], sweep_dir: str, cp
     config = trial_config(config_from_dict(s.base_config), params)
     trial_id = tune.get_context().get_trial_id()
     run_dir = _trial_run_dir(Path(sweep_dir), trial_id)
-    run_dir.init(config)
     root = Path(sweep_dir).parent
-    copy_target_file(config, root, run_dir)
     if s.workers_per_trial > 1:
+        run_dir.init(config)
+        copy_target_file(config, root, run_dir)
         _trial_on_train(config, run_dir, root, s, cpus)
         return
 
     tune_malloc()
     torch.set_num_threads(max(1, int(cpus)))
     device = torch.device("cuda" if s.gpu and torch.cuda.is_available() else "cpu")
-    worker = build_worker(config, None, root, device)
-    state = make_state(config, worker.ctx)
-    if run_dir.checkpoint_path.exists():
-        load_state(state, worker.model, worker.ctx.train_batches, run_dir.load_checkpoint(device))
-        run_dir.truncate_metrics_after(state.step)
-        if run_dir.finished() and state.step >= config.steps:
-            done = run_dir.read_summary()
-            tune.report({"step": state.step, **done["final_eval"]})
-            return
+    target = load_target(config, root, progress=False)
+    fingerprint = target_fingerprint(target)
+    worker = build_worker(config, target, root, device)
+    open_run(config, run_dir, root, fingerprint, fresh=False)
+    state = resume_state(config, worker, run_dir, device)
+    if run_dir.finished() and state.step >= config.steps:
+        done = run_dir.read_summary()
+        tune.report({"step": state.step, **done["final_eval"]})
+        return
     writer = RunWriter(run_dir, config, state.step)
     objectives = tuple(m for m, _ in s.objectives)
     # Every log point reports (a function trial's report is cheap), so ASHA sees every rung.
@@ -148,7 +154,7 @@ def sweep_trial(params: dict[str, Any], spec: dict[str, Any], sweep_dir: str, cp
         summary = summarize(run_dir, final, time.perf_counter() - t0, 1)
         run_dir.write_summary(summary)
     except NonFiniteLossError as err:
-        (run_dir.path / "error.txt").write_text(str(err) + "\n")
+        write_text(run_dir.path / ERROR_FILE, str(err) + "\n")
         raise
     finally:
         writer.close(summary)
@@ -260,6 +266,58 @@ class SweepOutcome:
     complete: bool
 
 
+def _check_args(
+    trials: int,
+    concurrent: int | None,
+    workers_per_trial: int,
+    steps: int | None,
+    objectives: list[Objective],
+    scheduler: str,
+) -> None:
+    """Every argument, before anything is written: a bad one must not leave a half-made sweep."""
+    for flag, value in (("--trials", trials), ("--workers-per-trial", workers_per_trial)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{flag} must be an integer >= 1, not {value!r}")
+    for flag, maybe in (("--concurrent", concurrent), ("--steps", steps)):
+        if maybe is not None and (
+            isinstance(maybe, bool) or not isinstance(maybe, int) or maybe < 1
+        ):
+            raise ValueError(f"{flag} must be an integer >= 1 (or left out), not {maybe!r}")
+    if scheduler not in ("asha", "none"):
+        raise ValueError(f"--scheduler must be asha or none, not {scheduler!r}")
+    if not objectives:
+        raise ValueError("--objective: at least one objective is needed")
+    for metric, direction in objectives:
+        if not metric or direction not in ("min", "max"):
+            raise ValueError(f"--objective {metric}:{direction}: expected <metric>:min or :max")
+    metrics = [m for m, _ in objectives]
+    if len(set(metrics)) != len(metrics):
+        raise ValueError(f"--objective: a metric is given twice ({', '.join(metrics)})")
+    if scheduler == "asha" and len(objectives) > 1:
+        raise ValueError(
+            "--scheduler asha needs exactly one --objective (ASHA ranks on one metric)"
+        )
+
+
+def _default_name(experiment: str) -> str:
+    # A config path's stem may hold characters a name may not; the name must stay one segment.
+    stem = re.sub(r"[^A-Za-z0-9._-]", "_", experiment)
+    return f"sweep-{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def _save_spec(path: Path, spec: SweepSpec) -> bool:
+    """Check a rerun against the stored spec, and (re)write it only when it is new or changed, so
+    a plain rerun leaves sweep.json as it was. Returns True when it wrote."""
+    data = json.loads(json.dumps(asdict(spec)))
+    if path.exists():
+        old = json.loads(path.read_text())
+        _check_resume(old, spec, path)
+        if old == data:
+            return False
+    write_json(path, data)
+    return True
+
+
 def run_sweep(
     target: str,
     space_file: str | Path,
@@ -278,17 +336,14 @@ def run_sweep(
 ) -> SweepOutcome:
     from spd_ray.registry import load_experiment
     from spd_ray.targets import load_target
+    from spd_ray.train.ray_driver import connect_ray, require_gpus
     from spd_ray.train.run import preflight
 
+    root = output_root(out)
+    if name is not None:
+        child(root, name, "--name")
     objectives = list(objectives or DEFAULT_OBJECTIVES)
-    if scheduler not in ("asha", "none"):
-        raise ValueError(f"--scheduler must be asha or none, not {scheduler!r}")
-    if scheduler == "asha" and len(objectives) > 1:
-        raise ValueError(
-            "--scheduler asha needs exactly one --objective (ASHA ranks on one metric)"
-        )
-    if trials < 1 or workers_per_trial < 1:
-        raise ValueError("--trials and --workers-per-trial must be >= 1")
+    _check_args(trials, concurrent, workers_per_trial, steps, objectives, scheduler)
     extra = [*(overrides or []), *([f"steps={steps}"] if steps is not None else [])]
     experiment, base = load_experiment(target, extra)
     if base.batch_size % workers_per_trial:
@@ -299,9 +354,8 @@ def run_sweep(
     space = load_space(space_file, experiment)
     validate_space(base, space)
     preflight(base)
-    root = output_root(out)
-    sweep_name = name or f"sweep-{experiment}-{time.strftime('%Y%m%d-%H%M%S')}"
-    sweep_dir = root / sweep_name
+    sweep_name = name or _default_name(experiment)
+    sweep_dir = child(root, sweep_name, "--name")
     spec = SweepSpec(
         experiment=experiment,
         target=str(target),
@@ -317,13 +371,19 @@ def run_sweep(
         seed=seed,
         base_config=base.model_dump(mode="json"),
     )
-    spec_path = sweep_dir / SPEC_FILE
-    if spec_path.exists():
-        _check_resume(json.loads(spec_path.read_text()), spec, spec_path)
-    sweep_dir.mkdir(parents=True, exist_ok=True)
-    spec_path.write_text(json.dumps(asdict(spec), indent=2))
-    load_target(base, root)  # train (or find) the target once, before the trials
-    return _fit(spec, space, sweep_dir, sweep_name)
+    if gpu:
+        # Before any file: without GPUs the trials would wait in Tune's queue forever.
+        connect_ray()
+        require_gpus(_gpus_needed(spec), "the sweep")
+    with Lock(sweep_dir / LOCK_FILE, f"sweep {sweep_name}"):
+        _save_spec(sweep_dir / SPEC_FILE, spec)
+        load_target(base, root)  # train (or find) the target once, before the trials
+        return _fit(spec, space, sweep_dir, sweep_name)
+
+
+def _gpus_needed(spec: SweepSpec) -> int:
+    """GPUs the smallest trial holds: one per Train worker, or one for a single-worker trial."""
+    return spec.workers_per_trial if spec.workers_per_trial > 1 else 1
 
 
 def _fit(spec: SweepSpec, space: SearchSpace, sweep_dir: Path, sweep_name: str) -> SweepOutcome:
@@ -333,9 +393,11 @@ def _fit(spec: SweepSpec, space: SearchSpace, sweep_dir: Path, sweep_name: str) 
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.optuna import OptunaSearch
 
-    from spd_ray.train.ray_driver import connect_ray, is_local_cluster
+    from spd_ray.train.ray_driver import connect_ray, is_local_cluster, require_gpus
 
     connect_ray()
+    if spec.gpu:
+        require_gpus(_gpus_needed(spec), "the sweep")
     cluster_cpus = ray.cluster_resources().get("CPU", 1.0)
     concurrent = spec.concurrent or max(1, int(cluster_cpus // spec.workers_per_trial))
     concurrent = min(concurrent, spec.trials)
@@ -438,7 +500,7 @@ def _rows_from_dir(sweep_dir: Path) -> list[TrialRow]:
 
 
 def sweep_status(name: str, out: str | Path | None = None) -> str:
-    sweep_dir = output_root(out) / name
+    sweep_dir = child(output_root(out), name, "name")
     spec_path = sweep_dir / SPEC_FILE
     if not spec_path.exists():
         raise FileNotFoundError(f"no sweep {name!r} under {sweep_dir.parent} ({SPEC_FILE} missing)")
