@@ -14,6 +14,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -219,6 +220,45 @@ def test_killed_worker_is_restarted_and_the_run_completes(
     summary = _summary(run_dir)
     assert summary["final_step"] == TMS_STEPS
     _assert_same_metrics(tms_reference, summary["final_eval"], rtol=1e-6)
+    # The restarted worker group cut what the killed one logged after its checkpoint.
+    pairs = Counter(
+        (m["step"], k) for m in RunDir(run_dir).read_metrics() for k in m if k != "step"
+    )
+    assert max(pairs.values()) == 1, [p for p, n in pairs.items() if n > 1][:5]
+
+
+def test_secrets_stay_out_of_the_runtime_env(ray_head: RayHead, tmp_path: Path) -> None:
+    """Keys and tokens set where `spd-ray run` starts never reach the job's runtime env (which
+    the cluster stores and shows); other settings still do, and a worker without the key says
+    so once."""
+    from ray.util.state import list_jobs
+
+    secrets = {"WANDB_API_KEY": "wandb-secret-5f3a9c", "HF_TOKEN": "hf_secret_81d2e7"}
+    env = _env(ray_head, tmp_path, SPD_RAY_TEST_SETTING="forwarded-7c1b", **secrets)
+    proc = subprocess.Popen(
+        _cmd("run", str(TINY), "--name", "sec"),
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    # Ray reports a driver job's runtime env while the driver lives: look while the run runs.
+    ours: list[str] = []
+    reported: list[str] = []
+    deadline = time.time() + 300
+    while not ours and time.time() < deadline and proc.poll() is None:
+        jobs = list_jobs(address=ray_head.dashboard, detail=True)
+        reported = [json.dumps(job.runtime_env or {}) for job in jobs]
+        ours = [r for r in reported if "forwarded-7c1b" in r]
+        time.sleep(0.5)
+    stdout, stderr = proc.communicate(timeout=600)
+    assert proc.returncode == 0, stderr[-3000:]
+    assert len(ours) == 1, reported
+    for value in secrets.values():
+        assert not any(value in r for r in reported)
+    res = subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+    warnings = [ln for ln in res.stderr.splitlines() if "set where spd-ray was started" in ln]
+    assert len(warnings) == 1 and "HF_TOKEN, WANDB_API_KEY" in warnings[0], res.stderr[-3000:]
 
 
 def test_ray_job_submit_runs_a_decomposition(ray_head: RayHead, tmp_path: Path) -> None:
