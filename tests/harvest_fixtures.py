@@ -4,6 +4,7 @@ decomposition runs once). `tests/conftest.py` imports the fixture."""
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -26,6 +27,25 @@ def spd_ray_cli(
         env=env,
         timeout=timeout,
     )
+
+
+def hold_lock(take: str, *args: str) -> subprocess.Popen[str]:
+    """A separate process that runs `take` (Python that takes a lock, with `sys`, `Path` and
+    the arguments in `sys.argv[1:]`) and then sleeps holding it; returns once it holds it."""
+    script = f"import sys, time\nfrom pathlib import Path\n{take}\nprint('locked', flush=True)\n"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", script + "time.sleep(600)\n", *args],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert holder.stdout is not None
+    assert holder.stdout.readline().strip() == "locked"
+    return holder
+
+
+def kill_9(holder: subprocess.Popen[str]) -> None:
+    os.kill(holder.pid, signal.SIGKILL)
+    assert holder.wait(timeout=10) == -signal.SIGKILL
 
 
 @pytest.fixture(scope="session")

@@ -6,6 +6,8 @@ import argparse
 import os
 from typing import Any
 
+from spd_ray.argtypes import float_in, int_in, nonneg_float, positive_float, positive_int
+
 
 def cmd_autointerp(args: argparse.Namespace) -> int:
     from spd_ray.autointerp.client import LLMSettings
@@ -69,26 +71,43 @@ def add_cli(sub: Any) -> None:
         "--api-key-env",
         help="environment variable holding the API key (default: OPENAI_API_KEY when set)",
     )
-    p.add_argument("--actors", type=int, default=2, help="async worker actors")
-    p.add_argument("--concurrency", type=int, default=8, help="requests in flight per actor")
-    p.add_argument("--rpm", type=float, help="requests per minute, shared by all actors")
-    p.add_argument("--budget-usd", type=float, help="stop sending once this much is spent")
-    p.add_argument("--price-in", type=float, default=0.0, help="USD per million prompt tokens")
-    p.add_argument("--price-out", type=float, default=0.0, help="USD per million completion tokens")
+    p.add_argument("--actors", type=positive_int, default=2, help="async worker actors")
     p.add_argument(
-        "--limit", type=int, help="label at most this many subcomponents (densest first)"
+        "--concurrency", type=positive_int, default=8, help="requests in flight per actor"
     )
     p.add_argument(
-        "--min-density", type=float, default=0.0, help="skip subcomponents firing less often"
+        "--rpm", type=float_in(1.0), help="requests per minute (>= 1), shared by all actors"
+    )
+    p.add_argument(
+        "--budget-usd",
+        type=nonneg_float,
+        help="stop sending once this store has spent this much, counting earlier runs",
+    )
+    p.add_argument(
+        "--price-in", type=nonneg_float, default=0.0, help="USD per million prompt tokens"
+    )
+    p.add_argument(
+        "--price-out", type=nonneg_float, default=0.0, help="USD per million completion tokens"
+    )
+    p.add_argument(
+        "--limit", type=positive_int, help="label at most this many subcomponents (densest first)"
+    )
+    p.add_argument(
+        "--min-density",
+        type=float_in(0.0, 1.0),
+        default=0.0,
+        help="skip subcomponents firing less often",
     )
     p.add_argument("--modules", help="comma-separated module-path globs to label")
     p.add_argument("--score", help="comma-separated scores: detection,fuzzing,intruder")
-    p.add_argument("--timeout", type=float, default=60.0, help="per-request timeout in seconds")
-    p.add_argument("--max-retries", type=int, default=6, help="retries of one request")
+    p.add_argument(
+        "--timeout", type=positive_float, default=60.0, help="per-request timeout in seconds"
+    )
+    p.add_argument("--max-retries", type=int_in(0, 100), default=6, help="retries of one request")
     p.add_argument("--seed", type=int, default=0, help="seeds the score trials")
     p.add_argument(
         "--dry-run",
-        type=int,
+        type=positive_int,
         nargs="?",
         const=3,
         default=0,

@@ -248,11 +248,14 @@ class LLMClient:
             f"malformed output after {self.settings.max_reasks} re-asks: {problem}", total
         )
 
-    async def check(self) -> None:
+    async def check(self) -> Usage:
         """Fail fast before a big job: one minimal chat request. Raises FatalLLMError with a
         one-line reason for an unreachable base URL, a rejected key, an unknown model or path;
-        LLMError if the endpoint keeps failing transiently through all retries; else returns."""
-        await self._send([{"role": "user", "content": "Reply with OK."}], Usage(), None, 8)
+        LLMError if the endpoint keeps failing transiently through all retries; else returns what
+        it cost (it is paid for like any request)."""
+        usage = Usage()
+        await self._send([{"role": "user", "content": "Reply with OK."}], usage, None, 8)
+        return usage
 
     async def aclose(self) -> None:
         await self._openai.close()

@@ -8,7 +8,9 @@ compute=ActorPoolStrategy(size=actors))`. Each worker holds one `LLMClient` and 
 `concurrency`, so at most actors x concurrency requests are ever in flight; every request first
 asks the run's named limiter actor (requests per minute, USD budget), which all workers share.
 Results come back to the driver, which appends them to the label store as they arrive: a killed
-run keeps everything finished, and a rerun sends requests only for what is not done yet.
+run keeps everything finished, and a rerun sends requests only for what is not done yet. The
+budget is the store's: what earlier runs spent (the usage on the store's lines) is counted against
+it. One run per store at a time: the driver holds the store's lock from the endpoint check on.
 """
 
 from __future__ import annotations
@@ -290,39 +292,74 @@ def _plain(text: str) -> str:
 
 
 def run_autointerp(run: str | Path, opts: AutointerpOptions, out: str | None = None) -> LabelStore:
-    import ray
-
     from spd_ray.api import resolve_run_dir
+    from spd_ray.autointerp.limits import LimiterCore
 
     run_dir = resolve_run_dir(run, out)
     h = Harvest(run_dir)  # fails with a clear message when the run has no harvest
     store = LabelStore(run_dir, opts.llm.model)
     keys = select_components(h, opts)
-    labels = store.labels()
-    todo = [k for k in keys if labels.get(k, {}).get("status") != "ok"]
-    tasks: list[dict[str, Any]] = [
-        {"type": "label", "key": k, "messages": label_messages(h, k, h.examples(k), opts.prompt)}
-        for k in (todo[: opts.dry_run] if opts.dry_run else todo)
-    ]
     if opts.dry_run:
-        for t in tasks:
-            print(f"===== {t['key']} =====")
-            for m in t["messages"]:
-                print(f"--- {m['role']} ---\n{m['content']}")
-        print(f"(dry run: {len(todo)} subcomponents would be labelled; nothing sent)")
+        _dry_run(h, store, keys, opts)
         return store
-    if opts.budget_usd != 0:
-        asyncio.run(_check(opts.llm))
-    store.write_settings(
-        {"base_url": opts.llm.base_url, "model": opts.llm.model, "harvest": str(h.path)}
-    )
+    LimiterCore(opts.rpm, opts.budget_usd)  # bad limits fail here, before any paid request
+    with store.lock():
+        _label_and_score(h, store, keys, opts)
+    return store
+
+
+def _label_tasks(h: Harvest, keys: list[str], opts: AutointerpOptions) -> list[dict[str, Any]]:
+    return [
+        {"type": "label", "key": k, "messages": label_messages(h, k, h.examples(k), opts.prompt)}
+        for k in keys
+    ]
+
+
+def _todo(store: LabelStore, keys: list[str]) -> list[str]:
+    labels = store.labels()
+    return [k for k in keys if labels.get(k, {}).get("status") != "ok"]
+
+
+def _dry_run(h: Harvest, store: LabelStore, keys: list[str], opts: AutointerpOptions) -> None:
+    todo = _todo(store, keys)
+    for t in _label_tasks(h, todo[: opts.dry_run], opts):
+        print(f"===== {t['key']} =====")
+        for m in t["messages"]:
+            print(f"--- {m['role']} ---\n{m['content']}")
+    print(f"(dry run: {len(todo)} subcomponents would be labelled; nothing sent)")
+
+
+def _label_and_score(
+    h: Harvest, store: LabelStore, keys: list[str], opts: AutointerpOptions
+) -> None:
+    """Label, then score, what the store lacks; under the store's lock."""
+    import ray
+
     from spd_ray.autointerp.limits import shared_limiter
     from spd_ray.train.ray_driver import connect_ray, say
 
+    todo = _todo(store, keys)
+    tasks = _label_tasks(h, todo, opts)
+    # The budget covers every run of this store: what earlier runs spent is on its lines.
+    before = store.spent()
+    left = None if opts.budget_usd is None else max(0.0, opts.budget_usd - before["usd"])
+    if opts.budget_usd is not None:
+        say(
+            f"[autointerp] budget ${opts.budget_usd:.4f}: ${before['usd']:.4f} spent by earlier "
+            f"runs of {store.dir}, ${left:.4f} left"
+        )
+    checked = left is None or left > 0
+    if checked:
+        check = _check(opts.llm, store)
+        if left is not None:
+            left = max(0.0, left - check.cost_usd)
+    store.write_settings(
+        {"base_url": opts.llm.base_url, "model": opts.llm.model, "harvest": str(h.path)}
+    )
     connect_ray()
     limiter_name = f"spd-ray-autointerp-{uuid.uuid4().hex[:12]}"
-    limiter = shared_limiter(limiter_name, opts.rpm, opts.budget_usd)
-    if opts.budget_usd != 0:
+    limiter = shared_limiter(limiter_name, opts.rpm, left)
+    if checked:
         ray.get(limiter.actor.record.remote())  # the endpoint check counts toward the rpm
     say(f"[autointerp] {len(todo)} of {len(keys)} subcomponents to label")
     _stream(tasks, "label", store.add_label, opts, limiter, limiter_name)
@@ -348,21 +385,36 @@ def run_autointerp(run: str | Path, opts: AutointerpOptions, out: str | None = N
         say(f"[autointerp] {len(score_tasks)} scores to compute")
         _stream(score_tasks, "score", store.add_score, opts, limiter, limiter_name)
     stats = limiter.stats()
+    total = store.spent()
     say(
-        f"[autointerp] {stats['granted']} requests, ${stats['spent_usd']:.4f}, "
-        f"{stats['prompt_tokens']}+{stats['completion_tokens']} tokens, "
-        f"at most {stats['max_in_flight']} in flight -> {store.dir}"
+        f"[autointerp] {total['requests'] - before['requests']} requests, "
+        f"${total['usd'] - before['usd']:.4f}, "
+        f"{total['prompt_tokens'] - before['prompt_tokens']}+"
+        f"{total['completion_tokens'] - before['completion_tokens']} tokens, "
+        f"at most {stats['max_in_flight']} in flight -> {store.dir} "
+        f"(all runs of this store: {total['requests']} requests, ${total['usd']:.4f})"
     )
     ray.kill(limiter.actor)
-    return store
 
 
-async def _check(llm: LLMSettings) -> None:
-    client = LLMClient(llm)
+def _check(llm: LLMSettings, store: LabelStore) -> Usage:
+    """The endpoint check, its cost recorded in the store whether it passes or not."""
+
+    async def check() -> Usage:
+        client = LLMClient(llm)
+        try:
+            return await client.check()
+        finally:
+            await client.aclose()
+
     try:
-        await client.check()
-    finally:
-        await client.aclose()
+        usage = asyncio.run(check())
+    except LLMError as err:
+        if err.usage.requests:
+            store.add_check(_usage(err.usage))
+        raise
+    store.add_check(_usage(usage))
+    return usage
 
 
 def _stream(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from spd_ray.argtypes import int_in, nonneg_float, nonneg_int, positive_int
 from spd_ray.harvest.accumulate import HarvestSettings
 
 
@@ -65,21 +66,30 @@ def add_cli(sub: Any) -> None:
     p.add_argument("--split", help="dataset split (default: the run's training split)")
     p.add_argument("--column", help="text or token column (default: the run's)")
     amount = p.add_mutually_exclusive_group()
-    amount.add_argument("--tokens", type=int, help="token positions to read (toy: inputs)")
-    amount.add_argument("--batches", type=int, help="batches of --batch-size rows to read")
-    p.add_argument("--batch-size", type=int, default=32, help="rows per forward (default 32)")
-    p.add_argument("--actors", type=int, default=1, help="harvest actors, each holding the model")
+    amount.add_argument("--tokens", type=positive_int, help="token positions to read (toy: inputs)")
+    amount.add_argument("--batches", type=positive_int, help="batches of --batch-size rows to read")
+    p.add_argument(
+        "--batch-size", type=positive_int, default=32, help="rows per forward (default 32)"
+    )
+    p.add_argument(
+        "--actors", type=positive_int, default=1, help="harvest actors, each holding the model"
+    )
     p.add_argument("--gpu", action="store_true", help="one GPU per actor")
     p.add_argument(
-        "--ci-threshold", type=float, default=1e-6, help="a subcomponent fires where CI > this"
+        "--ci-threshold",
+        type=nonneg_float,
+        default=1e-6,
+        help="a subcomponent fires where CI > this",
     )
     p.add_argument(
-        "--top-k", type=int, default=20, help="top-activating examples kept per subcomponent"
+        "--top-k", type=nonneg_int, default=20, help="top-activating examples kept per subcomponent"
     )
     p.add_argument(
-        "--reservoir", type=int, default=100, help="uniform examples kept per subcomponent"
+        "--reservoir", type=nonneg_int, default=100, help="uniform examples kept per subcomponent"
     )
-    p.add_argument("--context", type=int, default=10, help="tokens each side of a firing")
+    p.add_argument(
+        "--context", type=int_in(0, 1024), default=10, help="tokens each side of a firing (0-1024)"
+    )
     p.add_argument("--seed", type=int, default=0, help="seeds the reservoir sampling")
     p.add_argument("--out", help="output root (default: $SPD_RAY_OUT, else ~/spd_ray_out)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -88,7 +98,7 @@ def add_cli(sub: Any) -> None:
     q = sub.add_parser("harvest-show", help="print one subcomponent's harvest summary")
     q.add_argument("run", help="run directory or name under the output root")
     q.add_argument("component", help="<module path>:<index>, e.g. model.layers.0.mlp.down_proj:17")
-    q.add_argument("--examples", type=int, default=5, help="examples of each kind to print")
-    q.add_argument("-k", type=int, default=8, help="entries per ranked list")
+    q.add_argument("--examples", type=nonneg_int, default=5, help="examples of each kind to print")
+    q.add_argument("-k", type=positive_int, default=8, help="entries per ranked list")
     q.add_argument("--out", help="output root (default: $SPD_RAY_OUT, else ~/spd_ray_out)")
     q.set_defaults(func=cmd_harvest_show)

@@ -9,12 +9,12 @@ memory-mapped matrices and its examples file. No process ever holds the full mer
 
 The harvest is written into `harvest.partial/` and swapped in at the end; an interrupted harvest
 is removed and started over by the next run (the partial state of live actors cannot be resumed
-exactly, and two partial results are never mixed).
+exactly, and two partial results are never mixed). One harvest of a run at a time: a second one
+fails at once naming the first one's process.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import asdict, dataclass
@@ -42,11 +42,12 @@ from spd_ray.harvest.store import (
     create_arrays,
     example_table,
     finish_partial,
+    harvest_lock,
+    recover,
     start_partial,
     write_examples,
     write_rows,
 )
-from spd_ray.io import atomic_write
 
 MERGE_BYTES = 256 << 20  # target size of one merge shard (all actors' slices together)
 
@@ -255,15 +256,28 @@ def _shards(N: int, per_component_bytes: int, actors: int) -> list[tuple[int, in
 
 def run_harvest(run: str | Path, opts: HarvestOptions) -> Path:
     """Harvest a run; returns the harvest directory."""
-    import ray
-
     from spd_ray.api import resolve_run_dir
-    from spd_ray.train.ray_driver import connect_ray, say
+    from spd_ray.train.ray_driver import connect_ray, require_gpus
 
     run_dir = resolve_run_dir(run, opts.out)
     source, n_rows = make_source(run_dir, opts)
-    connect_ray()
+    with harvest_lock(run_dir):
+        connect_ray()
+        if opts.gpu:  # else Ray queues the actors forever, waiting for GPUs that never come
+            require_gpus(opts.actors, f"harvest with --actors {opts.actors}")
+        return _harvest(run_dir, source, n_rows, opts)
+
+
+def _harvest(run_dir: Path, source: Source, n_rows: int | None, opts: HarvestOptions) -> Path:
+    """The harvest itself, under the run's harvest lock and on a connected Ray."""
+    import ray
+
+    from spd_ray.train.ray_driver import say
+
     per_actor, reader_cpus, threads = _plan_resources(opts)
+    restored = recover(run_dir)
+    if restored is not None:
+        say(f"[harvest] put back the complete harvest that an interrupted swap left in {restored}")
     partial, stale = start_partial(run_dir)
     if stale:
         say(f"[harvest] removed an unfinished harvest in {run_dir}; starting over")
@@ -320,8 +334,7 @@ def run_harvest(run: str | Path, opts: HarvestOptions) -> Path:
         "n_classes": info["n_classes"],
         "shards": shards,
     }
-    atomic_write(partial / "meta.json", lambda p: p.write_text(json.dumps(meta, indent=1)))
-    final = finish_partial(run_dir)
+    final = finish_partial(run_dir, meta)
     say(
         f"[harvest] {n_tokens} tokens in {elapsed:.1f} s ({meta['tokens_per_s']} tokens/s; "
         f"{meta['streaming_tokens_per_s']} tokens/s once streaming) -> {final}"

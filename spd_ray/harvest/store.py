@@ -12,13 +12,17 @@ harvest/
   examples/shard-XXXXX.parquet   the examples of one component range, sorted by component
 ```
 
-A harvest is written into `harvest.partial/` and renamed to `harvest/` only when complete, so a
-reader never sees a half-written one and an interrupted harvest leaves nothing to mix with.
+A harvest is written into `harvest.partial/`, made durable, marked complete by its `meta.json` and
+swapped in for `harvest/` in one step, so a reader never sees a half-written one and an interrupted
+harvest leaves nothing to mix with. A complete harvest is never lost: one that an interrupted swap
+left aside (no `harvest/`, but a complete `harvest.partial/` or an old copy) is put back by the
+next harvest. One harvest at a time per run: `run_harvest` holds `harvest_lock(run_dir)`.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from dataclasses import dataclass
 from functools import cached_property
@@ -31,6 +35,7 @@ import pyarrow.parquet as pq
 
 from spd_ray.harvest.keep import KeepTable
 from spd_ray.harvest.measures import Ranked, top_correlated, top_tokens
+from spd_ray.io import Lock, fsync_path, replace_dir, write_json
 
 FORMAT = 1
 HARVEST_DIR = "harvest"
@@ -41,28 +46,59 @@ def harvest_dir(run_dir: Path) -> Path:
     return run_dir / HARVEST_DIR
 
 
+def harvest_lock(run_dir: Path) -> Lock:
+    return Lock(run_dir / ".harvest.lock", f"the harvest of {run_dir}")
+
+
+def _set_aside(run_dir: Path) -> list[Path]:
+    """Old harvests that a swap moved aside (`replace_dir`'s `.harvest.old-*`, and the
+    `harvest.old-*` of earlier versions), newest first."""
+    found = [*run_dir.glob(f".{HARVEST_DIR}.old-*"), *run_dir.glob(f"{HARVEST_DIR}.old-*")]
+    return sorted((p for p in found if p.is_dir()), key=lambda p: -p.stat().st_mtime)
+
+
+def recover(run_dir: Path) -> Path | None:
+    """Put back the newest complete harvest when an interrupted swap left none in `harvest/`:
+    a complete `harvest.partial/` (killed between its meta.json and the swap) is newer than any
+    copy set aside. Then remove the copies set aside. Returns what was put back, if anything."""
+    final, partial = harvest_dir(run_dir), run_dir / PARTIAL_DIR
+    aside = _set_aside(run_dir)
+    restored = None
+    if not final.exists():
+        complete = [p for p in (partial, *aside) if (p / "meta.json").exists()]
+        if complete:
+            restored = complete[0]
+            restored.rename(final)
+            fsync_path(run_dir)
+    for old in aside:
+        if old.exists():
+            shutil.rmtree(old)
+    return restored
+
+
 def start_partial(run_dir: Path) -> tuple[Path, bool]:
-    """A fresh `harvest.partial/` (removing an unfinished one: returns True when it did)."""
+    """A fresh `harvest.partial/` (removing an unfinished one: returns True when it did), after
+    putting back a complete harvest that an interrupted swap left aside. Call under
+    `harvest_lock`: the partial of a live harvest is not unfinished."""
+    recover(run_dir)
     partial = run_dir / PARTIAL_DIR
     stale = partial.exists()
     if stale:
         shutil.rmtree(partial)
-    for old in run_dir.glob(f"{HARVEST_DIR}.old-*"):
-        shutil.rmtree(old, ignore_errors=True)
     (partial / "examples").mkdir(parents=True)
     return partial, stale
 
 
-def finish_partial(run_dir: Path) -> Path:
-    """Swap the complete `harvest.partial/` in as `harvest/`."""
+def finish_partial(run_dir: Path, meta: dict[str, Any]) -> Path:
+    """Make every file of `harvest.partial/` durable, mark it complete with `meta.json`, and swap
+    it in as `harvest/` in one step (the old harvest is deleted only once the new one is in)."""
     partial, final = run_dir / PARTIAL_DIR, harvest_dir(run_dir)
-    old = None
-    if final.exists():
-        old = run_dir / f"{HARVEST_DIR}.old-{np.random.randint(1 << 30)}"
-        final.rename(old)
-    partial.rename(final)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    for root, _, files in os.walk(partial):
+        for name in files:
+            fsync_path(Path(root) / name)
+        fsync_path(Path(root))
+    write_json(partial / "meta.json", meta, indent=1)
+    replace_dir(partial, final)
     return final
 
 
@@ -143,6 +179,11 @@ class Harvest:
 
         self.run_dir = resolve_run_dir(run_dir)
         self.path = harvest_dir(self.run_dir)
+        if not (self.path / "meta.json").exists():
+            # A complete harvest that an interrupted swap left aside (the next harvest puts it
+            # back): still the run's harvest.
+            aside = [self.run_dir / PARTIAL_DIR, *_set_aside(self.run_dir)]
+            self.path = next((p for p in aside if (p / "meta.json").exists()), self.path)
         meta_path = self.path / "meta.json"
         if not meta_path.exists():
             hint = (

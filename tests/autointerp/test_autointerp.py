@@ -4,7 +4,8 @@ talk to a real OpenAI-compatible server on 127.0.0.1 (tests/autointerp/llm_serve
 Faults lose nothing (every subcomponent ends labelled or failed with a reason, none twice), the
 server never sees more than actors x concurrency requests at once, a killed run resumes with
 only the missing requests, an oracle scores 1.0 and a random answerer about 0.5, a zero budget
-sends nothing, and bad endpoints fail fast."""
+sends nothing, bad endpoints fail fast, a budget counts what earlier runs of the store spent, and
+a second run on a store exits at once while the first one lives."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from harvest_fixtures import spd_ray_cli
+from harvest_fixtures import hold_lock, kill_9, spd_ray_cli
 from llm_server import LLMServer
 from ray_head import RayHead
 
@@ -341,3 +342,111 @@ def test_zero_budget_sends_nothing_and_bad_endpoints_fail_fast(
     (bare / "config.yaml").write_text((run / "config.yaml").read_text())
     res = spd_ray_cli(env, "autointerp", str(bare), "--base-url", base, "--model", MODEL)
     assert res.returncode == 2 and "has no harvest" in res.stderr
+
+
+# -- budget across runs, the store's lock ---------------------------------------------------------
+
+# Every request costs the same: 1000 prompt tokens at $1/M + 100 completion tokens at $10/M.
+PRICED = ("--price-in", "1", "--price-out", "10")
+COST = 1000 * 1e-6 + 100 * 10e-6  # $0.002
+
+
+def _spent(store: Path) -> tuple[float, int, int]:
+    """(USD, requests, prompt tokens) on every line of the store's files."""
+    rows = [
+        r for name in ("labels", "scores", "checks") for r in _lines_if(store / f"{name}.jsonl")
+    ]
+    usage = [r.get("usage", {}) for r in rows]
+    return (
+        sum(u.get("cost_usd", 0.0) for u in usage),
+        sum(u.get("requests", 0) for u in usage),
+        sum(u.get("prompt_tokens", 0) for u in usage),
+    )
+
+
+def _lines_if(path: Path) -> list[dict[str, Any]]:
+    return _lines(path) if path.exists() else []
+
+
+def _latest_ok(store: Path) -> int:
+    latest = {r["key"]: r["status"] for r in _lines(store / "labels.jsonl")}
+    return sum(s == "ok" for s in latest.values())
+
+
+def test_budget_counts_what_earlier_runs_of_the_store_spent(
+    harvested: tuple[Path, dict[str, str]],
+) -> None:
+    run, env = harvested
+    store = _clear_store(run)
+    one_by_one = ("--limit", "6", "--actors", "1", "--concurrency", "1", *PRICED)
+    server = LLMServer(
+        api_key="sk-test", answer=_label_answer, prompt_tokens=1000, completion_tokens=100
+    )
+    with server:
+        # $0.007: the check and 3 labels ($0.008; the last one is granted at $0.006 < $0.007),
+        # then the budget refuses the other 3 without sending them.
+        res = _autointerp(env, run, server, *one_by_one, "--budget-usd", "0.007")
+        assert res.returncode == 0, res.stderr[-3000:]
+        assert server.chat_requests == 4
+        assert _spent(store) == (pytest.approx(4 * COST), 4, 4000)
+        assert _latest_ok(store) == 3
+        # The same budget again: spent already, so nothing is sent, not even the check.
+        server.reset_counters()
+        res = _autointerp(env, run, server, *one_by_one, "--budget-usd", "0.007")
+        assert res.returncode == 0, res.stderr[-3000:]
+        assert server.chat_requests == 0
+        assert "$0.0080 spent by earlier runs" in res.stderr
+        assert _spent(store) == (pytest.approx(4 * COST), 4, 4000)
+        assert _latest_ok(store) == 3
+        # $0.011 in all: $0.003 left, so the check and one more label.
+        server.reset_counters()
+        res = _autointerp(env, run, server, *one_by_one, "--budget-usd", "0.011")
+        assert res.returncode == 0, res.stderr[-3000:]
+        assert server.chat_requests == 2
+        assert _spent(store) == (pytest.approx(6 * COST), 6, 6000)
+        assert _latest_ok(store) == 4
+        # Bad limits fail when parsed, before the endpoint check or any label request.
+        server.reset_counters()
+        for flag, value in (("--rpm", "0.5"), ("--budget-usd", "-1"), ("--price-out", "-2")):
+            res = _autointerp(env, run, server, *one_by_one, flag, value)
+            assert res.returncode == 2 and f"argument {flag}: {value} is not" in res.stderr
+        assert server.chat_requests == 0
+    # Through the API, the limits are checked before the first paid request too.
+    from spd_ray.autointerp.client import LLMSettings
+    from spd_ray.autointerp.pipeline import AutointerpOptions, run_autointerp
+
+    with LLMServer(api_key="sk-test", answer=_label_answer) as server:
+        llm = LLMSettings(base_url=server.base_url, model=MODEL, api_key="sk-test")
+        with pytest.raises(ValueError, match="rpm must be >= 1"):
+            run_autointerp(run, AutointerpOptions(llm=llm, rpm=0.5, limit=1))
+        assert server.chat_requests == 0
+
+
+HOLD_STORE_LOCK = (
+    "from spd_ray.autointerp.store import LabelStore\n"
+    "lock = LabelStore(Path(sys.argv[1]), sys.argv[2]).lock().acquire()"
+)
+
+
+def test_a_second_autointerp_on_a_store_exits_at_once_until_the_holder_is_killed(
+    harvested: tuple[Path, dict[str, str]],
+) -> None:
+    run, env = harvested
+    store = _clear_store(run)
+    with LLMServer(api_key="sk-test", answer=_label_answer) as server:
+        holder = hold_lock(HOLD_STORE_LOCK, str(run), MODEL)
+        try:
+            t0 = time.monotonic()
+            res = _autointerp(env, run, server, "--limit", "2")
+            err = res.stderr.strip().splitlines()
+            assert res.returncode == 2 and len(err) == 1, res.stderr[-2000:]
+            assert f"the label store {store} is in use by pid {holder.pid} on host" in err[0]
+            assert time.monotonic() - t0 < 30
+            assert server.chat_requests == 0
+            assert not (store / "labels.jsonl").exists()
+        finally:
+            kill_9(holder)
+        res = _autointerp(env, run, server, "--limit", "2")
+        assert res.returncode == 0, res.stderr[-3000:]
+        assert server.chat_requests == 1 + 2
+    assert _latest_ok(store) == 2

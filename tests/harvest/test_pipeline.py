@@ -1,19 +1,22 @@
 """`spd-ray harvest` end to end on the session's Ray cluster: 1 and 3 actors give the same
 harvest (exact counts, float sums to 1e-6, identical top-k examples, full reservoirs), a TMS
 decomposition's features are found, a tiny Llama harvest has token statistics and a readable
-`harvest-show`, and bad input fails at once with the problem named."""
+`harvest-show`, bad input fails at once with the problem named, and a harvest of a run
+whose harvest lock is held, or with --gpu on a cluster without GPUs, stops at once touching
+nothing."""
 
 from __future__ import annotations
 
 import json
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
-from harvest_fixtures import spd_ray_cli
+from harvest_fixtures import hold_lock, kill_9, spd_ray_cli
 from ray_head import RayHead
 
 from spd_ray.harvest.store import Harvest
@@ -152,7 +155,7 @@ def test_bad_input_fails_at_once(lm_run: tuple[Path, dict[str, str]], tmp_path: 
     run, env = lm_run
     env = {**env, "RAY_ADDRESS": "127.0.0.1:1"}  # nothing may reach Ray before these checks
     res = spd_ray_cli(env, "harvest", str(run), "--actors", "0")
-    assert res.returncode == 2 and "--actors must be at least 1" in res.stderr
+    assert res.returncode == 2 and "argument --actors: 0 is not >= 1" in res.stderr
     res = spd_ray_cli(env, "harvest", str(run), "--column", "nope")
     assert res.returncode == 2 and "column_name 'nope' is not in dataset" in res.stderr
     bare = tmp_path / "bare"
@@ -162,3 +165,36 @@ def test_bad_input_fails_at_once(lm_run: tuple[Path, dict[str, str]], tmp_path: 
     assert res.returncode == 2 and "has no checkpoint" in res.stderr
     res = spd_ray_cli(env, "harvest-show", str(bare), "x:1")
     assert res.returncode == 2 and "has no harvest" in res.stderr
+
+
+def test_locked_or_gpu_less_harvest_stops_at_once_and_a_killed_holder_frees_the_run(
+    tms_run: Path, ray_head: RayHead
+) -> None:
+    env = ray_head.env()
+    args = ["--dataset", "exactly_one_active", "--batches", "2", "--batch-size", "64"]
+    before = Harvest(tms_run).meta if (tms_run / "harvest").exists() else None
+    holder = hold_lock(
+        "from spd_ray.harvest.store import harvest_lock\n"
+        "lock = harvest_lock(Path(sys.argv[1])).acquire()",
+        str(tms_run),
+    )
+    try:
+        res = spd_ray_cli(env, "harvest", str(tms_run), "--no-progress", *args)
+        err = res.stderr.strip().splitlines()
+        assert res.returncode == 2 and len(err) == 1, res.stderr[-2000:]
+        assert f"in use by pid {holder.pid} on host" in err[0]
+    finally:
+        kill_9(holder)
+    # The dead holder's lock is taken over; the 2-CPU test cluster has no GPU, which --gpu
+    # reports at once instead of queueing the actors forever.
+    t0 = time.monotonic()
+    res = spd_ray_cli(env, "harvest", str(tms_run), "--no-progress", "--gpu", *args)
+    err = res.stderr.strip().splitlines()
+    assert res.returncode == 2, res.stderr[-2000:]
+    assert err[-1].startswith("spd-ray harvest: error: --gpu: harvest with --actors 1 needs 1")
+    assert time.monotonic() - t0 < 60
+    assert not (tms_run / "harvest.partial").exists()
+    if before is not None:
+        assert Harvest(tms_run).meta == before  # the previous harvest is untouched
+    _harvest(env, tms_run, *args)
+    assert Harvest(tms_run).n_tokens == 2 * 64
