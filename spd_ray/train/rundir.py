@@ -21,6 +21,7 @@ import os
 import shutil
 import sys
 import uuid
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -121,14 +122,20 @@ class RunDir:
         return Lock(self.path / LOCK, f"run {self.path}")
 
     def clear(self) -> None:
-        """Remove everything in the run but its lock (`--fresh`, with the lock held)."""
-        for entry in self.path.iterdir():
-            if entry.name == LOCK:
-                continue
-            if entry.is_dir() and not entry.is_symlink():
-                shutil.rmtree(entry)
-            else:
-                entry.unlink()
+        """Remove everything in the run but its lock (`--fresh`, with the lock held). The locks
+        of analyses inside it (a harvest, an autointerp store) are taken first: a live one makes
+        this fail naming its holder, before anything is deleted."""
+        with ExitStack() as held:
+            for path in sorted(self.path.rglob("*.lock")):
+                if path != self.path / LOCK:
+                    held.enter_context(Lock(path, f"{path.parent} ({path.name})"))
+            for entry in self.path.iterdir():
+                if entry.name == LOCK:
+                    continue
+                if entry.is_dir() and not entry.is_symlink():
+                    shutil.rmtree(entry)
+                else:
+                    entry.unlink()
 
     def exists(self) -> bool:
         return (self.path / CONFIG).exists()

@@ -347,6 +347,30 @@ def test_second_command_on_a_live_run_exits_naming_the_holder(tmp_path: Path, ra
     assert res.returncode == 0, res.stderr
 
 
+def test_fresh_refuses_while_an_analysis_of_the_run_is_live(tmp_path: Path) -> None:
+    """`--fresh` takes the locks of a harvest or autointerp store inside the run before it
+    deletes anything: a live one stops it, naming its holder."""
+    args = ["run", str(TINY), "--name", "h", "--steps", "10", "--in-process"]
+    assert _cli(*args, out=tmp_path).returncode == 0
+    run = tmp_path / "h"
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+    holder = _hold_lock(run / ".harvest.lock")
+    try:
+        res = _cli(*args, "--fresh", out=tmp_path)
+        assert res.returncode == 2
+        assert f"pid {holder.pid}" in res.stderr.strip().splitlines()[-1]
+        after = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+        # Lock files hold their last holder's pid; everything else is byte-identical.
+        assert {k: v for k, v in after.items() if not k.endswith(".lock")} == {
+            k: v for k, v in before.items() if not k.endswith(".lock")
+        }
+        assert (run / "checkpoint.pt").exists() and (run / "summary.json").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    assert _cli(*args, "--fresh", out=tmp_path).returncode == 0  # the holder is gone
+
+
 def test_lock_is_exclusive_and_freed_with_its_holder(tmp_path: Path) -> None:
     path = tmp_path / "r" / ".lock"
     holder = _hold_lock(path)
