@@ -14,6 +14,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 import pytest
+from harvest_fixtures import hold_lock
 from ray_head import RayHead
 
 from spd_ray.config import ConfigError
@@ -185,14 +186,7 @@ def test_gpu_on_a_cluster_without_gpus_fails_at_once(
 # The lock
 # ---------------------------------------------------------------------------------------------
 
-HOLDER = """
-import sys, time
-from pathlib import Path
-from spd_ray.io import Lock
-Lock(Path(sys.argv[1]), "sweep held").acquire()
-print("locked", flush=True)
-time.sleep(600)
-"""
+HOLD = 'from spd_ray.io import Lock; Lock(Path(sys.argv[1]), "sweep held").acquire()'
 
 
 def test_second_sweep_on_a_locked_name_exits_naming_the_holder(tmp_path: Path, space: Path) -> None:
@@ -202,13 +196,8 @@ def test_second_sweep_on_a_locked_name_exits_naming_the_holder(tmp_path: Path, s
     # A stored spec that this command contradicts (another seed): only a command that got past
     # the lock can report it, so the error says which of the two it reached.
     _save_spec(sweep_dir / SPEC_FILE, _spec(seed=7))
-    holder = subprocess.Popen(
-        [sys.executable, "-c", HOLDER, str(sweep_dir / LOCK_FILE)],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
+    holder = hold_lock(HOLD, str(sweep_dir / LOCK_FILE))
     try:
-        assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
         args = ["sweep", "tms_5-2", "--space", str(space), "--name", "held", "--steps", "10"]
         t0 = time.monotonic()
         res = _cli(_env(out), *args)

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from harvest_fixtures import hold_lock
 
 import spd_ray
 from spd_ray.config import load_config
@@ -319,13 +320,10 @@ def test_crash_between_final_checkpoint_and_summary(
 
 
 def _hold_lock(path: Path) -> subprocess.Popen[str]:
-    code = (
-        "import sys, time; from pathlib import Path; from spd_ray.io import Lock;"
-        f"Lock(Path({str(path)!r}), 'test').acquire(); print('held', flush=True); time.sleep(600)"
+    """Another process holding the advisory lock at `path`."""
+    return hold_lock(
+        "from spd_ray.io import Lock; Lock(Path(sys.argv[1]), 'test').acquire()", str(path)
     )
-    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
-    assert proc.stdout is not None and proc.stdout.readline().strip() == "held"
-    return proc
 
 
 @pytest.mark.parametrize("ray", [False, True])
