@@ -66,6 +66,11 @@ class TiedLinearComponents(LinearComponents):
     def get_U(self) -> Tensor:
         return self._source[0].V.T
 
+    def weight(self) -> Float[Tensor, "d_out d_in"]:
+        # Exactly the source's weight transposed: (V U)^T computed from the transposed factors
+        # sums in another order, and on some CPUs' matmul kernels differs in the last bit.
+        return self._source[0].weight().T
+
 
 class EmbeddingComponents(nn.Module):
     """C rank-one subcomponents of an embedding table [vocab, d_embed]."""
