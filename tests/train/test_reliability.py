@@ -5,7 +5,9 @@ uninterrupted run, every (step, metric) once, or a one-line message that deleted
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import io
 import json
 import os
 import pickle
@@ -43,6 +45,20 @@ def _argv(*args: str) -> list[str]:
 
 def _cli(*args: str, out: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(_argv(*args), capture_output=True, text=True, env=_env(out), timeout=600)
+
+
+def _main(*args: str, out: Path) -> subprocess.CompletedProcess[str]:
+    """`spd-ray ARGS --out OUT` in this process (for commands that fail before any work: no
+    interpreter start per call)."""
+    from spd_ray.cli import main
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        try:
+            rc = main([*args, "--out", str(out)])
+        except SystemExit as exit_:  # argparse
+            rc = int(exit_.code or 0)
+    return subprocess.CompletedProcess(args, rc, "", err.getvalue())
 
 
 def _run(name: str, out: Path, *extra: str) -> subprocess.CompletedProcess[str]:
@@ -332,7 +348,7 @@ def test_second_command_on_a_live_run_exits_naming_the_holder(tmp_path: Path, ra
     try:
         args = ["run", str(TINY), "--name", "busy", "--steps", "10"]
         t0 = time.perf_counter()
-        res = _cli(*args, *([] if ray else ["--in-process"]), out=tmp_path)
+        res = _main(*args, *([] if ray else ["--in-process"]), out=tmp_path)
         assert res.returncode == 2
         line = res.stderr.strip().splitlines()[-1]
         assert f"pid {holder.pid} on host" in line and "busy" in line
@@ -394,7 +410,7 @@ def test_bad_names_fail_in_one_line_and_delete_nothing(
         f.write_text("precious")
     before = sorted(str(p) for p in tmp_path.rglob("*"))
     args = ["run", str(TINY), "--name", name, "--steps", "5", *(["--fresh"] if fresh else [])]
-    res = _cli(*args, "--in-process", out=root)
+    res = _main(*args, "--in-process", out=root)
     assert res.returncode == 2
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1 and "--name" in lines[0], res.stderr
@@ -409,7 +425,7 @@ def test_fresh_with_a_config_typo_keeps_the_old_run(tmp_path: Path) -> None:
     for bad in ("bogus_key=1", "module_info=[{module_pattern: 'nope.*', C: 4}]"):
         for ray in (False, True):
             args = ["run", str(TINY), "--name", "old", "--fresh", "--set", bad]
-            res = _cli(*args, *([] if ray else ["--in-process"]), out=tmp_path)
+            res = _main(*args, *([] if ray else ["--in-process"]), out=tmp_path)
             assert res.returncode == 2, res.stderr
             after = {p.name: p.read_bytes() for p in (tmp_path / "old").iterdir() if p.is_file()}
             assert after == before
@@ -427,7 +443,7 @@ def test_fresh_with_a_config_typo_keeps_the_old_run(tmp_path: Path) -> None:
     ],
 )
 def test_numeric_flags_are_bounded_at_parse_time(tmp_path: Path, flag: str, value: str) -> None:
-    res = _cli("run", str(TINY), "--name", "n", flag, value, out=tmp_path)
+    res = _main("run", str(TINY), "--name", "n", flag, value, out=tmp_path)
     assert res.returncode == 2
     assert f"argument {flag}" in res.stderr
     assert not (tmp_path / "n").exists()
