@@ -342,7 +342,8 @@ def _hold_lock(path: Path) -> subprocess.Popen[str]:
     )
 
 
-@pytest.mark.parametrize("ray", [False, True])
+# The Ray path takes the same lock before Ray starts: slow only because its last run uses Ray.
+@pytest.mark.parametrize("ray", [False, pytest.param(True, marks=pytest.mark.slow)])
 def test_second_command_on_a_live_run_exits_naming_the_holder(tmp_path: Path, ray: bool) -> None:
     holder = _hold_lock(tmp_path / "busy" / ".lock")
     try:
@@ -361,6 +362,7 @@ def test_second_command_on_a_live_run_exits_naming_the_holder(tmp_path: Path, ra
     assert res.returncode == 0, res.stderr
 
 
+@pytest.mark.slow  # ~35 s; the lock it checks is the one every run takes (tested in CI below)
 def test_fresh_refuses_while_an_analysis_of_the_run_is_live(tmp_path: Path) -> None:
     """`--fresh` takes the locks of a harvest or autointerp store inside the run before it
     deletes anything: a live one stops it, naming its holder."""
