@@ -40,6 +40,12 @@ def check_name(name: str, what: str) -> str:
     return name
 
 
+def safe_name(text: str) -> str:
+    """`text` made a valid name (a config path's stem may hold spaces and the like): every
+    character a name may not hold becomes `_`."""
+    return re.sub(r"[^A-Za-z0-9._-]", "_", text).strip(".") or "_"
+
+
 def child(root: Path, name: str, what: str) -> Path:
     """`root / name` for a checked name, which resolves to a path inside `root`."""
     check_name(name, what)

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -299,12 +298,6 @@ def _check_args(
         )
 
 
-def _default_name(experiment: str) -> str:
-    # A config path's stem may hold characters a name may not; the name must stay one segment.
-    stem = re.sub(r"[^A-Za-z0-9._-]", "_", experiment)
-    return f"sweep-{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
-
-
 def _save_spec(path: Path, spec: SweepSpec) -> bool:
     """Check a rerun against the stored spec, and (re)write it only when it is new or changed, so
     a plain rerun leaves sweep.json as it was. Returns True when it wrote."""
@@ -337,7 +330,7 @@ def run_sweep(
     from spd_ray.registry import load_experiment
     from spd_ray.targets import load_target
     from spd_ray.train.ray_driver import connect_ray, require_gpus
-    from spd_ray.train.run import preflight
+    from spd_ray.train.run import default_run_name, preflight
 
     root = output_root(out)
     if name is not None:
@@ -354,7 +347,7 @@ def run_sweep(
     space = load_space(space_file, experiment)
     validate_space(base, space)
     preflight(base)
-    sweep_name = name or _default_name(experiment)
+    sweep_name = name or f"sweep-{default_run_name(experiment)}"
     sweep_dir = child(root, sweep_name, "--name")
     spec = SweepSpec(
         experiment=experiment,
@@ -393,11 +386,9 @@ def _fit(spec: SweepSpec, space: SearchSpace, sweep_dir: Path, sweep_name: str) 
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.optuna import OptunaSearch
 
-    from spd_ray.train.ray_driver import connect_ray, is_local_cluster, require_gpus
+    from spd_ray.train.ray_driver import connect_ray, is_local_cluster
 
     connect_ray()
-    if spec.gpu:
-        require_gpus(_gpus_needed(spec), "the sweep")
     cluster_cpus = ray.cluster_resources().get("CPU", 1.0)
     concurrent = spec.concurrent or max(1, int(cluster_cpus // spec.workers_per_trial))
     concurrent = min(concurrent, spec.trials)

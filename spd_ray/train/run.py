@@ -37,7 +37,7 @@ from spd_ray.core.step import build_component_model
 from spd_ray.data.ih import IHBatches, make_ih_task
 from spd_ray.data.toy import ToyBatches, make_toy_dataset
 from spd_ray.evals.evaluate import check_eval_metrics, evaluate
-from spd_ray.io import child
+from spd_ray.io import child, safe_name
 from spd_ray.targets import cached_target_path, load_target, target_fingerprint
 from spd_ray.targets.hf import max_positions, resolve_name, vocab_size
 from spd_ray.targets.loading import build_toy
@@ -288,7 +288,7 @@ class RunResult(Outcome):
 
 
 def default_run_name(experiment: str) -> str:
-    return f"{experiment}-{time.strftime('%Y%m%d-%H%M%S')}"
+    return f"{safe_name(experiment)}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
 def summarize(
@@ -486,9 +486,9 @@ def check_workers(config: Config, workers: int) -> None:
 
 
 def prepare_ray_run(config: Config, run_dir: RunDir, root: Path, fresh: bool) -> Outcome:
-    """Driver-side work before the workers start, with the run's lock held: validate, train (or
-    find) the target, open the run directory; says whether the run already finished."""
-    preflight(config)
+    """Driver-side work before the workers start, with the run's lock held and `preflight`
+    passed: train (or find) the target, validate the modules on it, open the run directory; says
+    whether the run already finished."""
     target = load_target(config, root)  # trained once here and cached; the workers load the file
     fingerprint = target_fingerprint(target)
     build_component_model(config, target)  # any target: bad module patterns fail before --fresh

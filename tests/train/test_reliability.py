@@ -484,3 +484,13 @@ def test_a_changed_target_is_refused_naming_both_fingerprints(tmp_path: Path) ->
     torch.save(payload, cached)
     with pytest.raises(ValueError, match=recorded):
         spd_ray.decompose(config, out=tmp_path, name="f", progress=False)
+
+
+def test_default_names_from_any_config_path_are_valid() -> None:
+    from spd_ray.io import check_name
+    from spd_ray.train.run import default_run_name
+
+    for stem in ("my config", "a/b", "..", "résumé", "tms_5-2"):
+        name = default_run_name(stem)
+        assert check_name(name, "name") == name
+    assert default_run_name("tms_5-2").startswith("tms_5-2-")
