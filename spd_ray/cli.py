@@ -69,6 +69,8 @@ def _launch_options(args: argparse.Namespace) -> dict[str, Any]:
         "use_gpu": args.gpu,
         "cpus_per_worker": args.cpus_per_worker,
         "max_failures": args.max_failures,
+        "placement": args.placement,
+        "wait_timeout_s": args.wait_timeout,
     }
 
 
@@ -177,6 +179,19 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _wait_timeout_arg(p: argparse.ArgumentParser) -> None:
+    from spd_ray.ray_session import DEFAULT_WAIT_TIMEOUT_S
+
+    p.add_argument(
+        "--wait-timeout",
+        type=positive_float,
+        default=DEFAULT_WAIT_TIMEOUT_S,
+        metavar="S",
+        help="seconds to wait for an autoscaler to add the nodes the workers need "
+        f"(default {DEFAULT_WAIT_TIMEOUT_S:g})",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="spd-ray", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -205,6 +220,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=3,
         help=f"worker-group restarts from the last checkpoint (0-{MAX_FAILURES_LIMIT})",
     )
+    p.add_argument(
+        "--placement",
+        choices=["pack", "spread"],
+        help="where the workers go: pack onto few nodes or spread over many "
+        "(default: Ray Train's, pack)",
+    )
+    _wait_timeout_arg(p)
     p.add_argument(
         "--in-process",
         action="store_true",

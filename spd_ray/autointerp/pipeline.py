@@ -336,7 +336,7 @@ def _label_and_score(
     import ray
 
     from spd_ray.autointerp.limits import shared_limiter
-    from spd_ray.train.ray_driver import connect_ray, say
+    from spd_ray.ray_session import connect_ray, say
 
     todo = _todo(store, keys)
     tasks = _label_tasks(h, todo, opts)

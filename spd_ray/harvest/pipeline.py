@@ -236,7 +236,7 @@ def _plan_resources(opts: HarvestOptions) -> tuple[float, float, int]:
     """(CPUs per harvest actor, CPUs of the document reader, torch threads per actor)."""
     import ray
 
-    from spd_ray.train.ray_driver import is_local_cluster
+    from spd_ray.ray_session import is_local_cluster
 
     reader = 0.25
     if not is_local_cluster():
@@ -257,7 +257,7 @@ def _shards(N: int, per_component_bytes: int, actors: int) -> list[tuple[int, in
 def run_harvest(run: str | Path, opts: HarvestOptions) -> Path:
     """Harvest a run; returns the harvest directory."""
     from spd_ray.api import resolve_run_dir
-    from spd_ray.train.ray_driver import connect_ray, require_gpus
+    from spd_ray.ray_session import connect_ray, require_gpus
 
     run_dir = resolve_run_dir(run, opts.out)
     source, n_rows = make_source(run_dir, opts)
@@ -272,7 +272,7 @@ def _harvest(run_dir: Path, source: Source, n_rows: int | None, opts: HarvestOpt
     """The harvest itself, under the run's harvest lock and on a connected Ray."""
     import ray
 
-    from spd_ray.train.ray_driver import say
+    from spd_ray.ray_session import say
 
     per_actor, reader_cpus, threads = _plan_resources(opts)
     restored = recover(run_dir)

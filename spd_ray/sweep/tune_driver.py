@@ -327,9 +327,9 @@ def run_sweep(
     scheduler: str = "none",
     seed: int = 0,
 ) -> SweepOutcome:
+    from spd_ray.ray_session import connect_ray, require_gpus
     from spd_ray.registry import load_experiment
     from spd_ray.targets import load_target
-    from spd_ray.train.ray_driver import connect_ray, require_gpus
     from spd_ray.train.run import default_run_name, preflight
 
     root = output_root(out)
@@ -386,7 +386,7 @@ def _fit(spec: SweepSpec, space: SearchSpace, sweep_dir: Path, sweep_name: str) 
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.optuna import OptunaSearch
 
-    from spd_ray.train.ray_driver import connect_ray, is_local_cluster
+    from spd_ray.ray_session import connect_ray, is_local_cluster
 
     connect_ray()
     cluster_cpus = ray.cluster_resources().get("CPU", 1.0)

@@ -9,12 +9,12 @@ Ray's, or the run directory's `checkpoint.pt` - on any number of workers.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
-import socket
-import sys
 import tempfile
 import time
+import uuid
 from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -24,8 +24,22 @@ from typing import TYPE_CHECKING, Any
 import torch
 from matplotlib.figure import Figure
 
+from spd_ray.capacity import capacity_for
 from spd_ray.config import USER_ERRORS, Config, config_from_dict
-from spd_ray.io import child, write_text
+from spd_ray.io import child, write_json, write_text
+from spd_ray.ray_session import (
+    DEFAULT_WAIT_TIMEOUT_S,
+    connect_ray,
+    driver_secrets,
+    here,
+    is_local_cluster,
+    require_gpus,
+    say,
+    started_local_ray,
+    warn_missing_secrets,
+    worker_threads,
+)
+from spd_ray.storage import check_shared_root
 from spd_ray.train.rundir import RAY_SUBDIR, RunDir, tune_malloc
 from spd_ray.train.tracking import RunWriter
 
@@ -33,170 +47,9 @@ if TYPE_CHECKING:
     from spd_ray.train.run import Outcome  # noqa: F401
 
 ERROR_FILE = "error.txt"
-
-
-def ray_env() -> dict[str, str]:
-    """Environment for Ray processes (defaults; what the user set wins): no usage stats, and the
-    Train controller polling its workers every 0.5 s instead of 2 s. Every step of a run's
-    start and end waits for a poll (worker group started, training done), so the 2 s default adds
-    ~3-4 s to each run (`spd-ray bench --ray-overhead`); a poll is one cheap actor call, and
-    four of them a second cost no measurable step time. Ray Train forwards the setting to the
-    controller and the workers."""
-    env = {
-        "RAY_USAGE_STATS_ENABLED": "0",
-        "RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS": "0",
-        "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",
-        "TOKENIZERS_PARALLELISM": "false",
-    }
-    return env
-
-
-def _recorded_cluster() -> str | None:
-    """The address of a cluster started with `ray start` on this machine (Ray records it in its
-    temp dir), if that cluster still answers."""
-    try:
-        from ray._private.utils import read_ray_address
-
-        address = read_ray_address()
-    except Exception:  # noqa: BLE001 - a private helper; without it we just start a local Ray
-        return None
-    if not address or ":" not in address:
-        return None
-    host, port = address.rsplit(":", 1)
-    try:
-        socket.create_connection((host, int(port)), timeout=1.0).close()
-    except (OSError, ValueError):
-        return None
-    return address
-
-
-FORWARDED_ENV_PREFIXES = ("SPD_RAY_", "HF_", "TRANSFORMERS_", "WANDB_", "RAY_TRAIN_")
-# Keys and tokens: a runtime env is stored by the cluster and shown on its dashboard, so these
-# never travel in one; a cluster gets them from its own environment (README: secrets).
-_SECRET_WORDS = {
-    "KEY",
-    "APIKEY",
-    "TOKEN",
-    "SECRET",
-    "PASSWORD",
-    "PASSWD",
-    "CREDENTIAL",
-    "CREDENTIALS",
-}
-
-
-def is_secret(name: str) -> bool:
-    """WANDB_API_KEY, HF_TOKEN, AWS_SECRET_ACCESS_KEY, ...: a word of the name says it."""
-    return any(word in _SECRET_WORDS for word in name.upper().split("_"))
-
-
-def forwarded_env() -> dict[str, str]:
-    """The driver's settings that the workers of an attached cluster must see too, less any
-    secret."""
-    return {
-        k: v
-        for k, v in os.environ.items()
-        if k.startswith(FORWARDED_ENV_PREFIXES) and not is_secret(k)
-    }
-
-
-def driver_secrets() -> tuple[str, ...]:
-    """Names (never values) of the secrets among the settings this driver would forward."""
-    return tuple(
-        sorted(k for k in os.environ if k.startswith(FORWARDED_ENV_PREFIXES) and is_secret(k))
-    )
-
-
-def _warn_missing_secrets(names: tuple[str, ...] | list[str]) -> None:
-    missing = [n for n in names if not os.environ.get(n)]
-    if missing:
-        say(
-            f"warning: {', '.join(missing)} set where spd-ray was started but not on this "
-            "worker's node; secrets are not sent through Ray - set them in the cluster's own "
-            "environment (README: Secrets on a cluster)"
-        )
-
-
-def local_cpus() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
-
-
-_started_local = False
-
-
-def started_local_ray() -> bool:
-    """True when this process started the Ray it is connected to (so it ends with this process)."""
-    return _started_local
-
-
-def connect_ray() -> None:
-    """Attach to a running cluster - `RAY_ADDRESS`, or one started with `ray start` on this
-    machine - or else start a local Ray sized to this machine (`RAY_ADDRESS=local` forces a
-    private local Ray); `started_local_ray()` says which happened."""
-    import ray
-
-    global _started_local
-    if ray.is_initialized():
-        return
-    for key, value in ray_env().items():
-        os.environ.setdefault(key, value)
-    address = os.environ.get("RAY_ADDRESS") or _recorded_cluster()
-    if address and address != "local":
-        # No num_cpus here: a cluster's resources are its own. Its workers get their environment
-        # from `ray start`, so this process's spd-ray, Hugging Face and wandb settings travel in
-        # the runtime env - except under `ray job submit`, whose runtime env already has them.
-        kwargs: dict[str, Any] = {}
-        forwarded = forwarded_env()
-        if forwarded and "RAY_JOB_CONFIG_JSON_ENV_VAR" not in os.environ:
-            kwargs["runtime_env"] = {"env_vars": forwarded}
-        ray.init(address=address, log_to_driver=True, **kwargs)
-        return
-    # Node drains (preemption) do not happen on a Ray that lives and dies with this process, and
-    # the watcher is one more idle process taking CPU from the workers.
-    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
-    ray.init(
-        address="local",
-        num_cpus=local_cpus(),
-        include_dashboard=False,
-        log_to_driver=True,
-        # Ray prestarts one idle worker per CPU for the first driver's tasks; Train's actors never
-        # use them (each has its own runtime env), and on a small machine starting them delays the
-        # run's own processes.
-        _system_config={"prestart_worker_first_driver": False},
-    )
-    _started_local = True
-
-
-def require_gpus(needed: int, what: str) -> None:
-    """Fail at once, naming `--gpu`, when the connected cluster has fewer GPUs than `needed`:
-    Ray would otherwise queue the work forever waiting for GPUs that never come."""
-    import ray
-
-    have = ray.cluster_resources().get("GPU", 0.0)
-    if have < needed:
-        raise ValueError(
-            f"--gpu: {what} needs {needed} GPU(s), but the Ray cluster has {have:g} "
-            "(drop --gpu, or attach to a cluster with GPUs through RAY_ADDRESS)"
-        )
-
-
-def is_local_cluster() -> bool:
-    """True when the connected Ray has exactly one node, and it is this machine."""
-    import ray
-
-    nodes = [n for n in ray.nodes() if n.get("Alive")]
-    return len(nodes) == 1 and nodes[0].get("NodeManagerAddress") == ray.util.get_node_ip_address()
-
-
-def say(line: str) -> None:
-    """A progress line from a worker, to standard error (the driver keeps standard output for its
-    results). Ray Train V2 patches `print` to tee into its logger, which shows every line twice
-    on the driver; writing to the stream shows it once."""
-    sys.stderr.write(line + "\n")
-    sys.stderr.flush()
+WORKERS_FILE = "workers.json"
+# --placement -> Ray's placement-group strategy (Ray Train's default is PACK)
+PLACEMENTS = {"pack": "PACK", "spread": "SPREAD"}
 
 
 @dataclass
@@ -204,8 +57,9 @@ class WorkerArgs:
     config: dict[str, Any]
     run_dir: str
     out_root: str
-    threads: int
+    threads: int  # torch threads per worker; 0: the whole CPUs the worker holds
     use_gpu: bool
+    launch: str = ""  # one id per driver start: restarts of its worker group count up
     require: tuple[str, ...] = ()
     driver_secrets: tuple[str, ...] = ()  # names only: warn when a worker lacks one
     # ray.train.report blocks until the controller polls (up to its health-check interval), so a
@@ -323,6 +177,44 @@ def load_target_once_per_node(config: Config, out_root: Path, local_rank: int) -
     return target
 
 
+def record_placement(
+    run_dir: RunDir, launch: str, rank: int, world: int, device: torch.device, step: int
+) -> None:
+    """Rank 0 writes `workers.json`: where every rank of this worker-group start runs (Ray node
+    id, host, node IP, pid, device) and which start it is - `attempt` counts the restarts of one
+    driver launch, `previous` keeps the placements of its earlier attempts."""
+    import torch.distributed as dist
+
+    mine = {**here(), "rank": rank, "device": str(device)}
+    everyone: list[Any] = [mine]
+    if dist.is_available() and dist.is_initialized() and world > 1:
+        everyone = [None] * world
+        dist.all_gather_object(everyone, mine)
+    if rank != 0:
+        return
+    path = run_dir.path / WORKERS_FILE
+    attempt, previous = 0, []
+    try:
+        old = json.loads(path.read_text())
+        if launch and old.get("launch") == launch:
+            attempt = int(old["attempt"]) + 1
+            previous = [*old.get("previous", []), {k: old[k] for k in ("attempt", "workers")}]
+    except (OSError, ValueError, KeyError, TypeError):
+        pass  # none yet, or from another launch: this start is attempt 0
+    write_json(
+        path,
+        {
+            "launch": launch,
+            "attempt": attempt,
+            "world_size": world,
+            "resumed_from_step": step,
+            "started_at": time.time(),
+            "workers": sorted(everyone, key=lambda w: w["rank"]),
+            "previous": previous,
+        },
+    )
+
+
 def train_worker(args_dict: dict[str, Any]) -> None:
     """The function every Ray Train worker runs."""
     import ray.train
@@ -338,7 +230,7 @@ def train_worker(args_dict: dict[str, Any]) -> None:
             if handler.get_name() == "console":
                 handler.setLevel(logging.WARNING)
     tune_malloc()
-    torch.set_num_threads(max(1, args.threads))
+    torch.set_num_threads(worker_threads(args.threads))
     ctx_train = ray.train.get_context()
     rank, world = ctx_train.get_world_rank(), ctx_train.get_world_size()
     device = torch.device("cpu")
@@ -350,10 +242,11 @@ def train_worker(args_dict: dict[str, Any]) -> None:
     target = load_target_once_per_node(config, Path(args.out_root), ctx_train.get_local_rank())
     worker = build_worker(config, target, Path(args.out_root), device, rank, world)
     state = resume_state(config, worker, run_dir, device)
+    record_placement(run_dir, args.launch, rank, world, device, state.step)
     if rank == 0:
         if state.step:
             say(f"[{name}] resumed from step {state.step}")
-        _warn_missing_secrets(args.driver_secrets)
+        warn_missing_secrets(args.driver_secrets)
         say(
             f"[{name}] {world} worker(s) on {device}, {torch.get_num_threads()} torch thread(s) "
             f"each; rank 0 pid {os.getpid()}"
@@ -475,11 +368,13 @@ def make_trainer(
     require: tuple[str, ...] = (),
     report_interval_s: float = 30.0,
     lean: bool = False,
+    placement: str | None = None,
+    launch: str = "",
 ) -> Any:
     """The TorchTrainer of one run: `workers` x `train_worker`, Ray's state under `<run>/ray/`.
     `lean` drops Ray Train's placement-group cleaner, an actor that only matters when the
     controller can die while its cluster lives on, and its autoscaling coordinator: pass it for
-    a Ray this process started."""
+    a Ray this process started. `placement` is `pack` or `spread` (None: Ray Train's default)."""
     import ray.train
 
     return lean_trainer_class(own_ray=lean)(
@@ -488,8 +383,9 @@ def make_trainer(
             config=config.model_dump(mode="json"),
             run_dir=str(run_dir.path),
             out_root=str(out_root),
-            threads=max(1, int(cpus_per_worker)),
+            threads=int(os.environ.get("SPD_RAY_THREADS", "0")),
             use_gpu=use_gpu,
+            launch=launch,
             require=require,
             report_interval_s=report_interval_s,
             driver_secrets=driver_secrets(),
@@ -497,7 +393,8 @@ def make_trainer(
         scaling_config=ray.train.ScalingConfig(
             num_workers=workers,
             use_gpu=use_gpu,
-            resources_per_worker={"CPU": cpus_per_worker, **({"GPU": 1} if use_gpu else {})},
+            resources_per_worker=worker_bundle(cpus_per_worker, use_gpu),
+            placement_strategy=PLACEMENTS[placement or "pack"],
         ),
         run_config=ray.train.RunConfig(
             name=RAY_SUBDIR,
@@ -509,6 +406,10 @@ def make_trainer(
     )
 
 
+def worker_bundle(cpus_per_worker: float, use_gpu: bool) -> dict[str, float]:
+    return {"CPU": cpus_per_worker, **({"GPU": 1.0} if use_gpu else {})}
+
+
 def run_on_ray(
     config: Config,
     run_dir: RunDir,
@@ -517,6 +418,7 @@ def run_on_ray(
     use_gpu: bool,
     cpus_per_worker: float | None,
     max_failures: int,
+    placement: str | None = None,
 ) -> None:
     """Fit one decomposition with a TorchTrainer; returns when the run finished or failed."""
     connect_ray()
@@ -532,6 +434,8 @@ def run_on_ray(
         cpus_per_worker,
         max_failures,
         lean=started_local_ray(),
+        placement=placement,
+        launch=uuid.uuid4().hex,
     )
     from spd_ray.train.loop import NonFiniteLossError
 
@@ -567,12 +471,15 @@ def _fit_remote(
     use_gpu: bool,
     cpus_per_worker: float,
     max_failures: int,
+    placement: str | None,
 ) -> tuple[dict[str, float], float]:
     """One run of `run_many`, as a Ray task (holding no CPU itself) that drives a TorchTrainer."""
     t0 = time.perf_counter()
     rd = RunDir(Path(run_dir))
     config = config_from_dict(config_dict)
-    run_on_ray(config, rd, Path(out_root), workers, use_gpu, cpus_per_worker, max_failures)
+    run_on_ray(
+        config, rd, Path(out_root), workers, use_gpu, cpus_per_worker, max_failures, placement
+    )
     return rd.read_summary()["final_eval"], time.perf_counter() - t0
 
 
@@ -585,6 +492,8 @@ def run_many(
     use_gpu: bool = False,
     cpus_per_worker: float | None = None,
     max_failures: int = 3,
+    placement: str | None = None,
+    wait_timeout_s: float = DEFAULT_WAIT_TIMEOUT_S,
 ) -> list[Outcome]:
     """Several runs (name, config), one TorchTrainer each, as many at once as the cluster's CPUs
     (or GPUs) allow. A run that fails - bad config, non-finite loss, too many worker failures -
@@ -596,10 +505,14 @@ def run_many(
     root = output_root(out)
     outcomes: dict[str, Outcome] = {}
     pending: list[tuple[Config, Outcome]] = []
+    connect_ray()
     if use_gpu:
-        connect_ray()
         require_gpus(workers, f"--workers {workers}")
+    bundles = [worker_bundle(cpus_per_worker or default_cpus_per_worker(workers), use_gpu)]
     with ExitStack() as held:  # every run's lock, until all runs end
+        # One run's workers must fit; the others queue behind it.
+        held.enter_context(capacity_for(bundles * workers, f"--workers {workers}", wait_timeout_s))
+        check_shared_root(root)
         for name, config in jobs:
             try:
                 run_dir = RunDir(child(root, name, "--name"))
@@ -615,7 +528,7 @@ def run_many(
             outcomes[name] = outcome
             if not outcome.already_finished:
                 pending.append((config, outcome))
-        _run_pending(pending, root, workers, use_gpu, cpus_per_worker, max_failures)
+        _run_pending(pending, root, workers, use_gpu, cpus_per_worker, max_failures, placement)
     return [outcomes[name] for name, _ in jobs]
 
 
@@ -626,6 +539,7 @@ def _run_pending(
     use_gpu: bool,
     cpus_per_worker: float | None,
     max_failures: int,
+    placement: str | None,
 ) -> None:
     """The prepared runs of `run_many`, as many at once as the cluster allows."""
     import ray
@@ -654,6 +568,7 @@ def _run_pending(
                 use_gpu,
                 per_worker,
                 max_failures,
+                placement,
             )
             running[ref] = outcome
         done, _ = ray.wait(list(running), num_returns=1)

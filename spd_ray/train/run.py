@@ -38,6 +38,7 @@ from spd_ray.data.ih import IHBatches, make_ih_task
 from spd_ray.data.toy import ToyBatches, make_toy_dataset
 from spd_ray.evals.evaluate import check_eval_metrics, evaluate
 from spd_ray.io import child, safe_name
+from spd_ray.ray_session import DEFAULT_WAIT_TIMEOUT_S
 from spd_ray.targets import cached_target_path, load_target, target_fingerprint
 from spd_ray.targets.hf import max_positions, resolve_name, vocab_size
 from spd_ray.targets.loading import build_toy
@@ -439,8 +440,12 @@ def run_experiment(
     cpus_per_worker: float | None = None,
     max_failures: int = 3,
     in_process: bool = False,
+    placement: str | None = None,
+    wait_timeout_s: float = DEFAULT_WAIT_TIMEOUT_S,
 ) -> Outcome:
-    """What `spd-ray run` does: the run on Ray Train (or in this process), resumable by name."""
+    """What `spd-ray run` does: the run on Ray Train (or in this process), resumable by name.
+    On Ray, the cluster must be able to hold the workers (an autoscaler gets `wait_timeout_s` to
+    add nodes); `placement` is `pack` or `spread` (None: Ray Train's default)."""
     root = output_root(out)
     run_dir = RunDir(child(root, name, "--name"))
     check_launch(config, workers, max_failures)
@@ -461,21 +466,28 @@ def run_experiment(
             name, r.run_dir, r.metrics, r.resumed_from, r.already_finished, wall_s=r.wall_s
         )
 
-    from spd_ray.train.ray_driver import connect_ray, require_gpus, run_on_ray
+    from spd_ray.capacity import capacity_for
+    from spd_ray.ray_session import connect_ray, require_gpus
+    from spd_ray.storage import check_shared_root
+    from spd_ray.train.ray_driver import default_cpus_per_worker, run_on_ray, worker_bundle
 
     t0 = time.perf_counter()
     preflight(config)
+    connect_ray()
     if use_gpu:
-        connect_ray()
         require_gpus(workers, f"--workers {workers}")
-    with claim(run_dir):
-        outcome = prepare_ray_run(config, run_dir, root, fresh)
-        if outcome.already_finished:
+    per_worker = cpus_per_worker or default_cpus_per_worker(workers)
+    bundles = [worker_bundle(per_worker, use_gpu)] * workers
+    with capacity_for(bundles, f"--workers {workers}", wait_timeout_s):
+        check_shared_root(root)
+        with claim(run_dir):
+            outcome = prepare_ray_run(config, run_dir, root, fresh)
+            if outcome.already_finished:
+                return outcome
+            run_on_ray(config, run_dir, root, workers, use_gpu, per_worker, max_failures, placement)
+            outcome.metrics = run_dir.read_summary()["final_eval"]
+            outcome.wall_s = time.perf_counter() - t0
             return outcome
-        run_on_ray(config, run_dir, root, workers, use_gpu, cpus_per_worker, max_failures)
-        outcome.metrics = run_dir.read_summary()["final_eval"]
-        outcome.wall_s = time.perf_counter() - t0
-        return outcome
 
 
 def check_workers(config: Config, workers: int) -> None:
