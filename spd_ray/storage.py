@@ -1,20 +1,25 @@
-"""Where results may live on a multi-node cluster.
+"""Where results may live on a multi-node cluster: a folder every node sees (this module), or
+object storage (`spd_ray.objstore`, staged and synced by `spd_ray.sync`).
 
-Rank 0 of a run, a sweep's trials and a harvest's actors can land on any node, and each writes
-or reads the output root there. A local path is only right when every node sees the same
-folder (NFS, Lustre, a SLURM cluster's shared home): checked by writing a probe file from the
-driver and reading it back from a task pinned to each node.
+Rank 0 of a run, a sweep's trials and a harvest's actors can land on any node, and
+each writes or reads the output root there. A local path is only right when every node sees the
+same folder (NFS, Lustre, a SLURM cluster's shared home): `check_shared_root` writes a probe file
+from the driver and reads it back from a task pinned to each node.
 """
 
 from __future__ import annotations
 
 import secrets
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from spd_ray.io import write_text
+from spd_ray.objstore import PROBE_PREFIX
 
-PROBE_PREFIX = ".spd-ray-probe-"
+if TYPE_CHECKING:
+    pass
+
+
 PROBE_TIMEOUT_S = 120.0
 
 

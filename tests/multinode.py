@@ -165,3 +165,31 @@ def wait_until(predicate: Any, timeout_s: float, every_s: float = 1.0) -> float:
             raise TimeoutError(f"not within {timeout_s:.0f} s")
         time.sleep(every_s)
     return time.monotonic() - t0
+
+
+def _join(address: str, cpus: int) -> None:
+    """Start one worker node of the cluster at `address` in this process (as `Cluster.add_node`
+    does; `ray start --address` would swap 127.0.0.1 for the machine's outside IP, where a test
+    cluster's GCS does not listen) and keep it until SIGTERM."""
+    import signal
+
+    import ray._private.node
+    import ray._private.parameter
+
+    params = ray._private.parameter.RayParams(
+        gcs_address=address,
+        node_ip_address="127.0.0.1",
+        num_cpus=cpus,
+        num_gpus=0,
+        min_worker_port=0,
+        max_worker_port=0,
+        dashboard_agent_listen_port=0,
+    )
+    node = ray._private.node.Node(params, head=False, shutdown_at_exit=False, spawn_reaper=False)
+    signal.signal(signal.SIGTERM, lambda *_: None)
+    signal.pause()
+    node.kill_all_processes(check_alive=False, allow_graceful=True)
+
+
+if __name__ == "__main__":  # python tests/multinode.py join <gcs address> <cpus>
+    _join(sys.argv[2], int(sys.argv[3]))
