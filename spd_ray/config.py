@@ -17,6 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from spd_ray.io import LockedError, write_text
+from spd_ray.lease import LeaseHeldError
 
 
 class BaseConfig(BaseModel):
@@ -530,6 +531,7 @@ USER_ERRORS: tuple[type[Exception], ...] = (
     FileNotFoundError,
     NotImplementedError,
     LockedError,
+    LeaseHeldError,
 )
 
 

@@ -40,7 +40,9 @@ from spd_ray.ray_session import (
     worker_threads,
 )
 from spd_ray.storage import check_shared_root
-from spd_ray.train.rundir import RAY_SUBDIR, RunDir, tune_malloc
+from spd_ray.sync import staging_dir
+from spd_ray.train.rundir import RAY_SUBDIR, TARGET_COPY, RunDir, tune_malloc
+from spd_ray.train.staged import fetch_run, send_run
 from spd_ray.train.tracking import RunWriter
 
 if TYPE_CHECKING:
@@ -60,6 +62,7 @@ class WorkerArgs:
     threads: int  # torch threads per worker; 0: the whole CPUs the worker holds
     use_gpu: bool
     launch: str = ""  # one id per driver start: restarts of its worker group count up
+    remote_run: str = ""  # the run's object-store URI: run_dir is then this node's staging folder
     require: tuple[str, ...] = ()
     driver_secrets: tuple[str, ...] = ()  # names only: warn when a worker lacks one
     # ray.train.report blocks until the controller polls (up to its health-check interval), so a
@@ -81,6 +84,7 @@ class RayReporter:
         report: Callable[..., None] | None = None,
         quiet: bool = False,
         require: tuple[str, ...] = (),
+        remote_run: str | None = None,
     ):
         """`report` is `ray.train.report` (default) or, in a Tune trial, `ray.tune.report`;
         `quiet` drops the progress lines (Tune shows its own table); log points report only
@@ -88,6 +92,7 @@ class RayReporter:
         every report)."""
         self.report = report
         self.require = require
+        self.remote_run = remote_run  # rank 0 sends the run there after each checkpoint
         self.quiet = quiet
         self.writer = writer
         self.name = name
@@ -154,24 +159,36 @@ class RayReporter:
             self._report(metrics, checkpoint=None)
             return
         self.writer.checkpoint(state)
+        if self.remote_run is not None:
+            send_run(self.writer.run_dir.path, self.remote_run)
         with tempfile.TemporaryDirectory() as tmp:
             torch.save(state, Path(tmp) / "checkpoint.pt")
             self._report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
         self.last_report = time.monotonic()
 
 
-def load_target_once_per_node(config: Config, out_root: Path, local_rank: int) -> Any:
+def load_target_once_per_node(
+    config: Config, out_root: Path, local_rank: int, remote_run: str | None, run_dir: RunDir
+) -> Any:
     """The target, fetched once per node: the node's first worker loads it (downloading a hub
     model into the node's Hugging Face cache, or training/finding a toy target), the others wait
-    and then load from that cache - never N downloads of the same model on one node."""
+    and then load from that cache - never N downloads of the same model on one node. A run kept
+    in object storage is fetched into the node's staging folder first, and its target copy (a
+    toy target trained by the driver) is what every worker loads."""
     import torch.distributed as dist
 
-    from spd_ray.targets import load_target
+    from spd_ray.targets import load_target, load_target_file
 
     together = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
     if together and local_rank != 0:
         dist.barrier()  # until every node's first worker has its copy
-    target = load_target(config, out_root, progress=False)
+    if remote_run is not None and local_rank == 0:
+        fetch_run(remote_run)
+    copy = run_dir.path / TARGET_COPY
+    if remote_run is not None and copy.exists():
+        target = load_target_file(copy)
+    else:
+        target = load_target(config, out_root, progress=False)
     if together and local_rank == 0:
         dist.barrier()
     return target
@@ -237,9 +254,12 @@ def train_worker(args_dict: dict[str, Any]) -> None:
     if args.use_gpu:
         device = ray.train.torch.get_device()
     config = config_from_dict(args.config)
-    run_dir = RunDir(Path(args.run_dir))
+    remote = args.remote_run or None
+    run_dir = RunDir(staging_dir(remote) if remote else Path(args.run_dir))
     name = run_dir.path.name
-    target = load_target_once_per_node(config, Path(args.out_root), ctx_train.get_local_rank())
+    target = load_target_once_per_node(
+        config, Path(args.out_root), ctx_train.get_local_rank(), remote, run_dir
+    )
     worker = build_worker(config, target, Path(args.out_root), device, rank, world)
     state = resume_state(config, worker, run_dir, device)
     record_placement(run_dir, args.launch, rank, world, device, state.step)
@@ -259,6 +279,7 @@ def train_worker(args_dict: dict[str, Any]) -> None:
         config.steps,
         min_interval_s=float(os.environ.get("SPD_RAY_REPORT_INTERVAL_S", args.report_interval_s)),
         require=tuple(args.require),
+        remote_run=remote,
     )
     t0 = time.perf_counter()
     summary: dict[str, Any] | None = None
@@ -274,6 +295,8 @@ def train_worker(args_dict: dict[str, Any]) -> None:
     finally:
         if writer is not None:
             writer.close(summary)
+            if remote is not None:  # at the end, and when it failed
+                send_run(run_dir.path, remote)
 
 
 def default_cpus_per_worker(workers: int, concurrent_runs: int = 1) -> float:
@@ -370,6 +393,7 @@ def make_trainer(
     lean: bool = False,
     placement: str | None = None,
     launch: str = "",
+    remote_run: str | None = None,
 ) -> Any:
     """The TorchTrainer of one run: `workers` x `train_worker`, Ray's state under `<run>/ray/`.
     `lean` drops Ray Train's placement-group cleaner, an actor that only matters when the
@@ -386,6 +410,7 @@ def make_trainer(
             threads=int(os.environ.get("SPD_RAY_THREADS", "0")),
             use_gpu=use_gpu,
             launch=launch,
+            remote_run=remote_run or "",
             require=require,
             report_interval_s=report_interval_s,
             driver_secrets=driver_secrets(),
@@ -398,7 +423,7 @@ def make_trainer(
         ),
         run_config=ray.train.RunConfig(
             name=RAY_SUBDIR,
-            storage_path=str(run_dir.path),
+            storage_path=remote_run or str(run_dir.path),
             failure_config=ray.train.FailureConfig(max_failures=max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
             callbacks=callbacks,
@@ -419,6 +444,7 @@ def run_on_ray(
     cpus_per_worker: float | None,
     max_failures: int,
     placement: str | None = None,
+    remote_run: str | None = None,
 ) -> None:
     """Fit one decomposition with a TorchTrainer; returns when the run finished or failed."""
     connect_ray()
@@ -436,6 +462,7 @@ def run_on_ray(
         lean=started_local_ray(),
         placement=placement,
         launch=uuid.uuid4().hex,
+        remote_run=remote_run,
     )
     from spd_ray.train.loop import NonFiniteLossError
 

@@ -442,10 +442,32 @@ def run_experiment(
     in_process: bool = False,
     placement: str | None = None,
     wait_timeout_s: float = DEFAULT_WAIT_TIMEOUT_S,
+    remote_run: str | None = None,
 ) -> Outcome:
     """What `spd-ray run` does: the run on Ray Train (or in this process), resumable by name.
     On Ray, the cluster must be able to hold the workers (an autoscaler gets `wait_timeout_s` to
-    add nodes); `placement` is `pack` or `spread` (None: Ray Train's default)."""
+    add nodes); `placement` is `pack` or `spread` (None: Ray Train's default). An object-store
+    `out` runs in a staging folder synced with the bucket (`spd_ray.train.staged`)."""
+    from spd_ray.train.staged import remote_root, send_run, staged_run
+
+    uri = remote_root(out)
+    if uri is not None:
+        check_launch(config, workers, max_failures)
+        with staged_run(uri, name) as staged:
+            return run_experiment(
+                config,
+                name=name,
+                out=staged.local_root,
+                fresh=fresh,
+                workers=workers,
+                use_gpu=use_gpu,
+                cpus_per_worker=cpus_per_worker,
+                max_failures=max_failures,
+                in_process=in_process,
+                placement=placement,
+                wait_timeout_s=wait_timeout_s,
+                remote_run=staged.run_uri,
+            )
     root = output_root(out)
     run_dir = RunDir(child(root, name, "--name"))
     check_launch(config, workers, max_failures)
@@ -461,7 +483,11 @@ def run_experiment(
         threads = int(os.environ.get("SPD_RAY_THREADS", "0")) or os.cpu_count() or 1
         torch.set_num_threads(threads)
         device = "cuda" if use_gpu else "cpu"
-        r = decompose(config, out=root, name=name, fresh=fresh, device=device)
+        try:
+            r = decompose(config, out=root, name=name, fresh=fresh, device=device)
+        finally:
+            if remote_run is not None and run_dir.path.exists():
+                send_run(run_dir.path, remote_run, delete=fresh)
         return Outcome(
             name, r.run_dir, r.metrics, r.resumed_from, r.already_finished, wall_s=r.wall_s
         )
@@ -469,6 +495,7 @@ def run_experiment(
     from spd_ray.capacity import capacity_for
     from spd_ray.ray_session import connect_ray, require_gpus
     from spd_ray.storage import check_shared_root
+    from spd_ray.sync import sync_down as fetch_into
     from spd_ray.train.ray_driver import default_cpus_per_worker, run_on_ray, worker_bundle
 
     t0 = time.perf_counter()
@@ -479,12 +506,29 @@ def run_experiment(
     per_worker = cpus_per_worker or default_cpus_per_worker(workers)
     bundles = [worker_bundle(per_worker, use_gpu)] * workers
     with capacity_for(bundles, f"--workers {workers}", wait_timeout_s):
-        check_shared_root(root)
+        if remote_run is None:  # a bucket is every node's; a local root must be too
+            check_shared_root(root)
         with claim(run_dir):
             outcome = prepare_ray_run(config, run_dir, root, fresh)
             if outcome.already_finished:
                 return outcome
-            run_on_ray(config, run_dir, root, workers, use_gpu, per_worker, max_failures, placement)
+            if remote_run is not None:
+                send_run(run_dir.path, remote_run, delete=fresh)
+            try:
+                run_on_ray(
+                    config,
+                    run_dir,
+                    root,
+                    workers,
+                    use_gpu,
+                    per_worker,
+                    max_failures,
+                    placement,
+                    remote_run=remote_run,
+                )
+            finally:
+                if remote_run is not None:  # what rank 0 sent, wherever it ran
+                    fetch_into(remote_run, run_dir.path)
             outcome.metrics = run_dir.read_summary()["final_eval"]
             outcome.wall_s = time.perf_counter() - t0
             return outcome
