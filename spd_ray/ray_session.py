@@ -12,7 +12,8 @@ import socket
 import sys
 from typing import Any
 
-FORWARDED_ENV_PREFIXES = ("SPD_RAY_", "HF_", "TRANSFORMERS_", "WANDB_", "RAY_TRAIN_")
+# AWS_: the object store's endpoint and region (its keys are secrets and stay behind).
+FORWARDED_ENV_PREFIXES = ("SPD_RAY_", "HF_", "TRANSFORMERS_", "WANDB_", "RAY_TRAIN_", "AWS_")
 # Keys and tokens: a runtime env is stored by the cluster and shown on its dashboard, so these
 # never travel in one; a cluster gets them from its own environment (README: secrets).
 _SECRET_WORDS = {

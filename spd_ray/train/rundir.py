@@ -207,17 +207,17 @@ class RunDir:
             tmp.unlink(missing_ok=True)
 
     def checkpoint_files(self) -> list[Path]:
-        """Every checkpoint of the run on disk, newest first: checkpoint.pt, the previous one and
-        Ray's copies."""
-        found = [self.checkpoint_path, self.path / PREV_CHECKPOINT]
-        found += self.path.glob(f"{RAY_SUBDIR}/checkpoint_*/{CHECKPOINT}")
-        existing = []
-        for path in found:
-            try:
-                existing.append((path.stat().st_mtime_ns, path))
-            except FileNotFoundError:
-                continue
-        return [p for _, p in sorted(existing, key=lambda t: t[0], reverse=True)]
+        """Every checkpoint of the run on disk, newest first: checkpoint.pt (always written before
+        Ray's copy of the same step), Ray's copies (their folder names carry the time they were
+        saved), then the previous checkpoint.pt. By name, not file times: a run fetched from a
+        bucket gets the times of the download."""
+        ray_copies = sorted(
+            self.path.glob(f"{RAY_SUBDIR}/checkpoint_*/{CHECKPOINT}"),
+            key=lambda p: p.parent.name,
+            reverse=True,
+        )
+        found = [self.checkpoint_path, *ray_copies, self.path / PREV_CHECKPOINT]
+        return [p for p in found if p.is_file()]
 
     def has_checkpoint(self) -> bool:
         return bool(self.checkpoint_files())
