@@ -40,7 +40,7 @@ from spd_ray.ray_session import (
     worker_threads,
 )
 from spd_ray.storage import check_shared_root
-from spd_ray.sync import staging_dir
+from spd_ray.sync import staging_dir, sync_down
 from spd_ray.train.rundir import RAY_SUBDIR, TARGET_COPY, RunDir, tune_malloc
 from spd_ray.train.staged import fetch_run, send_run
 from spd_ray.train.tracking import RunWriter
@@ -499,14 +499,26 @@ def _fit_remote(
     cpus_per_worker: float,
     max_failures: int,
     placement: str | None,
+    remote_run: str | None,
 ) -> tuple[dict[str, float], float]:
-    """One run of `run_many`, as a Ray task (holding no CPU itself) that drives a TorchTrainer."""
+    """One run of `run_many`, as a Ray task (holding no CPU itself) that drives a TorchTrainer;
+    a run kept in a bucket is read back from there (the task may run on any node)."""
     t0 = time.perf_counter()
     rd = RunDir(Path(run_dir))
     config = config_from_dict(config_dict)
     run_on_ray(
-        config, rd, Path(out_root), workers, use_gpu, cpus_per_worker, max_failures, placement
+        config,
+        rd,
+        Path(out_root),
+        workers,
+        use_gpu,
+        cpus_per_worker,
+        max_failures,
+        placement,
+        remote_run=remote_run,
     )
+    if remote_run is not None:
+        rd = RunDir(fetch_run(remote_run))
     return rd.read_summary()["final_eval"], time.perf_counter() - t0
 
 
@@ -526,12 +538,17 @@ def run_many(
     (or GPUs) allow. A run that fails - bad config, non-finite loss, too many worker failures -
     is reported as failed; the others go on."""
 
+    from spd_ray.objstore import check_reachable
     from spd_ray.train.run import Outcome, check_launch, claim, preflight, prepare_ray_run
     from spd_ray.train.rundir import output_root
+    from spd_ray.train.staged import remote_root, staged_run
 
-    root = output_root(out)
+    uri = remote_root(out)
+    if uri is not None:
+        check_reachable(uri, "--out", write=True)
+    root = output_root(out) if uri is None else staging_dir(uri)
     outcomes: dict[str, Outcome] = {}
-    pending: list[tuple[Config, Outcome]] = []
+    pending: list[tuple[Config, Outcome, str | None]] = []
     connect_ray()
     if use_gpu:
         require_gpus(workers, f"--workers {workers}")
@@ -539,28 +556,34 @@ def run_many(
     with ExitStack() as held:  # every run's lock, until all runs end
         # One run's workers must fit; the others queue behind it.
         held.enter_context(capacity_for(bundles * workers, f"--workers {workers}", wait_timeout_s))
-        check_shared_root(root)
+        if uri is None:
+            check_shared_root(root)
         for name, config in jobs:
+            run_uri = None
             try:
                 run_dir = RunDir(child(root, name, "--name"))
                 check_launch(config, workers, max_failures)
                 preflight(config)
                 with ExitStack() as one:
+                    if uri is not None:
+                        run_uri = one.enter_context(staged_run(uri, name)).run_uri
                     one.enter_context(claim(run_dir))
                     outcome = prepare_ray_run(config, run_dir, root, fresh)
+                    if run_uri is not None:
+                        send_run(run_dir.path, run_uri, delete=fresh)
                     held.enter_context(one.pop_all())
             except USER_ERRORS as e:
                 outcomes[name] = Outcome(name, root / name, error=" ".join(str(e).split()))
                 continue
             outcomes[name] = outcome
             if not outcome.already_finished:
-                pending.append((config, outcome))
+                pending.append((config, outcome, run_uri))
         _run_pending(pending, root, workers, use_gpu, cpus_per_worker, max_failures, placement)
     return [outcomes[name] for name, _ in jobs]
 
 
 def _run_pending(
-    pending: list[tuple[Config, Outcome]],
+    pending: list[tuple[Config, Outcome, str | None]],
     root: Path,
     workers: int,
     use_gpu: bool,
@@ -582,11 +605,11 @@ def _run_pending(
         slots = int(resources.get("CPU", 1) // (workers * per_worker))
     slots = max(1, slots)
     fit = ray.remote(num_cpus=0, max_retries=0)(_fit_remote)
-    running: dict[Any, Outcome] = {}
+    running: dict[Any, tuple[Outcome, str | None]] = {}
     queue = list(pending)
     while queue or running:
         while queue and len(running) < slots:
-            config, outcome = queue.pop(0)
+            config, outcome, run_uri = queue.pop(0)
             ref = fit.remote(
                 config.model_dump(mode="json"),
                 str(outcome.run_dir),
@@ -596,15 +619,18 @@ def _run_pending(
                 per_worker,
                 max_failures,
                 placement,
+                run_uri,
             )
-            running[ref] = outcome
+            running[ref] = (outcome, run_uri)
         done, _ = ray.wait(list(running), num_returns=1)
-        outcome = running.pop(done[0])
+        outcome, run_uri = running.pop(done[0])
         try:
             outcome.metrics, outcome.wall_s = ray.get(done[0])
         except Exception as err:  # noqa: BLE001 - recorded in the outcome table
             cause = getattr(err, "cause", None) or err
             outcome.error = " ".join(str(cause).split())[:300] or type(cause).__name__
+        if run_uri is not None:  # this machine's staging copy, as the bucket has it now
+            sync_down(run_uri, outcome.run_dir)
 
 
 def format_outcomes(outcomes: list[Outcome]) -> str:

@@ -211,3 +211,21 @@ def test_a_bucket_that_cannot_be_reached_fails_before_any_work(
     assert s3.env["AWS_SECRET_ACCESS_KEY"] not in res.stderr
     assert not (tmp_path / "staging").exists()
     assert wall < 30, f"the refusal took {wall:.0f} s"
+
+
+@pytest.mark.slow
+def test_several_runs_in_one_command_land_in_the_bucket(s3: S3Server, tmp_path: Path) -> None:
+    short = ["--steps", "20", "--set", "autocast_bf16=false", "--set", "n_eval_steps=2"]
+    res = subprocess.run(
+        _cmd("run", "tms_5-2,resid_mlp1", *short, "--out", f"s3://{BUCKET}/many", "--name", "m"),
+        env=_env(s3, tmp_path / "staging"),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    for experiment in ("tms_5-2", "resid_mlp1"):
+        summary = json.loads(_object(s3, f"many/m-{experiment}/summary.json"))
+        assert summary["final_step"] == 20
+        local = tmp_path / "staging" / "s3" / BUCKET / "many" / f"m-{experiment}"
+        assert json.loads((local / "summary.json").read_text()) == summary
