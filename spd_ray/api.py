@@ -31,13 +31,10 @@ def resolve_run_dir(run: str | Path, out: str | Path | None = None) -> Path:
     """A run directory, or a run name under the output root. A run in object storage
     (`s3://bucket/runs/r`, or a name under an object-store `out`) is its local staging folder,
     brought up to date from the bucket first."""
-    from spd_ray.objstore import is_uri, join
-    from spd_ray.sync import open_run_root
-    from spd_ray.train.staged import remote_root
+    from spd_ray.sync import open_run_root, run_uri
 
-    root_uri = remote_root(out)
-    if not isinstance(run, Path) and (is_uri(run) or root_uri is not None):
-        uri = run if is_uri(run) else join(str(root_uri), str(run))
+    uri = run_uri(run, out)
+    if uri is not None:
         local = open_run_root(uri)
         if not (local / "config.yaml").exists():
             raise FileNotFoundError(f"no run at '{uri}' (it holds no config.yaml)")

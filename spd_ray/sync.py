@@ -47,7 +47,7 @@ from spd_ray.io import Lock, atomic_write, write_json
 if TYPE_CHECKING:
     import pyarrow.fs as pafs
 from spd_ray.lease import LEASE_NAME
-from spd_ray.objstore import PROBE_PREFIX, exists, is_uri, local_path, parse_uri, remote_fs
+from spd_ray.objstore import PROBE_PREFIX, exists, is_uri, join, local_path, parse_uri, remote_fs
 
 MANIFEST = ".sync-manifest.json"
 SYNC_LOCK = ".sync.lock"
@@ -323,3 +323,22 @@ def open_run_root(root: str | Path) -> Path:
     if not exists(uri):
         raise FileNotFoundError(f"{uri}: nothing is stored there")
     return fetch(uri)
+
+
+def remote_root(out: str | Path | None) -> str | None:
+    """The object-store URI that `--out` (else `$SPD_RAY_OUT`) names, or None for a local root."""
+    root = out if out is not None else os.environ.get("SPD_RAY_OUT")
+    if root is None or isinstance(root, Path) or not is_uri(root):
+        return None
+    return root
+
+
+def run_uri(run: str | Path, out: str | Path | None = None) -> str | None:
+    """The URI of a run kept in object storage - `run` itself, or a run name under an
+    object-store `out` - or None for a run on a local or shared filesystem."""
+    if isinstance(run, Path):
+        return None
+    if is_uri(run):
+        return run
+    root = remote_root(out)
+    return None if root is None else join(root, run)

@@ -539,9 +539,10 @@ def run_many(
     is reported as failed; the others go on."""
 
     from spd_ray.objstore import check_reachable
+    from spd_ray.sync import remote_root
     from spd_ray.train.run import Outcome, check_launch, claim, preflight, prepare_ray_run
     from spd_ray.train.rundir import output_root
-    from spd_ray.train.staged import remote_root, staged_run
+    from spd_ray.train.staged import staged_run
 
     uri = remote_root(out)
     if uri is not None:

@@ -448,7 +448,8 @@ def run_experiment(
     On Ray, the cluster must be able to hold the workers (an autoscaler gets `wait_timeout_s` to
     add nodes); `placement` is `pack` or `spread` (None: Ray Train's default). An object-store
     `out` runs in a staging folder synced with the bucket (`spd_ray.train.staged`)."""
-    from spd_ray.train.staged import remote_root, send_run, staged_run
+    from spd_ray.sync import remote_root
+    from spd_ray.train.staged import send_run, staged_run
 
     uri = remote_root(out)
     if uri is not None:

@@ -11,7 +11,6 @@ every checkpoint, at the end and when it fails. Ray Train's own checkpoints go t
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -19,16 +18,8 @@ from pathlib import Path
 
 from spd_ray.io import check_name
 from spd_ray.lease import RemoteLease
-from spd_ray.objstore import check_reachable, exists, is_uri, join
+from spd_ray.objstore import check_reachable, exists, join
 from spd_ray.sync import staging_dir, sync_down, sync_up
-
-
-def remote_root(out: str | Path | None) -> str | None:
-    """The object-store URI that `--out` (else `$SPD_RAY_OUT`) names, or None for a local root."""
-    root = out if out is not None else os.environ.get("SPD_RAY_OUT")
-    if root is None or isinstance(root, Path) or not is_uri(root):
-        return None
-    return root
 
 
 @dataclass(frozen=True)

@@ -217,7 +217,14 @@ def test_a_run_survives_losing_the_node_of_a_rank(tmp_path: Path) -> None:
     assert after["launch"] == before["launch"] and after["attempt"] >= 1, after
     assert lost not in {w["node_id"] for w in after["workers"]}
     assert after["previous"][0]["workers"] == before["workers"]
-    assert re.search(r"\[lossy\] resumed from step \d+", out), out[-3000:]
+    resumed = re.search(r"\[lossy\] resumed from step (\d+)", out)
+    assert resumed, out[-3000:]
+    print(
+        f"node loss: removed {lost[:8]} (rank 1) at checkpoint step >= {LOSS_SAVE}; attempt "
+        f"{after['attempt']} resumed from step {resumed.group(1)} on "
+        f"{[w['node_id'][:8] for w in after['workers']]} (before: "
+        f"{[w['node_id'][:8] for w in before['workers']]})"
+    )
     summary = _summary(run_dir)
     assert summary["final_step"] == LOSS_STEPS
     _same(_summary(tmp_path / "ref")["final_eval"], summary["final_eval"], rtol=1e-6)
