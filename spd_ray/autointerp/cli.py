@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from typing import Any
 
 from spd_ray.argtypes import float_in, int_in, nonneg_float, positive_float, positive_int
@@ -11,7 +12,11 @@ from spd_ray.argtypes import float_in, int_in, nonneg_float, positive_float, pos
 
 def cmd_autointerp(args: argparse.Namespace) -> int:
     from spd_ray.autointerp.client import LLMSettings
-    from spd_ray.autointerp.pipeline import AutointerpOptions, run_autointerp
+    from spd_ray.autointerp.pipeline import (
+        AutointerpFailedError,
+        AutointerpOptions,
+        run_autointerp,
+    )
 
     if args.api_key_env is None:  # OPENAI_API_KEY when set; a local server may need none
         key = os.environ.get("OPENAI_API_KEY", "EMPTY")
@@ -44,7 +49,11 @@ def cmd_autointerp(args: argparse.Namespace) -> int:
         seed=args.seed,
         progress=not args.no_progress,
     )
-    store = run_autointerp(args.run, opts, out=args.out)
+    try:
+        store = run_autointerp(args.run, opts, out=args.out)
+    except AutointerpFailedError as err:  # a lost node: one line saying what to rerun
+        print(f"spd-ray autointerp: failed: {' '.join(str(err).split())}", file=sys.stderr)
+        return 1
     if not opts.dry_run:
         print(store.dir)
     return 0

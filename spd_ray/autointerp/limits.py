@@ -7,7 +7,10 @@ serves one process; `LimiterActor` is a named Ray actor that every actor of a pi
 through `shared_limiter(name, ...)`.
 
 The budget is checked before each request and charged after its response, so concurrent requests
-in flight when it runs out can overshoot it by at most their own cost.
+in flight when it runs out can overshoot it by at most their own cost. A worker that dies with
+requests in flight (its node lost) never releases their grants: with `max_hold_s`, a grant held
+longer than any live request can take is counted as released then, so the lost worker's slots
+come back instead of shrinking the window for the rest of the run.
 """
 
 from __future__ import annotations
@@ -28,20 +31,25 @@ WINDOW_S = 60.0
 
 class LimiterCore:
     """At most `rpm` grants in any rolling 60 s window, and no grant once `budget_usd` is spent.
-    None disables either limit."""
+    None disables either limit. A grant unreleased after `max_hold_s` (None: never) is presumed
+    lost with its worker and released."""
 
     def __init__(
         self,
         rpm: float | None,
         budget_usd: float | None,
         clock: Callable[[], float] = time.monotonic,
+        max_hold_s: float | None = None,
     ):
         if rpm is not None and rpm < 1:
             raise ValueError(f"rpm must be >= 1 (grants per 60 s window) or None, got {rpm}")
         if budget_usd is not None and budget_usd < 0:
             raise ValueError(f"budget_usd must be >= 0 or None, got {budget_usd}")
+        if max_hold_s is not None and max_hold_s <= 0:
+            raise ValueError(f"max_hold_s must be > 0 or None, got {max_hold_s}")
         self.rpm = rpm
         self.budget_usd = budget_usd
+        self.max_hold_s = max_hold_s
         self._cap = math.floor(rpm) if rpm is not None else None
         self._clock = clock
         # Grant times of the last 60 s: the window itself, and kept without a limit too so that
@@ -58,6 +66,23 @@ class LimiterCore:
         # counts arrivals see more than rpm requests in a window when requests leave late.
         self.in_flight = 0
         self.max_in_flight = 0
+        # Grant times of the requests in flight, oldest first (a release retires the oldest,
+        # which only makes the ones left look younger: they expire later, never earlier).
+        self._held: deque[float] = deque()
+        self.presumed_lost = 0  # grants released by `max_hold_s`
+        self._late = 0  # of those, the ones whose own release has not come (yet)
+
+    def _expire(self, now: float) -> None:
+        """Release the grants held past `max_hold_s`: their worker died with them. Their slots
+        count from now, as if their responses had just come back."""
+        if self.max_hold_s is None:
+            return
+        while self._held and now - self._held[0] >= self.max_hold_s:
+            self._held.popleft()
+            self.in_flight -= 1
+            self.presumed_lost += 1
+            self._late += 1
+            self._recent.append(now)
 
     def budget_left(self) -> bool:
         return self.budget_usd is None or self.spent_usd < self.budget_usd
@@ -73,6 +98,7 @@ class LimiterCore:
                 f"{self.granted} requests)"
             )
         now = self._clock()
+        self._expire(now)
         while self._recent and now - self._recent[0] >= WINDOW_S:
             self._recent.popleft()
         if self._cap is not None and len(self._recent) + self.in_flight >= self._cap:
@@ -81,16 +107,23 @@ class LimiterCore:
             return False, 0.25  # every slot is held by a request still in flight
         self.granted += 1
         self.in_flight += 1
+        self._held.append(now)
         self.max_in_flight = max(self.max_in_flight, self.in_flight)
         self.max_in_window = max(self.max_in_window, len(self._recent) + self.in_flight)
         return True, 0.0
 
     def release(self) -> None:
         """A granted request has finished: its slot stays taken for 60 s from now."""
-        if self.in_flight <= 0:
+        now = self._clock()
+        self._expire(now)
+        if self.in_flight > 0:
+            self.in_flight -= 1
+            self._held.popleft()
+            self._recent.append(now)
+        elif self._late > 0:  # a grant presumed lost was not: its slot was counted already
+            self._late -= 1
+        else:
             raise ValueError("release() without a matching grant")
-        self.in_flight -= 1
-        self._recent.append(self._clock())
 
     def record(self) -> None:
         """A request sent without a grant (the endpoint check) that finished now."""
@@ -120,6 +153,7 @@ class LimiterCore:
             "max_in_window": self.max_in_window,
             "in_flight": self.in_flight,
             "max_in_flight": self.max_in_flight,
+            "presumed_lost": self.presumed_lost,
         }
 
 
@@ -177,8 +211,10 @@ class LimiterActor:
     raising: an exception would reach the caller wrapped in a RayTaskError.
     """
 
-    def __init__(self, rpm: float | None, budget_usd: float | None):
-        self.core = LimiterCore(rpm, budget_usd)
+    def __init__(
+        self, rpm: float | None, budget_usd: float | None, max_hold_s: float | None = None
+    ):
+        self.core = LimiterCore(rpm, budget_usd, max_hold_s=max_hold_s)
 
     async def acquire(self) -> str | None:
         try:
@@ -228,16 +264,25 @@ class RayLimiter:
 
 
 def shared_limiter(
-    name: str, rpm: float | None, budget_usd: float | None, namespace: str | None = None
+    name: str,
+    rpm: float | None,
+    budget_usd: float | None,
+    namespace: str | None = None,
+    max_hold_s: float | None = None,
 ) -> RayLimiter:
     """Get or create the named limiter actor of this Ray job (non-detached: it dies with the
-    process that created it, so let the driver call this first). Raises ValueError when an actor
-    of that name already exists with other limits, which would silently ignore these ones.
-    Blocking (it confirms the limits with ray.get): call it from sync code."""
-    LimiterCore(rpm, budget_usd)  # fail fast on bad limits here, not inside the actor
+    process that created it, so let the driver call this first). A new one is pinned to the
+    caller's node: on a multi-node cluster it then lives as long as the driver does, and a worker
+    node that dies cannot take every actor's shared window and spend with it. Raises ValueError
+    when an actor of that name already exists with other limits, which would silently ignore
+    these ones. Blocking (it confirms the limits with ray.get): call it from sync code."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    LimiterCore(rpm, budget_usd, max_hold_s=max_hold_s)  # bad limits fail here, not in the actor
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
     actor = LimiterActor.options(  # type: ignore[attr-defined]
-        name=name, namespace=namespace, get_if_exists=True, lifetime=None
-    ).remote(rpm, budget_usd)
+        name=name, namespace=namespace, get_if_exists=True, lifetime=None, scheduling_strategy=here
+    ).remote(rpm, budget_usd, max_hold_s)
     existing = tuple(ray.get(actor.config.remote()))
     if existing != (rpm, budget_usd):
         raise ValueError(

@@ -11,6 +11,12 @@ Results come back to the driver, which appends them to the label store as they a
 run keeps everything finished, and a rerun sends requests only for what is not done yet. The
 budget is the store's: what earlier runs spent (the usage on the store's lines) is counted against
 it. One run per store at a time: the driver holds the store's lock from the endpoint check on.
+
+On a multi-node cluster the limiter lives on the driver's node and the workers anywhere; each
+result says which worker made it, and the store's `workers.json` lists them (actor, node, host,
+pid). A worker whose node dies is restarted elsewhere by Ray Data, which resends that worker's
+unfinished batches; a loss it cannot recover from stops the run with `AutointerpFailedError`,
+one line naming the store that keeps every finished result and the command to rerun.
 """
 
 from __future__ import annotations
@@ -42,6 +48,10 @@ from spd_ray.harvest.show import example_text
 from spd_ray.harvest.store import Example, Harvest
 
 SCORE_KINDS = ("detection", "fuzzing", "intruder")
+
+
+class AutointerpFailedError(RuntimeError):
+    """A run that Ray could not finish (a lost node, worker or result): what finished is kept."""
 
 
 @dataclass(frozen=True)
@@ -111,13 +121,17 @@ class LLMWorker:
         self._client: LLMClient | None = None
         self._sem: asyncio.Semaphore | None = None
         self._limiter: Any = None
+        self._where = ""
 
     def _setup(self) -> tuple[LLMClient, asyncio.Semaphore]:
         if self._client is None:
             import ray
 
             from spd_ray.autointerp.limits import RayLimiter
+            from spd_ray.ray_session import here
 
+            actor = ray.get_runtime_context().get_actor_id()
+            self._where = json.dumps({"actor": actor, **here()})
             if self.limiter_name is not None:
                 self._limiter = RayLimiter(ray.get_actor(self.limiter_name), self.limiter_name)
             self._client = LLMClient(self.llm, self._limiter)
@@ -134,7 +148,10 @@ class LLMWorker:
                 return await _run_task(client, task)
 
         results = await asyncio.gather(*(one(t) for t in tasks))
-        return {"result": np.array([json.dumps(r) for r in results], dtype=object)}
+        return {
+            "result": np.array([json.dumps(r) for r in results], dtype=object),
+            "worker": np.array([self._where] * len(results), dtype=object),
+        }
 
 
 async def _run_task(client: LLMClient, task: dict[str, Any]) -> dict[str, Any]:
@@ -294,7 +311,9 @@ def _plain(text: str) -> str:
 def run_autointerp(run: str | Path, opts: AutointerpOptions, out: str | None = None) -> LabelStore:
     from spd_ray.api import resolve_run_dir
     from spd_ray.autointerp.limits import LimiterCore
+    from spd_ray.sync import run_uri, sync_up
 
+    uri = run_uri(run, out)  # a run in a bucket: labelled in its staging folder, then sent
     run_dir = resolve_run_dir(run, out)
     h = Harvest(run_dir)  # fails with a clear message when the run has no harvest
     store = LabelStore(run_dir, opts.llm.model)
@@ -304,7 +323,11 @@ def run_autointerp(run: str | Path, opts: AutointerpOptions, out: str | None = N
         return store
     LimiterCore(opts.rpm, opts.budget_usd)  # bad limits fail here, before any paid request
     with store.lock():
-        _label_and_score(h, store, keys, opts)
+        try:
+            _label_and_score(h, store, keys, opts)
+        finally:  # labels are kept as they come: send what there is, finished or not
+            if uri is not None:
+                sync_up(run_dir, uri)
     return store
 
 
@@ -358,32 +381,31 @@ def _label_and_score(
     )
     connect_ray()
     limiter_name = f"spd-ray-autointerp-{uuid.uuid4().hex[:12]}"
-    limiter = shared_limiter(limiter_name, opts.rpm, left)
+    # No live request holds its grant this long (one HTTP attempt, bounded by the timeout per
+    # phase): a grant still held then was lost with its worker's node.
+    max_hold_s = 4 * opts.llm.timeout_s + 60
+    limiter = shared_limiter(limiter_name, opts.rpm, left, max_hold_s=max_hold_s)
     if checked:
         ray.get(limiter.actor.record.remote())  # the endpoint check counts toward the rpm
     say(f"[autointerp] {len(todo)} of {len(keys)} subcomponents to label")
-    _stream(tasks, "label", store.add_label, opts, limiter, limiter_name)
-    if opts.scores:
-        labels = store.labels()
-        scores = store.scores()
-        rng = random.Random(opts.seed)
-        threshold = h.meta["settings"]["ci_threshold"]
-        score_tasks = []
-        for k in keys:
-            if labels.get(k, {}).get("status") != "ok":
-                continue
-            for kind in opts.scores:
-                if scores.get((k, kind), {}).get("status") == "ok":
-                    continue
-                try:
-                    trials = score_trials(h, k, labels[k]["label"], kind, rng, threshold)
-                except ValueError as err:  # too few examples for this score: recorded, not fatal
-                    reason = f"cannot build {kind} trials: {err}"
-                    store.add_score({"key": k, "kind": kind, "status": "failed", "reason": reason})
-                    continue
-                score_tasks.append({"type": "score", "key": k, "kind": kind, "trials": trials})
-        say(f"[autointerp] {len(score_tasks)} scores to compute")
-        _stream(score_tasks, "score", store.add_score, opts, limiter, limiter_name)
+    workers: dict[tuple[str, int], dict[str, Any]] = {}
+    try:
+        _stream(tasks, "label", store.add_label, opts, limiter, limiter_name, workers)
+        if opts.scores:
+            _score(h, store, keys, opts, limiter, limiter_name, workers)
+    except Exception as err:
+        lost = None if isinstance(err, LLMError) else _lost_in(err)
+        if lost is None:
+            raise
+        first = next((x for x in str(lost).splitlines() if x.strip()), type(lost).__name__)
+        raise AutointerpFailedError(
+            f"autointerp stopped: Ray lost part of the run ({first.strip()[:200]}); every result "
+            f"that came back is in {store.dir} - rerun the same `spd-ray autointerp` command to "
+            "send only what is missing"
+        ) from err
+    finally:
+        if workers:
+            store.write_workers(list(workers.values()))
     stats = limiter.stats()
     total = store.spent()
     say(
@@ -391,10 +413,45 @@ def _label_and_score(
         f"${total['usd'] - before['usd']:.4f}, "
         f"{total['prompt_tokens'] - before['prompt_tokens']}+"
         f"{total['completion_tokens'] - before['completion_tokens']} tokens, "
-        f"at most {stats['max_in_flight']} in flight -> {store.dir} "
+        f"at most {stats['max_in_flight']} in flight on {len(workers)} worker(s) of "
+        f"{len({w['node_id'] for w in workers.values()})} node(s) -> {store.dir} "
         f"(all runs of this store: {total['requests']} requests, ${total['usd']:.4f})"
     )
     ray.kill(limiter.actor)
+
+
+def _score(
+    h: Harvest,
+    store: LabelStore,
+    keys: list[str],
+    opts: AutointerpOptions,
+    limiter: Any,
+    limiter_name: str,
+    workers: dict[tuple[str, int], dict[str, Any]],
+) -> None:
+    """Score the labelled subcomponents whose scores the store lacks."""
+    from spd_ray.ray_session import say
+
+    labels = store.labels()
+    scores = store.scores()
+    rng = random.Random(opts.seed)
+    threshold = h.meta["settings"]["ci_threshold"]
+    score_tasks = []
+    for k in keys:
+        if labels.get(k, {}).get("status") != "ok":
+            continue
+        for kind in opts.scores:
+            if scores.get((k, kind), {}).get("status") == "ok":
+                continue
+            try:
+                trials = score_trials(h, k, labels[k]["label"], kind, rng, threshold)
+            except ValueError as err:  # too few examples for this score: recorded, not fatal
+                reason = f"cannot build {kind} trials: {err}"
+                store.add_score({"key": k, "kind": kind, "status": "failed", "reason": reason})
+                continue
+            score_tasks.append({"type": "score", "key": k, "kind": kind, "trials": trials})
+    say(f"[autointerp] {len(score_tasks)} scores to compute")
+    _stream(score_tasks, "score", store.add_score, opts, limiter, limiter_name, workers)
 
 
 def _check(llm: LLMSettings, store: LabelStore) -> Usage:
@@ -424,8 +481,10 @@ def _stream(
     opts: AutointerpOptions,
     limiter: Any,
     limiter_name: str,
+    workers: dict[tuple[str, int], dict[str, Any]],
 ) -> None:
-    """Run tasks through the actor pool, writing each result as it arrives."""
+    """Run tasks through the actor pool, writing each result as it arrives; `workers` counts the
+    results of each worker process (a restarted actor is a new process)."""
     if not tasks:
         return
     import ray.data
@@ -449,6 +508,9 @@ def _stream(
         for row in ds.iter_rows():
             result = json.loads(row["result"])
             write(result)
+            where = json.loads(row["worker"])
+            seen = workers.setdefault((where["actor"], where["pid"]), {**where, "results": 0})
+            seen["results"] += 1
             done += result["status"] == "ok"
             failed += result["status"] != "ok"
             cost += result.get("usage", {}).get("cost_usd", 0.0)
@@ -469,6 +531,30 @@ def _stream(
     finally:
         bar.set_postfix(ok=done, failed=failed, cost=f"${cost:.4f}")
         bar.close()
+
+
+def _lost_in(err: BaseException) -> BaseException | None:
+    """The Ray system error inside an error chain - a node, worker, actor or result that Ray
+    lost and could not bring back - if any (not an error the task code raised)."""
+    import ray.exceptions as rex
+
+    lost = (
+        rex.RayActorError,
+        rex.ActorUnavailableError,
+        rex.NodeDiedError,
+        rex.ObjectLostError,
+        rex.WorkerCrashedError,
+        rex.RaySystemError,
+    )
+    seen: BaseException | None = err
+    while seen is not None:
+        if isinstance(seen, lost):
+            return seen
+        cause = getattr(seen, "cause", None)
+        if isinstance(cause, lost):
+            return cause
+        seen = seen.__cause__ or seen.__context__
+    return None
 
 
 def _fatal_in(err: BaseException) -> FatalLLMError | None:

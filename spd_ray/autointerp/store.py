@@ -3,7 +3,10 @@
 - `labels.jsonl`: one line per attempt outcome, `{key, status: ok|failed, label, confidence,
   reasoning, reason, usage, time}`;
 - `scores.jsonl`: `{key, kind, status, score, trials, reason, usage, time}`;
-- `checks.jsonl`: `{what, usage, time}` of each endpoint check.
+- `checks.jsonl`: `{what, usage, time}` of each endpoint check;
+- `settings.json`: the endpoint, model and harvest of the latest run;
+- `workers.json`: where the latest run's workers ran, `{workers: [{actor, node_id, hostname,
+  node_ip, pid, results}]}` (one entry per worker process, so a restarted actor shows twice).
 
 Append-only, written by the driver alone as results stream in, so an interrupted run keeps every
 finished line; the latest line of a key is its state. A rerun skips keys whose latest line is
@@ -23,6 +26,7 @@ from typing import Any
 from spd_ray.io import Lock, append_jsonl, read_jsonl, repair_tail, write_json
 
 AUTOINTERP_DIR = "autointerp"
+WORKERS_FILE = "workers.json"
 _SPEND_FILES = ("labels.jsonl", "scores.jsonl", "checks.jsonl")
 
 
@@ -83,6 +87,10 @@ class LabelStore:
     def write_settings(self, settings: dict[str, Any]) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
         write_json(self.dir / "settings.json", settings, indent=1)
+
+    def write_workers(self, workers: list[dict[str, Any]]) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        write_json(self.dir / WORKERS_FILE, {"workers": workers}, indent=1)
 
 
 def stores_of(run_dir: Path) -> list[Path]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from typing import Any
 
 from spd_ray.argtypes import int_in, nonneg_float, nonneg_int, positive_int
@@ -10,7 +11,7 @@ from spd_ray.harvest.accumulate import HarvestSettings
 
 
 def cmd_harvest(args: argparse.Namespace) -> int:
-    from spd_ray.harvest.pipeline import HarvestOptions, run_harvest
+    from spd_ray.harvest.pipeline import HarvestFailedError, HarvestOptions, run_harvest
 
     settings = HarvestSettings(
         ci_threshold=args.ci_threshold,
@@ -32,7 +33,11 @@ def cmd_harvest(args: argparse.Namespace) -> int:
         out=args.out,
         progress=not args.no_progress,
     )
-    path = run_harvest(args.run, opts)
+    try:
+        path = run_harvest(args.run, opts)
+    except HarvestFailedError as err:  # a lost node: one line saying what to rerun
+        print(f"spd-ray harvest: failed: {' '.join(str(err).split())}", file=sys.stderr)
+        return 1
     print(path)
     return 0
 

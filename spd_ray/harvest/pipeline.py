@@ -11,6 +11,12 @@ The harvest is written into `harvest.partial/` and swapped in at the end; an int
 is removed and started over by the next run (the partial state of live actors cannot be resumed
 exactly, and two partial results are never mixed). One harvest of a run at a time: a second one
 fails at once naming the first one's process.
+
+On a multi-node cluster the actors and merge tasks land on any node, so the run directory must be
+one every node sees (checked before any work); `meta.json` records each actor's node. An actor
+that dies with its node holds rows no other actor saw, so its share cannot be redone alone: the
+harvest stops with `HarvestFailedError`, naming the lost actor and what to rerun, and writes
+nothing (never a harvest with rows missing).
 """
 
 from __future__ import annotations
@@ -50,6 +56,11 @@ from spd_ray.harvest.store import (
 )
 
 MERGE_BYTES = 256 << 20  # target size of one merge shard (all actors' slices together)
+LOST_PROBE_S = 30.0  # how long a live actor may take to answer when another one was lost
+
+
+class HarvestFailedError(RuntimeError):
+    """A harvest that lost one of its actors (its node left the cluster, or the process died)."""
 
 
 @dataclass(frozen=True)
@@ -113,6 +124,13 @@ class HarvestActor:
         self.modules = [{"path": p, "C": loaded.model.C(p)} for p in loaded.model.module_paths]
         self.n_classes = n_classes
         self.step = loaded.step
+        self.index = index
+
+    def placement(self) -> dict[str, Any]:
+        """Where this actor runs: {actor, node_id, hostname, node_ip, pid}."""
+        from spd_ray.ray_session import here
+
+        return {"actor": self.index, **here()}
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -236,14 +254,18 @@ def _plan_resources(opts: HarvestOptions) -> tuple[float, float, int]:
     """(CPUs per harvest actor, CPUs of the document reader, torch threads per actor)."""
     import ray
 
-    from spd_ray.ray_session import is_local_cluster
+    from spd_ray.ray_session import alive_nodes, is_local_cluster
 
     reader = 0.25
     if not is_local_cluster():
-        return 1.0, reader, 1
+        # An actor leaves room for a reader on its node: on nodes of one CPU, actors of a whole
+        # CPU each would hold every CPU of the cluster and starve the reads they wait on.
+        sizes = [float(n["Resources"].get("CPU", 0.0)) for n in alive_nodes()]
+        smallest = min((c for c in sizes if c > 0), default=1.0 + reader)
+        return max(0.1, min(1.0, smallest - reader)), reader, 1
     cpus = float(ray.cluster_resources().get("CPU", 1.0))
-    # Ray Data's read tasks take 1 CPU each: leave one free, or actors that hold every CPU
-    # starve the reads they wait on.
+    # Leave one CPU free beside the actors: actors that hold every CPU starve the Ray Data
+    # work (reads, the split) they wait on.
     per_actor = max(0.1, min(1.0, (cpus - 1.0 - reader) / opts.actors))
     threads = max(1, int(cpus // opts.actors))
     return per_actor, reader, threads
@@ -258,14 +280,22 @@ def run_harvest(run: str | Path, opts: HarvestOptions) -> Path:
     """Harvest a run; returns the harvest directory."""
     from spd_ray.api import resolve_run_dir
     from spd_ray.ray_session import connect_ray, require_gpus
+    from spd_ray.storage import check_shared_root
+    from spd_ray.sync import run_uri, sync_up
 
+    uri = run_uri(run, opts.out)  # a run in a bucket: harvested in its staging folder, then sent
     run_dir = resolve_run_dir(run, opts.out)
     source, n_rows = make_source(run_dir, opts)
     with harvest_lock(run_dir):
         connect_ray()
         if opts.gpu:  # else Ray queues the actors forever, waiting for GPUs that never come
             require_gpus(opts.actors, f"harvest with --actors {opts.actors}")
-        return _harvest(run_dir, source, n_rows, opts)
+        # Actors read the run and merge tasks write the harvest on whichever node they land.
+        check_shared_root(run_dir, "the run directory")
+        harvest_dir = _harvest(run_dir, source, n_rows, opts)
+        if uri is not None:
+            sync_up(run_dir, uri)
+        return harvest_dir
 
 
 def _harvest(run_dir: Path, source: Source, n_rows: int | None, opts: HarvestOptions) -> Path:
@@ -290,7 +320,14 @@ def _harvest(run_dir: Path, source: Source, n_rows: int | None, opts: HarvestOpt
         for i in range(opts.actors)
     ]
     t0 = time.perf_counter()
+    placements: list[dict[str, Any]] = [{"actor": i} for i in range(opts.actors)]
     try:
+        placements = ray.get([a.placement.remote() for a in actors])
+        nodes = sorted({p["node_id"] for p in placements})
+        say(
+            f"[harvest] {opts.actors} actor(s) on {len(nodes)} node(s): "
+            + ", ".join(f"{p['actor']}@{p['node_id'][:12]} ({p['hostname']})" for p in placements)
+        )
         info: dict[str, Any] = ray.get(actors[0].describe.remote())
         ds = build_dataset(source, n_rows, reader_cpus)
         splits = ds.streaming_split(opts.actors, equal=False)
@@ -303,6 +340,13 @@ def _harvest(run_dir: Path, source: Source, n_rows: int | None, opts: HarvestOpt
         final_stats = ray.get([a.progress.remote() for a in actors])
         streaming_s = max(e for _, e, _ in spans) - min(f for f, _, _ in spans)
         n_tokens, shards = _merge_all(actors, info, source, partial, opts)
+    except ray.exceptions.RayError as err:
+        lost = _lost_actors(actors, placements)
+        for a in actors:
+            ray.kill(a)
+        if lost:
+            raise HarvestFailedError(_lost_message(run_dir, lost, err)) from err
+        raise
     except BaseException:
         for a in actors:
             ray.kill(a)
@@ -329,6 +373,7 @@ def _harvest(run_dir: Path, source: Source, n_rows: int | None, opts: HarvestOpt
         "actor_busy_seconds": [round(b, 3) for _, _, b in spans],
         "actor_state_mb": [round(st[2] / 2**20, 1) for st in final_stats],
         "actor_peak_rss_mb": [round(st[3] / 2**20, 1) for st in final_stats],
+        "actor_nodes": placements,
         "component_keys": info["keys"],
         "modules": info["modules"],
         "n_classes": info["n_classes"],
@@ -340,6 +385,46 @@ def _harvest(run_dir: Path, source: Source, n_rows: int | None, opts: HarvestOpt
         f"{meta['streaming_tokens_per_s']} tokens/s once streaming) -> {final}"
     )
     return final
+
+
+def _lost_actors(actors: list[Any], placements: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The placements of the actors that are gone: their node left the cluster, or their process
+    died (not an actor whose constructor failed: that error is the one to show)."""
+    import ray
+
+    from spd_ray.ray_session import alive_nodes
+
+    alive = {n["NodeID"] for n in alive_nodes()}
+    lost = []
+    for actor, where in zip(actors, placements, strict=True):
+        if "node_id" in where and where["node_id"] not in alive:
+            lost.append(where)
+            continue
+        try:
+            ray.get(actor.progress.remote(), timeout=LOST_PROBE_S)
+        except ray.exceptions.RayActorError as dead:
+            if not dead.actor_init_failed:
+                lost.append(where)
+        except ray.exceptions.GetTimeoutError:
+            pass  # alive but busy: not lost
+    return lost
+
+
+def _lost_message(run_dir: Path, lost: list[dict[str, Any]], err: BaseException) -> str:
+    def where(p: dict[str, Any]) -> str:
+        if "node_id" not in p:
+            return f"actor {p['actor']} (before it started)"
+        return (
+            f"actor {p['actor']} (node {p['node_id'][:12]}, host {p['hostname']}, pid {p['pid']})"
+        )
+
+    first = next((line for line in str(err).splitlines() if line.strip()), type(err).__name__)
+    return (
+        f"the harvest of {run_dir} lost {', '.join(where(p) for p in lost)}: its node left the "
+        f"Ray cluster or its process died ({first.strip()[:200]}); its rows cannot be redone "
+        f"alone, so nothing was written - rerun `spd-ray harvest {run_dir}` with the same "
+        "options to harvest again from the start"
+    )
 
 
 def _describe(source: Source) -> dict[str, Any]:

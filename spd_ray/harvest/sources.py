@@ -1,17 +1,18 @@
 """What a harvest reads, as Ray Data datasets of rows whose content depends only on their id.
 
-Language models: `ray.data.range(n_docs)` -> document reader actors (`DocRows`: hold the
+Language models: the document ids -> document reader actors (`DocRows`: hold the
 `datasets` split and the tokenizer, read their documents by index) -> rows of `max_seq_len`
 tokens. Each document is tokenized alone (no packing: an example's context never crosses into
 another document) and cut into rows; the last row of a document is padded and carries `n_valid`,
 so padding is never counted. A row's uid is `(doc << 32) | offset of its first token`.
 
-Toy models: `ray.data.range(n_blocks)` -> blocks of `rows_per_block` inputs drawn from the task's
+Toy models: the block ids -> blocks of `rows_per_block` inputs drawn from the task's
 `SparseFeatureDataset` with a generator seeded by (seed, block), so every input is a function of
 its index. A toy input's uid is its index.
 
 Rows are limited with `Dataset.limit` under `preserve_order`, so "the first N rows" is the same set
-whatever number of actors consumes them.
+whatever number of actors consumes them. The ids are made on the driver (`ids_dataset`), so every
+piece of work that makes rows holds only the reader's fraction of a CPU.
 """
 
 from __future__ import annotations
@@ -172,6 +173,23 @@ def toy_rows(source: ToySource) -> Any:
     return fn
 
 
+def ids_dataset(n: int, blocks: int) -> Any:
+    """The ids 0..n-1 (column `id`) in `blocks` ordered blocks. On a multi-node cluster they are
+    built and put on the driver: `ray.data.range` reads them with tasks of one whole CPU each
+    (and `from_arrow`/`from_numpy` describe their blocks with such tasks), which never start on a
+    cluster of small nodes whose CPUs the harvest actors hold all but a fraction of. On one
+    machine the harvest leaves a CPU free for them, and `range` costs the driver nothing."""
+    import ray.data
+
+    from spd_ray.ray_session import is_local_cluster
+
+    if is_local_cluster():
+        return ray.data.range(n, override_num_blocks=max(1, min(blocks, n)))
+    return ray.data.from_items(
+        [{"id": i} for i in range(n)], override_num_blocks=max(1, min(blocks, n))
+    )
+
+
 def build_dataset(source: Source, n_rows: int | None, reader_cpus: float) -> Any:
     """The Ray Data dataset of rows (limited to the first `n_rows` when given)."""
     import ray.data
@@ -180,7 +198,7 @@ def build_dataset(source: Source, n_rows: int | None, reader_cpus: float) -> Any
     ctx.execution_options.preserve_order = True
     ctx.enable_progress_bars = False
     if isinstance(source, LMSource):
-        ds = ray.data.range(source.n_docs, override_num_blocks=max(1, source.n_docs // 256))
+        ds = ids_dataset(source.n_docs, source.n_docs // 256)
         ds = ds.map_batches(
             DocRows,
             fn_constructor_args=(source,),
@@ -192,7 +210,7 @@ def build_dataset(source: Source, n_rows: int | None, reader_cpus: float) -> Any
     else:
         assert n_rows is not None, "a toy harvest needs a number of rows"
         n_blocks = -(-n_rows // ROWS_PER_TOY_BLOCK)
-        ds = ray.data.range(n_blocks, override_num_blocks=max(1, min(n_blocks, 64)))
+        ds = ids_dataset(n_blocks, 64)
         ds = ds.map_batches(
             toy_rows(source), batch_size=1, batch_format="numpy", num_cpus=reader_cpus
         )

@@ -3,8 +3,9 @@ runnable YAML, objective plots and the text table of `spd-ray sweep-status`. Pur
 rows; no Ray.
 
 A row is a `TrialRow`: trial id, status, the trial's flat params, its numeric metrics (final or
-last reported), iterations and run folder. Objectives are `(metric, "min" | "max")`; a row whose
-objective metric is missing or not finite (a failed trial) takes no part in rankings.
+last reported), iterations, run folder and, once the trial has started, where it ran (Ray node id
+and host name, from its run's `workers.json`). Objectives are `(metric, "min" | "max")`; a row
+whose objective metric is missing or not finite (a failed trial) takes no part in rankings.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal, TypedDict
+from typing import Any, Literal, NotRequired, TypedDict
 
 import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -35,6 +36,10 @@ class TrialRow(TypedDict):
     metrics: dict[str, float]
     iterations: int
     run_dir: str | None
+    # Where the trial's (last start of its) workers ran, comma-separated in rank order when
+    # several nodes: absent for a trial that never started.
+    node_id: NotRequired[str]
+    hostname: NotRequired[str]
 
 
 def _is_number(x: Any) -> bool:
@@ -48,11 +53,13 @@ def make_row(
     metrics: dict[str, Any],
     iterations: int = 0,
     run_dir: str | None = None,
+    node_id: str | None = None,
+    hostname: str | None = None,
 ) -> TrialRow:
     """A row; only the numeric entries of `metrics` are kept (a Tune result also holds dates,
     hostnames and the config)."""
     kept = {k: float(v) for k, v in metrics.items() if _is_number(v)}
-    return TrialRow(
+    row = TrialRow(
         trial_id=str(trial_id),
         status=status,
         params=dict(params),
@@ -60,6 +67,11 @@ def make_row(
         iterations=int(iterations),
         run_dir=run_dir,
     )
+    if node_id is not None:
+        row["node_id"] = node_id
+    if hostname is not None:
+        row["hostname"] = hostname
+    return row
 
 
 def parse_objective(text: str) -> Objective:
@@ -166,6 +178,7 @@ def _ordered_keys(dicts: list[dict[str, Any]]) -> list[str]:
 
 
 _MISSING = object()  # a trial without this param: an empty cell
+PLACEMENT_KEYS = ("node_id", "hostname")
 
 
 def _native(values: list[Any]) -> bool:
@@ -177,7 +190,8 @@ def _native(values: list[Any]) -> bool:
 
 
 def table_frame(rows: Sequence[TrialRow]) -> pd.DataFrame:
-    """Columns trial_id, status, param/<key>..., metric/<key>..., iterations, run_dir."""
+    """Columns trial_id, status, param/<key>..., metric/<key>..., iterations, run_dir, and
+    node_id, hostname when some trial has them."""
     param_keys = _ordered_keys([r["params"] for r in rows])
     metric_keys = _ordered_keys([r["metrics"] for r in rows])
     columns: dict[str, list[Any]] = {
@@ -194,6 +208,9 @@ def table_frame(rows: Sequence[TrialRow]) -> pd.DataFrame:
         columns[f"metric/{key}"] = [float(r["metrics"].get(key, math.nan)) for r in rows]
     columns["iterations"] = [int(r["iterations"]) for r in rows]
     columns["run_dir"] = [r["run_dir"] for r in rows]
+    for key in PLACEMENT_KEYS:
+        if any(key in r for r in rows):
+            columns[key] = [r.get(key) for r in rows]
     return pd.DataFrame(columns)
 
 
@@ -224,7 +241,7 @@ def read_table(path: Path) -> list[TrialRow]:
     if path.suffix == ".parquet":
         frame = pd.read_parquet(path)
     else:
-        as_text = {"trial_id": str, "status": str, "run_dir": str}
+        as_text = {"trial_id": str, "status": str, "run_dir": str, "node_id": str, "hostname": str}
         frame = pd.read_csv(
             path, dtype=as_text, keep_default_na=False, na_values=[""], float_precision="round_trip"
         )
@@ -245,16 +262,19 @@ def read_table(path: Path) -> list[TrialRow]:
             elif kind == "metric":
                 metrics[key] = float(value)
         run_dir = _cell(rec["run_dir"])
-        rows.append(
-            TrialRow(
-                trial_id=str(rec["trial_id"]),
-                status=str(rec["status"]),
-                params=params,
-                metrics=metrics,
-                iterations=int(rec["iterations"]),
-                run_dir=None if _absent(run_dir) else str(run_dir),
-            )
+        row = TrialRow(
+            trial_id=str(rec["trial_id"]),
+            status=str(rec["status"]),
+            params=params,
+            metrics=metrics,
+            iterations=int(rec["iterations"]),
+            run_dir=None if _absent(run_dir) else str(run_dir),
         )
+        for key in PLACEMENT_KEYS:
+            value = _cell(rec.get(key))
+            if not _absent(value):
+                row[key] = str(value)  # type: ignore[literal-required]
+        rows.append(row)
     return rows
 
 

@@ -4,7 +4,7 @@ Layout of `<out>/<sweep name>/`:
 - `sweep.json`: what was asked (experiment, space, objectives, ...); a rerun must match it.
 - `.lock`: held by the live `spd-ray sweep` (pid, host, command), so a second one stops at once.
 - `trials/<trial id>/`: each trial's run directory (the run contract: config.yaml, metrics.jsonl,
-  summary.json, tb/ events, checkpoint.pt), so `load_run` and TensorBoard work on it.
+  summary.json, workers.json, tb/ events, checkpoint.pt), so `load_run` and TensorBoard work on it.
 - `tune/`: Ray Tune's experiment state (`Tuner.restore` continues from it).
 - `study.db`: the Optuna study (SQLite; `optuna-dashboard sqlite:///.../study.db`).
 - `results.csv` (+ parquet), `best.yaml` or `pareto_<i>.yaml`, `objectives.png`: replaced
@@ -17,13 +17,21 @@ training step. A trial with one worker runs the training loop inside the Tune tr
 several workers drives its own `TorchTrainer` and forwards its reports with `TuneReportCallback`.
 Trials hold fractional CPUs so that trials x workers fit the cluster (ray-notes: a Tune trial that
 reserves a CPU and then asks for Train workers deadlocks on 2 CPUs).
+
+On a multi-node cluster trials land on any node, so the output root must be one every node sees
+(checked before the first trial). Each trial records where it runs in its `workers.json`, which
+the table's `node_id` and `hostname` columns show. A node that dies takes only its running trials
+with it: Tune restarts each once (`FailureConfig`) on a node that is left, and the restarted trial
+resumes from the newest checkpoint in its run directory.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import time
+import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -104,15 +112,18 @@ def _trial_run_dir(sweep_dir: Path, trial_id: str) -> RunDir:
     return RunDir(sweep_dir / "trials" / trial_id)
 
 
-def sweep_trial(params: dict[str, Any], spec: dict[str, Any], sweep_dir: str, cpus: float) -> None:
+def sweep_trial(
+    params: dict[str, Any], spec: dict[str, Any], sweep_dir: str, cpus: float, launch: str = ""
+) -> None:
     """One Tune trial: the base config with `params`, trained in its own run directory; `cpus`
     is what the trial (one worker) or each of its Train workers holds. The sweep's lock covers
-    its trials; a restarted trial resumes like any run (`resume_state`)."""
+    its trials; a restarted trial resumes like any run (`resume_state`). `launch` names the
+    sweep driver's start, so `workers.json` counts the restarts of a trial within it."""
     from ray import tune
 
     from spd_ray.targets import load_target, target_fingerprint
     from spd_ray.train.loop import NonFiniteLossError, run_loop
-    from spd_ray.train.ray_driver import ERROR_FILE, RayReporter
+    from spd_ray.train.ray_driver import ERROR_FILE, RayReporter, record_placement
     from spd_ray.train.run import build_worker, copy_target_file, open_run, resume_state, summarize
     from spd_ray.train.rundir import tune_malloc
     from spd_ray.train.tracking import RunWriter
@@ -125,7 +136,7 @@ def sweep_trial(params: dict[str, Any], spec: dict[str, Any], sweep_dir: str, cp
     if s.workers_per_trial > 1:
         run_dir.init(config)
         copy_target_file(config, root, run_dir)
-        _trial_on_train(config, run_dir, root, s, cpus)
+        _trial_on_train(config, run_dir, root, s, cpus, launch)
         return
 
     tune_malloc()
@@ -140,6 +151,7 @@ def sweep_trial(params: dict[str, Any], spec: dict[str, Any], sweep_dir: str, cp
         done = run_dir.read_summary()
         tune.report({"step": state.step, **done["final_eval"]})
         return
+    record_placement(run_dir, launch, 0, 1, device, state.step)
     writer = RunWriter(run_dir, config, state.step)
     objectives = tuple(m for m, _ in s.objectives)
     # Every log point reports (a function trial's report is cheap), so ASHA sees every rung.
@@ -159,7 +171,9 @@ def sweep_trial(params: dict[str, Any], spec: dict[str, Any], sweep_dir: str, cp
         writer.close(summary)
 
 
-def _trial_on_train(config: Config, run_dir: RunDir, root: Path, s: SweepSpec, cpus: float) -> None:
+def _trial_on_train(
+    config: Config, run_dir: RunDir, root: Path, s: SweepSpec, cpus: float, launch: str
+) -> None:
     """A several-worker trial: its own TorchTrainer, reports forwarded to Tune."""
     from ray.tune.integration.ray_train import TuneReportCallback
 
@@ -176,6 +190,7 @@ def _trial_on_train(config: Config, run_dir: RunDir, root: Path, s: SweepSpec, c
         callbacks=[TuneReportCallback()],
         require=tuple(m for m, _ in s.objectives),
         report_interval_s=1.0,
+        launch=launch,
     )
     trainer.fit()
 
@@ -194,6 +209,7 @@ def _row(
 ) -> TrialRow:
     """A table row: the final eval metrics when the trial finished, else its last report."""
     run_dir = _trial_run_dir(sweep_dir, trial_id)
+    node_id, hostname = _placement(run_dir)
     if run_dir.finished():
         summary = run_dir.read_summary()
         return make_row(
@@ -203,10 +219,27 @@ def _row(
             summary["final_eval"],
             summary["final_step"],
             str(run_dir.path),
+            node_id,
+            hostname,
         )
     status = "error" if failed else "stopped early"
     metrics = {k: v for k, v in last.items() if "/" in k}
-    return make_row(trial_id, status, params, metrics, int(last.get("step", 0)), str(run_dir.path))
+    step = int(last.get("step", 0))
+    return make_row(trial_id, status, params, metrics, step, str(run_dir.path), node_id, hostname)
+
+
+def _placement(run_dir: RunDir) -> tuple[str | None, str | None]:
+    """(node ids, host names) of the trial's latest start, from its `workers.json`: each
+    distinct one in rank order, comma-separated; (None, None) before the trial started."""
+    from spd_ray.train.ray_driver import WORKERS_FILE
+
+    path = run_dir.path / WORKERS_FILE
+    if not path.exists():
+        return None, None
+    workers = json.loads(path.read_text())["workers"]
+    nodes = ",".join(dict.fromkeys(str(w["node_id"]) for w in workers))
+    hosts = ",".join(dict.fromkeys(str(w["hostname"]) for w in workers))
+    return nodes, hosts
 
 
 def write_results(sweep_dir: Path, rows: list[TrialRow], spec: SweepSpec) -> None:
@@ -329,9 +362,16 @@ def run_sweep(
 ) -> SweepOutcome:
     from spd_ray.ray_session import connect_ray, require_gpus
     from spd_ray.registry import load_experiment
+    from spd_ray.storage import check_shared_root
+    from spd_ray.sync import remote_root
     from spd_ray.targets import load_target
     from spd_ray.train.run import default_run_name, preflight
 
+    if remote_root(out) is not None:
+        raise NotImplementedError(
+            f"--out {out or os.environ.get('SPD_RAY_OUT')}: sweeps keep their trials on a "
+            "filesystem every node mounts; object storage is for runs (spd-ray run --out s3://...)"
+        )
     root = output_root(out)
     if name is not None:
         child(root, name, "--name")
@@ -370,6 +410,10 @@ def run_sweep(
         require_gpus(_gpus_needed(spec), "the sweep")
     with Lock(sweep_dir / LOCK_FILE, f"sweep {sweep_name}"):
         _save_spec(sweep_dir / SPEC_FILE, spec)
+        # Trials write their run directories on whichever node they land: before the target
+        # and any trial, the root must be one every node sees.
+        connect_ray()
+        check_shared_root(root)
         load_target(base, root)  # train (or find) the target once, before the trials
         return _fit(spec, space, sweep_dir, sweep_name)
 
@@ -396,7 +440,11 @@ def _fit(spec: SweepSpec, space: SearchSpace, sweep_dir: Path, sweep_name: str) 
     local = is_local_cluster()
     per_worker = cluster_cpus / (concurrent * spec.workers_per_trial) if local else 1.0
     trainable: Any = tune.with_parameters(
-        sweep_trial, spec=asdict(spec), sweep_dir=str(sweep_dir), cpus=per_worker
+        sweep_trial,
+        spec=asdict(spec),
+        sweep_dir=str(sweep_dir),
+        cpus=per_worker,
+        launch=uuid.uuid4().hex,
     )
     if spec.workers_per_trial > 1:
         # The trial only drives a TorchTrainer; its workers hold the CPUs.
@@ -491,6 +539,10 @@ def _rows_from_dir(sweep_dir: Path) -> list[TrialRow]:
 
 
 def sweep_status(name: str, out: str | Path | None = None) -> str:
+    from spd_ray.sync import remote_root
+
+    if remote_root(out) is not None:
+        raise NotImplementedError(f"--out {out}: sweeps are not kept in object storage")
     sweep_dir = child(output_root(out), name, "name")
     spec_path = sweep_dir / SPEC_FILE
     if not spec_path.exists():

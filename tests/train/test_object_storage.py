@@ -87,6 +87,7 @@ def _steps_in(metrics: bytes) -> list[int]:
     return [r["step"] for r in rows if "train/loss/total" in r]
 
 
+@pytest.mark.slow
 def test_a_run_in_a_bucket_resumes_from_the_bucket(
     s3: S3Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -156,7 +157,9 @@ def _harvest_and_show(s3: S3Server, tmp_path: Path) -> None:
     uri = f"s3://{BUCKET}/runs/r"
     env = _env(s3, tmp_path / "harvester")
     res = subprocess.run(
-        _cmd("harvest", uri, "--batches", "4", "--batch-size", "64", "--actors", "1"),
+        _cmd(
+            "harvest", uri, "--batches", "4", "--batch-size", "64", "--actors", "1", "--no-progress"
+        ),
         env=env,
         capture_output=True,
         text=True,
