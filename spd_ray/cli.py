@@ -135,6 +135,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         objectives=[parse_objective(o) for o in args.objective] or None,
         scheduler=args.scheduler,
         seed=args.seed,
+        wait_timeout_s=args.wait_timeout,
     )
     print(sweep_status(outcome.sweep_dir.name, outcome.sweep_dir.parent), file=sys.stderr)
     if not outcome.complete:
@@ -256,6 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--scheduler", choices=["asha", "none"], default="none")
     p.add_argument("--seed", type=nonneg_int, default=0, help="sampler seed")
+    _wait_timeout_arg(p)
     p.add_argument(
         "--name", help="sweep name (default: sweep-<experiment>-<timestamp>); reuse it to resume"
     )

@@ -40,6 +40,7 @@ import torch
 
 from spd_ray.config import Config, ConfigError, config_from_dict
 from spd_ray.io import Lock, child, write_json, write_text
+from spd_ray.ray_session import DEFAULT_WAIT_TIMEOUT_S
 from spd_ray.sweep.results import (
     Objective,
     TrialRow,
@@ -359,7 +360,11 @@ def run_sweep(
     objectives: list[Objective] | None = None,
     scheduler: str = "none",
     seed: int = 0,
+    wait_timeout_s: float = DEFAULT_WAIT_TIMEOUT_S,
 ) -> SweepOutcome:
+    """A sweep of `target` over the space in `space_file`, resumable by name. The cluster must
+    be able to hold one trial's workers (an autoscaler gets `wait_timeout_s` to add nodes)."""
+    from spd_ray.capacity import capacity_for
     from spd_ray.ray_session import connect_ray, require_gpus
     from spd_ray.registry import load_experiment
     from spd_ray.storage import check_shared_root
@@ -408,7 +413,13 @@ def run_sweep(
         # Before any file: without GPUs the trials would wait in Tune's queue forever.
         connect_ray()
         require_gpus(_gpus_needed(spec), "the sweep")
-    with Lock(sweep_dir / LOCK_FILE, f"sweep {sweep_name}"):
+    connect_ray()
+    bundles = _trial_bundles(spec)
+    what = f"--workers-per-trial {workers_per_trial}"
+    with (
+        capacity_for(bundles, what, wait_timeout_s),
+        Lock(sweep_dir / LOCK_FILE, f"sweep {sweep_name}"),
+    ):
         _save_spec(sweep_dir / SPEC_FILE, spec)
         # Trials write their run directories on whichever node they land: before the target
         # and any trial, the root must be one every node sees.
@@ -416,6 +427,16 @@ def run_sweep(
         check_shared_root(root)
         load_target(base, root)  # train (or find) the target once, before the trials
         return _fit(spec, space, sweep_dir, sweep_name)
+
+
+def _trial_bundles(spec: SweepSpec) -> list[dict[str, float]]:
+    """What one trial's workers hold on a multi-node cluster (1 CPU each, and a GPU with --gpu);
+    nothing to check on one machine, where trials share its CPUs in fractions that always fit."""
+    from spd_ray.ray_session import is_local_cluster
+
+    if is_local_cluster():
+        return []
+    return [{"CPU": 1.0, **({"GPU": 1.0} if spec.gpu else {})}] * spec.workers_per_trial
 
 
 def _gpus_needed(spec: SweepSpec) -> int:

@@ -95,8 +95,8 @@ def _same(a: dict[str, float], b: dict[str, float], rtol: float) -> None:
         assert b[key] == pytest.approx(a[key], rel=rtol, abs=1e-9), key
 
 
-def _error_line(res: subprocess.CompletedProcess[str]) -> str:
-    lines = [ln for ln in res.stderr.splitlines() if ln.startswith("spd-ray run: error: ")]
+def _error_line(res: subprocess.CompletedProcess[str], command: str = "run") -> str:
+    lines = [ln for ln in res.stderr.splitlines() if ln.startswith(f"spd-ray {command}: error: ")]
     assert len(lines) == 1, res.stderr[-3000:]
     return lines[0]
 
@@ -143,7 +143,16 @@ def test_requests_the_cluster_can_never_hold_fail_before_training(
     assert "2 node(s)" in line or "3 node(s)" in line, line
     res = _run("run", *SHORT, "--name", "big", "--cpus-per-worker", "2", env=env)
     assert res.returncode == 2 and "--workers 1" in _error_line(res)
+    space = Path(__file__).resolve().parents[2] / "experiments" / "sweeps" / "tms_5-2.yaml"
+    res = _run(
+        "sweep", "tms_5-2", "--space", str(space), "--trials", "2", "--steps", "10",
+        "--workers-per-trial", "3", "--set", "batch_size=1026", "--name", "sw", env=env,
+    )  # fmt: skip
+    assert res.returncode == 2
+    line = _error_line(res, "sweep")
+    assert "--workers-per-trial 3" in line and "no autoscaler" in line, line
     assert not (tmp_path / "three").exists() and not (tmp_path / "big").exists()
+    assert not (tmp_path / "sw").exists()
     assert wall < 60, f"the refusal took {wall:.0f} s"
 
 
