@@ -119,6 +119,13 @@ def started_local_ray() -> bool:
     return _started_local
 
 
+def cluster_address() -> str | None:
+    """The address of the cluster `connect_ray` would attach to, None when it would start a
+    private local Ray."""
+    address = os.environ.get("RAY_ADDRESS") or _recorded_cluster()
+    return None if not address or address == "local" else address
+
+
 def connect_ray() -> None:
     """Attach to a running cluster - `RAY_ADDRESS`, or one started with `ray start` on this
     machine - or else start a local Ray sized to this machine (`RAY_ADDRESS=local` forces a
@@ -130,8 +137,8 @@ def connect_ray() -> None:
         return
     for key, value in ray_env().items():
         os.environ.setdefault(key, value)
-    address = os.environ.get("RAY_ADDRESS") or _recorded_cluster()
-    if address and address != "local":
+    address = cluster_address()
+    if address is not None:
         # No num_cpus here: a cluster's resources are its own. Its workers get their environment
         # from `ray start`, so this process's spd-ray, Hugging Face and wandb settings travel in
         # the runtime env - except under `ray job submit`, whose runtime env already has them.

@@ -365,7 +365,7 @@ def run_sweep(
     """A sweep of `target` over the space in `space_file`, resumable by name. The cluster must
     be able to hold one trial's workers (an autoscaler gets `wait_timeout_s` to add nodes)."""
     from spd_ray.capacity import capacity_for
-    from spd_ray.ray_session import connect_ray, require_gpus
+    from spd_ray.ray_session import cluster_address, connect_ray, require_gpus
     from spd_ray.registry import load_experiment
     from spd_ray.storage import check_shared_root
     from spd_ray.sync import remote_root
@@ -413,8 +413,10 @@ def run_sweep(
         # Before any file: without GPUs the trials would wait in Tune's queue forever.
         connect_ray()
         require_gpus(_gpus_needed(spec), "the sweep")
-    connect_ray()
-    bundles = _trial_bundles(spec)
+    bundles = []
+    if cluster_address() is not None:  # a private local Ray splits its CPUs to fit the trials
+        connect_ray()
+        bundles = _trial_bundles(spec)
     what = f"--workers-per-trial {workers_per_trial}"
     with (
         capacity_for(bundles, what, wait_timeout_s),
