@@ -87,13 +87,6 @@ def autoscaler_present() -> bool:
     return any(t and not _READONLY_TYPE.match(t) for t in types)
 
 
-def autoscaler_can_add(resource: Bundle) -> bool:
-    """Whether more of `resource` could come: an autoscaler's node types are in its config on
-    the head, out of a driver's sight, so any autoscaler counts."""
-    del resource
-    return autoscaler_present()
-
-
 def describe(bundles: list[Bundle]) -> str:
     total = {k: sum(b.get(k, 0.0) for b in bundles) for k in _KINDS}
     parts = [f"{total[k]:g} {k}s" for k in _KINDS if total[k]]

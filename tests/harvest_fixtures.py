@@ -29,6 +29,31 @@ def spd_ray_cli(
     )
 
 
+def short_tms_run(out: Path, steps: int) -> Path:
+    """A tms_5-2 decomposition of `steps` steps, in-process, as `out/tms`: for analyses that need
+    a checkpoint, not a good one."""
+    import torch
+
+    import spd_ray
+    from spd_ray.registry import load_experiment
+
+    torch.set_num_threads(1)
+    _, config = load_experiment("tms_5-2")
+    config = config.model_copy(
+        update={
+            "steps": steps,
+            "eval_freq": steps,
+            "slow_eval_freq": steps,
+            "slow_eval_on_first_step": False,
+            "n_eval_steps": 2,
+            "batch_size": 1024,
+            "faithfulness_warmup_steps": 20,
+        }
+    )
+    spd_ray.decompose(config, out=out, name="tms", progress=False)
+    return out / "tms"
+
+
 def hold_lock(take: str, *args: str) -> subprocess.Popen[str]:
     """A separate process that runs `take` (Python that takes a lock, with `sys`, `Path` and
     the arguments in `sys.argv[1:]`) and then sleeps holding it; returns once it holds it."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -17,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ray_head import RAY_TEST_ENV, RayHead, _free_ports, stop_head
+from ray_head import RAY_TEST_ENV, RayHead, _free_ports, head_command, stop_head
 
 
 @contextlib.contextmanager
@@ -109,23 +110,8 @@ def start_autoscaling_head(
     }
     config_file = temp_dir / "autoscaler.json"
     config_file.write_text(json.dumps(config))
-    ray_bin = Path(sys.executable).parent / "ray"
-    cmd = [
-        str(ray_bin),
-        "start",
-        "--head",
-        f"--autoscaling-config={config_file}",
-        f"--temp-dir={temp_dir}",
-        f"--port={gcs}",
-        f"--num-cpus={head_cpus}",
-        "--num-gpus=0",
-        "--node-ip-address=127.0.0.1",
-        "--dashboard-host=127.0.0.1",
-        f"--dashboard-port={dashboard}",
-        f"--dashboard-agent-listen-port={agent}",
-        f"--ray-client-server-port={client}",
-        "--disable-usage-stats",
-    ]
+    cmd = head_command(temp_dir, [gcs, dashboard, client, agent], head_cpus)
+    cmd.append(f"--autoscaling-config={config_file}")
     env = {**os.environ, **RAY_TEST_ENV, "AUTOSCALER_UPDATE_INTERVAL_S": "1"}
     env["RAY_FAKE_CLUSTER"] = "1"
     env.pop("RAY_ADDRESS", None)
@@ -137,6 +123,36 @@ def start_autoscaling_head(
         stop_head(head)
         raise RuntimeError(f"ray start failed:\n{res.stdout}\n{res.stderr}")
     return head
+
+
+@contextlib.contextmanager
+def blind_node(address: str, folder: Path, log: Path, nodes_after: int) -> Iterator[None]:
+    """One more 1-CPU worker node of the cluster at `address`, in its own mount namespace where
+    `folder` is an empty tmpfs (a node-local disk on a cloud cluster); the block runs once the
+    cluster has `nodes_after` worker nodes, and the node is stopped when it ends."""
+    script = (
+        f"mount -t tmpfs tmpfs {folder} && exec {sys.executable} {Path(__file__).resolve()} "
+        f"join {address} 1"
+    )
+    node = subprocess.Popen(
+        ["unshare", "--mount", "--propagation", "private", "sh", "-c", script],
+        env=cluster_env(address),
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    try:
+        try:
+            wait_until(lambda: worker_node_count(address) == nodes_after, 120, every_s=3)
+        except TimeoutError:
+            raise AssertionError(log.read_text()[-3000:]) from None
+        yield
+    finally:
+        os.killpg(node.pid, signal.SIGTERM)
+        try:
+            node.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(node.pid, signal.SIGKILL)
 
 
 def worker_node_count(address: str) -> int:

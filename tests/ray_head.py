@@ -57,13 +57,12 @@ def _free_ports(n: int) -> list[int]:
     return ports
 
 
-def start_head(num_cpus: int = 2) -> RayHead:
-    # Short path: Ray's Unix sockets live under it and must stay below ~107 characters.
-    temp_dir = Path(tempfile.mkdtemp(prefix="spdr-", dir="/tmp"))
-    gcs, dashboard, client, agent = _free_ports(4)
-    ray_bin = Path(sys.executable).parent / "ray"
-    cmd = [
-        str(ray_bin),
+def head_command(temp_dir: Path, ports: list[int], num_cpus: int) -> list[str]:
+    """`ray start --head` on 127.0.0.1 with its own temp dir and the (GCS, dashboard, client,
+    agent) `ports`, and no GPUs."""
+    gcs, dashboard, client, agent = ports
+    return [
+        str(Path(sys.executable).parent / "ray"),
         "start",
         "--head",
         f"--temp-dir={temp_dir}",
@@ -77,6 +76,13 @@ def start_head(num_cpus: int = 2) -> RayHead:
         f"--ray-client-server-port={client}",
         "--disable-usage-stats",
     ]
+
+
+def start_head(num_cpus: int = 2) -> RayHead:
+    # Short path: Ray's Unix sockets live under it and must stay below ~107 characters.
+    temp_dir = Path(tempfile.mkdtemp(prefix="spdr-", dir="/tmp"))
+    gcs, dashboard, client, agent = _free_ports(4)
+    cmd = head_command(temp_dir, [gcs, dashboard, client, agent], num_cpus)
     env = {**os.environ, **RAY_TEST_ENV}
     env.pop("RAY_ADDRESS", None)
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)

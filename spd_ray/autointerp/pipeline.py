@@ -546,25 +546,24 @@ def _lost_in(err: BaseException) -> BaseException | None:
         rex.WorkerCrashedError,
         rex.RaySystemError,
     )
-    seen: BaseException | None = err
-    while seen is not None:
-        if isinstance(seen, lost):
-            return seen
-        cause = getattr(seen, "cause", None)
-        if isinstance(cause, lost):
-            return cause
-        seen = seen.__cause__ or seen.__context__
-    return None
+    return _found_in(err, lost)
 
 
 def _fatal_in(err: BaseException) -> FatalLLMError | None:
     """The FatalLLMError inside a Ray (Data) error chain, if any."""
+    found = _found_in(err, (FatalLLMError,))
+    return found if isinstance(found, FatalLLMError) else None
+
+
+def _found_in(err: BaseException, kinds: tuple[type[BaseException], ...]) -> BaseException | None:
+    """The first error of `kinds` along a Ray error chain: each error, the task error Ray
+    wraps in it (`.cause`), then what it was raised from."""
     seen: BaseException | None = err
     while seen is not None:
-        if isinstance(seen, FatalLLMError):
+        if isinstance(seen, kinds):
             return seen
         cause = getattr(seen, "cause", None)
-        if isinstance(cause, FatalLLMError):
+        if isinstance(cause, kinds):
             return cause
         seen = seen.__cause__ or seen.__context__
     return None

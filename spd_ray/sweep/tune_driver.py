@@ -435,10 +435,11 @@ def _trial_bundles(spec: SweepSpec) -> list[dict[str, float]]:
     """What one trial's workers hold on a multi-node cluster (1 CPU each, and a GPU with --gpu);
     nothing to check on one machine, where trials share its CPUs in fractions that always fit."""
     from spd_ray.ray_session import is_local_cluster
+    from spd_ray.train.ray_driver import worker_bundle
 
     if is_local_cluster():
         return []
-    return [{"CPU": 1.0, **({"GPU": 1.0} if spec.gpu else {})}] * spec.workers_per_trial
+    return [worker_bundle(1.0, spec.gpu)] * spec.workers_per_trial
 
 
 def _gpus_needed(spec: SweepSpec) -> int:

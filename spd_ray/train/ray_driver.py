@@ -40,9 +40,8 @@ from spd_ray.ray_session import (
     worker_threads,
 )
 from spd_ray.storage import check_shared_root
-from spd_ray.sync import staging_dir, sync_down
+from spd_ray.sync import fetch, staging_dir, sync_down, sync_up
 from spd_ray.train.rundir import RAY_SUBDIR, TARGET_COPY, RunDir, tune_malloc
-from spd_ray.train.staged import fetch_run, send_run
 from spd_ray.train.tracking import RunWriter
 
 if TYPE_CHECKING:
@@ -160,7 +159,7 @@ class RayReporter:
             return
         self.writer.checkpoint(state)
         if self.remote_run is not None:
-            send_run(self.writer.run_dir.path, self.remote_run)
+            sync_up(self.writer.run_dir.path, self.remote_run)
         with tempfile.TemporaryDirectory() as tmp:
             torch.save(state, Path(tmp) / "checkpoint.pt")
             self._report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
@@ -183,7 +182,7 @@ def load_target_once_per_node(
     if together and local_rank != 0:
         dist.barrier()  # until every node's first worker has its copy
     if remote_run is not None and local_rank == 0:
-        fetch_run(remote_run)
+        fetch(remote_run)
     copy = run_dir.path / TARGET_COPY
     if remote_run is not None and copy.exists():
         target = load_target_file(copy)
@@ -296,7 +295,7 @@ def train_worker(args_dict: dict[str, Any]) -> None:
         if writer is not None:
             writer.close(summary)
             if remote is not None:  # at the end, and when it failed
-                send_run(run_dir.path, remote)
+                sync_up(run_dir.path, remote)
 
 
 def default_cpus_per_worker(workers: int, concurrent_runs: int = 1) -> float:
@@ -518,7 +517,7 @@ def _fit_remote(
         remote_run=remote_run,
     )
     if remote_run is not None:
-        rd = RunDir(fetch_run(remote_run))
+        rd = RunDir(fetch(remote_run))
     return rd.read_summary()["final_eval"], time.perf_counter() - t0
 
 
@@ -571,7 +570,7 @@ def run_many(
                     one.enter_context(claim(run_dir))
                     outcome = prepare_ray_run(config, run_dir, root, fresh)
                     if run_uri is not None:
-                        send_run(run_dir.path, run_uri, delete=fresh)
+                        sync_up(run_dir.path, run_uri, delete=fresh)
                     held.enter_context(one.pop_all())
             except USER_ERRORS as e:
                 outcomes[name] = Outcome(name, root / name, error=" ".join(str(e).split()))

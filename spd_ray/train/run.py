@@ -448,8 +448,8 @@ def run_experiment(
     On Ray, the cluster must be able to hold the workers (an autoscaler gets `wait_timeout_s` to
     add nodes); `placement` is `pack` or `spread` (None: Ray Train's default). An object-store
     `out` runs in a staging folder synced with the bucket (`spd_ray.train.staged`)."""
-    from spd_ray.sync import remote_root
-    from spd_ray.train.staged import send_run, staged_run
+    from spd_ray.sync import remote_root, sync_up
+    from spd_ray.train.staged import staged_run
 
     uri = remote_root(out)
     if uri is not None:
@@ -488,7 +488,7 @@ def run_experiment(
             r = decompose(config, out=root, name=name, fresh=fresh, device=device)
         finally:
             if remote_run is not None and run_dir.path.exists():
-                send_run(run_dir.path, remote_run, delete=fresh)
+                sync_up(run_dir.path, remote_run, delete=fresh)
         return Outcome(
             name, r.run_dir, r.metrics, r.resumed_from, r.already_finished, wall_s=r.wall_s
         )
@@ -496,7 +496,7 @@ def run_experiment(
     from spd_ray.capacity import capacity_for
     from spd_ray.ray_session import connect_ray, require_gpus
     from spd_ray.storage import check_shared_root
-    from spd_ray.sync import sync_down as fetch_into
+    from spd_ray.sync import sync_down
     from spd_ray.train.ray_driver import default_cpus_per_worker, run_on_ray, worker_bundle
 
     t0 = time.perf_counter()
@@ -514,7 +514,7 @@ def run_experiment(
             if outcome.already_finished:
                 return outcome
             if remote_run is not None:
-                send_run(run_dir.path, remote_run, delete=fresh)
+                sync_up(run_dir.path, remote_run, delete=fresh)
             try:
                 run_on_ray(
                     config,
@@ -529,7 +529,7 @@ def run_experiment(
                 )
             finally:
                 if remote_run is not None:  # what rank 0 sent, wherever it ran
-                    fetch_into(remote_run, run_dir.path)
+                    sync_down(remote_run, run_dir.path)
             outcome.metrics = run_dir.read_summary()["final_eval"]
             outcome.wall_s = time.perf_counter() - t0
             return outcome

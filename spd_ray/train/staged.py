@@ -19,7 +19,7 @@ from pathlib import Path
 from spd_ray.io import check_name
 from spd_ray.lease import RemoteLease
 from spd_ray.objstore import check_reachable, exists, join
-from spd_ray.sync import staging_dir, sync_down, sync_up
+from spd_ray.sync import staging_dir, sync_down
 
 
 @dataclass(frozen=True)
@@ -40,16 +40,3 @@ def staged_run(root_uri: str, name: str) -> Iterator[StagedRun]:
         if exists(join(run_uri, "config.yaml")):
             sync_down(run_uri, local)
         yield StagedRun(staging_dir(root_uri), run_uri)
-
-
-def fetch_run(run_uri: str) -> Path:
-    """On a worker's node: the run's staging folder there, brought up to date from the bucket."""
-    local = staging_dir(run_uri)
-    sync_down(run_uri, local)
-    return local
-
-
-def send_run(local: Path, run_uri: str, delete: bool = False) -> None:
-    """Send the run's changed files to the bucket (`delete`: also remove objects the folder no
-    longer has, after `--fresh` cleared it)."""
-    sync_up(local, run_uri, delete=delete)

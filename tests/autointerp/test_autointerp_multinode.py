@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
+from harvest_fixtures import short_tms_run, spd_ray_cli
 from llm_server import LLMServer
 from multinode import cluster_env, node_cluster, wait_until
 
@@ -27,36 +27,12 @@ LIMIT = 6
 
 @pytest.fixture(scope="module")
 def tms_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A short tms_5-2 decomposition, in-process: labelling needs a harvest, not a good run."""
-    import spd_ray
-    from spd_ray.registry import load_experiment
-
-    torch.set_num_threads(1)
-    _, config = load_experiment("tms_5-2")
-    config = config.model_copy(
-        update={
-            "steps": STEPS,
-            "eval_freq": STEPS,
-            "slow_eval_freq": STEPS,
-            "slow_eval_on_first_step": False,
-            "n_eval_steps": 2,
-            "batch_size": 1024,
-            "faithfulness_warmup_steps": 20,
-        }
-    )
-    out = tmp_path_factory.mktemp("autointerp-multinode")
-    spd_ray.decompose(config, out=out, name="tms", progress=False)
-    return out / "tms"
+    """A short tms_5-2 decomposition: labelling needs a harvest, not a good run."""
+    return short_tms_run(tmp_path_factory.mktemp("autointerp-multinode"), STEPS)
 
 
 def _cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "spd_ray.cli", *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=400,
-    )
+    return spd_ray_cli(env, *args, timeout=400)
 
 
 class Clock:

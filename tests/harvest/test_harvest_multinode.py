@@ -7,10 +7,8 @@ cannot see is refused before any work."""
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -19,44 +17,20 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-import torch
-from multinode import cluster_env, node_cluster, wait_until, worker_node_count
+from harvest_fixtures import short_tms_run, spd_ray_cli
+from multinode import blind_node, cluster_env, node_cluster, wait_until
 
 STEPS = 60
 
 
 @pytest.fixture(scope="module")
 def tms_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A short tms_5-2 decomposition, in-process: a harvest needs a checkpoint, not a good one."""
-    import spd_ray
-    from spd_ray.registry import load_experiment
-
-    torch.set_num_threads(1)
-    _, config = load_experiment("tms_5-2")
-    config = config.model_copy(
-        update={
-            "steps": STEPS,
-            "eval_freq": STEPS,
-            "slow_eval_freq": STEPS,
-            "slow_eval_on_first_step": False,
-            "n_eval_steps": 2,
-            "batch_size": 1024,
-            "faithfulness_warmup_steps": 20,
-        }
-    )
-    out = tmp_path_factory.mktemp("harvest-multinode")
-    spd_ray.decompose(config, out=out, name="tms", progress=False)
-    return out / "tms"
+    """A short tms_5-2 decomposition: a harvest needs a checkpoint, not a good one."""
+    return short_tms_run(tmp_path_factory.mktemp("harvest-multinode"), STEPS)
 
 
 def _harvest(env: dict[str, str], run: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "spd_ray.cli", "harvest", str(run), "--no-progress", *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-    )
+    return spd_ray_cli(env, "harvest", str(run), "--no-progress", *args)
 
 
 @pytest.mark.slow
@@ -163,32 +137,13 @@ def test_a_run_directory_a_node_cannot_see_is_refused(tms_run: Path, tmp_path: P
     """A third node in its own mount namespace, where the run's output root is an empty tmpfs:
     its actor would read no run and its merge tasks would write where nobody looks."""
     root = tms_run.parent
-    join = Path(__file__).resolve().parents[1] / "multinode.py"
     before = _listing(tms_run)
-    with node_cluster(head_cpus=0, nodes=(1, 1)) as cluster:
-        script = (
-            f"mount -t tmpfs tmpfs {root} && exec {sys.executable} {join} join {cluster.address} 1"
-        )
-        node = subprocess.Popen(
-            ["unshare", "--mount", "--propagation", "private", "sh", "-c", script],
-            env=cluster_env(cluster.address),
-            stdout=(tmp_path / "node.log").open("w"),
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        try:
-            try:
-                wait_until(lambda: worker_node_count(cluster.address) == 3, timeout_s=120)
-            except TimeoutError:
-                raise AssertionError((tmp_path / "node.log").read_text()[-3000:]) from None
-            args = ["--dataset", "exactly_one_active", "--batches", "2", "--actors", "2"]
-            res = _harvest(cluster_env(cluster.address), tms_run, *args)
-        finally:
-            os.killpg(node.pid, signal.SIGTERM)
-            try:
-                node.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(node.pid, signal.SIGKILL)
+    with (
+        node_cluster(head_cpus=0, nodes=(1, 1)) as cluster,
+        blind_node(cluster.address, root, tmp_path / "node.log", nodes_after=3),
+    ):
+        args = ["--dataset", "exactly_one_active", "--batches", "2", "--actors", "2"]
+        res = _harvest(cluster_env(cluster.address), tms_run, *args)
     assert res.returncode == 2, res.stderr[-3000:]
     lines = [x for x in res.stderr.splitlines() if x.startswith("spd-ray harvest: error: ")]
     assert len(lines) == 1, res.stderr[-3000:]

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
 import time
@@ -20,6 +19,7 @@ from typing import Any
 
 import pytest
 from multinode import (
+    blind_node,
     cluster_env,
     node_cluster,
     node_of,
@@ -162,34 +162,13 @@ def test_a_local_out_that_a_node_cannot_see_is_refused(two_nodes: Any, tmp_path:
     out = tmp_path / "out"
     out.mkdir()
     (out / "earlier-run").mkdir()
-    join = Path(__file__).resolve().parents[1] / "multinode.py"
-    script = (
-        f"mount -t tmpfs tmpfs {out} && exec {sys.executable} {join} join {two_nodes.address} 1"
-    )
-    node = subprocess.Popen(
-        ["unshare", "--mount", "--propagation", "private", "sh", "-c", script],
-        env=cluster_env(two_nodes.address),
-        stdout=(tmp_path / "node.log").open("w"),
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    try:
-        try:
-            wait_until(lambda: worker_node_count(two_nodes.address) == 3, timeout_s=120, every_s=3)
-        except TimeoutError:
-            raise AssertionError((tmp_path / "node.log").read_text()[-3000:]) from None
+    with blind_node(two_nodes.address, out, tmp_path / "node.log", nodes_after=3):
         res = _run("run", *SHORT, "--name", "hidden", env={**_env(two_nodes.address, out)})
         assert res.returncode == 2, res.stderr[-3000:]
         line = _error_line(res)
         assert f"--out {out}" in line and "1 node(s)" in line and "s3://" in line, line
         assert sorted(p.name for p in out.iterdir()) == ["earlier-run"]  # nothing written
-    finally:
-        os.killpg(node.pid, signal.SIGTERM)
-        try:
-            node.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(node.pid, signal.SIGKILL)
-        wait_until(lambda: worker_node_count(two_nodes.address) == 2, timeout_s=120, every_s=3)
+    wait_until(lambda: worker_node_count(two_nodes.address) == 2, timeout_s=120, every_s=3)
 
 
 def _checkpoint_step(run_dir: Path) -> int:
