@@ -3,7 +3,7 @@ PY ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: install test test-all check fmt run bench clean
+.PHONY: install test test-all test-slurm check fmt run bench clean
 
 install:
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -18,7 +18,19 @@ test:
 test-all:
 	$(BIN)/python -m pytest -q tests
 
+# The SLURM tests on a real SLURM: the one answering here, else a single-node test bed started and
+# stopped around them (needs root and `cluster/slurm/testbed install` once).
+test-slurm:
+	if sinfo >/dev/null 2>&1; then \
+		$(BIN)/python -m pytest -q -m slow tests/cluster/test_slurm.py; \
+	else \
+		eval "$$(cluster/slurm/testbed start)" && \
+		SPD_RAY_TEST_SLURM=1 $(BIN)/python -m pytest -q -m slow tests/cluster/test_slurm.py; \
+		status=$$?; cluster/slurm/testbed stop; exit $$status; \
+	fi
+
 check:
+	$(BIN)/shellcheck cluster/slurm/ray.sbatch cluster/slurm/submit cluster/slurm/testbed
 	$(BIN)/ruff check spd_ray tests benchmarks
 	$(BIN)/ruff format --check spd_ray tests benchmarks
 	$(BIN)/mypy
