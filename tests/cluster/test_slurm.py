@@ -112,10 +112,24 @@ def _source_copy(dest: Path) -> Path:
 
 def test_submit_runs_the_code_as_submitted(tmp_path: Path, out: Path) -> None:
     """submit -> sbatch accepts, the job COMPLETED, its log shows Ray start and stop, the run
-    directory is complete; the source changed after submission did not reach the job."""
+    directory is complete; the source changed after submission (a config value, and code that
+    would fail on import in the driver or any Ray worker) did not reach the job."""
     src = _source_copy(tmp_path / "src")
     jobs = tmp_path / "jobs"
     env = _env()
+    # Output inside the snapshot would be lost with the job folder: a relative --out is refused.
+    refused = subprocess.run(
+        [str(src / "cluster/slurm/submit"), "--jobs-dir", str(jobs), "--", "spd-ray", "run"]
+        + ["tms_5-2", "--out", "runs"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=src,
+        timeout=120,
+    )
+    assert refused.returncode == 2
+    assert "submit: --out runs is relative" in refused.stderr
+    assert not jobs.exists()
     started = time.monotonic()
     res = subprocess.run(
         [
@@ -144,7 +158,7 @@ def test_submit_runs_the_code_as_submitted(tmp_path: Path, out: Path) -> None:
         capture_output=True,
         text=True,
         env=env,
-        cwd=tmp_path,
+        cwd=src / "experiments",  # inside the source tree: the job runs inside its snapshot
         timeout=120,
     )
     assert res.returncode == 0, res.stderr
@@ -172,6 +186,7 @@ def test_submit_runs_the_code_as_submitted(tmp_path: Path, out: Path) -> None:
     assert "Ray cluster up: 1 node(s), 2 CPUs" in log
     assert "Ray stopped" in log
     assert f"spd_ray code: {job}/code/spd_ray" in log
+    assert _job(job_id)["WorkDir"] == f"{job}/code/experiments"
     run = out / "submitted"
     _complete_run(run, steps=40, workers=2)
     assert yaml.safe_load((run / "config.yaml").read_text())["seed"] == 0
