@@ -31,13 +31,13 @@ test-slurm:
 
 check:
 	$(BIN)/shellcheck cluster/slurm/ray.sbatch cluster/slurm/submit cluster/slurm/testbed
-	$(BIN)/ruff check spd_ray tests benchmarks
-	$(BIN)/ruff format --check spd_ray tests benchmarks
+	$(BIN)/ruff check spd_ray tests benchmarks cluster
+	$(BIN)/ruff format --check spd_ray tests benchmarks cluster
 	$(BIN)/mypy
 
 fmt:
-	$(BIN)/ruff format spd_ray tests benchmarks
-	$(BIN)/ruff check --fix spd_ray tests benchmarks
+	$(BIN)/ruff format spd_ray tests benchmarks cluster
+	$(BIN)/ruff check --fix spd_ray tests benchmarks cluster
 
 run:
 	$(BIN)/spd-ray run tms_5-2
