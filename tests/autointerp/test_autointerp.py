@@ -373,6 +373,7 @@ def _latest_ok(store: Path) -> int:
     return sum(s == "ok" for s in latest.values())
 
 
+@pytest.mark.slow  # CI time: see the CI note in CONTRIBUTING.md
 def test_budget_counts_what_earlier_runs_of_the_store_spent(
     harvested: tuple[Path, dict[str, str]],
 ) -> None:

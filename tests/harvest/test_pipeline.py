@@ -77,6 +77,7 @@ def _assert_same_harvest(a: Path, b: Path) -> None:
     )
 
 
+@pytest.mark.slow  # CI time: see the CI note in CONTRIBUTING.md
 def test_toy_harvest_is_the_same_on_1_and_3_actors_and_finds_tms_features(
     tms_run: Path, ray_head: RayHead, tmp_path: Path
 ) -> None:

@@ -56,6 +56,7 @@ def _space(tmp_path: Path, text: str) -> Path:
     return path
 
 
+@pytest.mark.slow  # CI time: see the CI note in CONTRIBUTING.md
 def test_tpe_with_asha_finds_a_best_config_that_reruns(
     ray_head: RayHead, shared_out: Path, tmp_path: Path
 ) -> None:
@@ -105,6 +106,7 @@ def test_tpe_with_asha_finds_a_best_config_that_reruns(
     )
 
 
+@pytest.mark.slow  # CI time: see the CI note in CONTRIBUTING.md
 def test_reference_grid_runs_the_cartesian_product_on_two_worker_trials(
     ray_head: RayHead, shared_out: Path, tmp_path: Path
 ) -> None:
