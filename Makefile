@@ -18,13 +18,13 @@ test:
 test-all:
 	$(BIN)/python -m pytest -q tests
 
-# The SLURM tests on a real SLURM: the one answering here, else a single-node test bed started and
-# stopped around them (needs root and `cluster/slurm/testbed install` once).
+# The SLURM tests on a real SLURM: the one answering here, else a two-node test bed (two slurmd on
+# this host) started and stopped around them (needs root and `cluster/slurm/testbed install` once).
 test-slurm:
 	if sinfo >/dev/null 2>&1; then \
 		$(BIN)/python -m pytest -q -m slow tests/cluster/test_slurm.py; \
 	else \
-		eval "$$(cluster/slurm/testbed start)" && \
+		export SPD_RAY_SLURM_NODES=2 && eval "$$(cluster/slurm/testbed start)" && \
 		SPD_RAY_TEST_SLURM=1 $(BIN)/python -m pytest -q -m slow tests/cluster/test_slurm.py; \
 		status=$$?; cluster/slurm/testbed stop; exit $$status; \
 	fi

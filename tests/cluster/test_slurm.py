@@ -43,7 +43,8 @@ def _env(**extra: str) -> dict[str, str]:
     makes its token), Ray Train's preemption watcher off (it needs a cloud metadata server)."""
     env = {**os.environ, **extra}
     env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
-    for key in ("RAY_AUTH_MODE", "RAY_ADDRESS", "PYTHONPATH"):
+    # The test session's loopback-only Ray setting refuses a second node: jobs get Ray's default.
+    for key in ("RAY_AUTH_MODE", "RAY_ADDRESS", "PYTHONPATH", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"):
         env.pop(key, None)
     env["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] = "0"
     return env
@@ -233,3 +234,36 @@ def test_sbatch_directly_and_a_failing_entrypoint(tmp_path: Path, out: Path) -> 
     assert f"command exited with status {local.returncode}" in bad_log
     assert "no_such_experiment" in bad_log
     assert "Ray stopped" in bad_log
+
+
+def _node_count() -> int:
+    out = subprocess.run(["sinfo", "--noheader", "--Node", "--format=%N"], capture_output=True)
+    return len(set(out.stdout.split()))
+
+
+def test_two_node_allocation_is_one_ray_cluster(tmp_path: Path, out: Path) -> None:
+    """Two SLURM nodes (the test bed's two slurmd on one host, or a real cluster): the head and a
+    worker join one Ray cluster and the run's two ranks land on different Ray nodes."""
+    if _node_count() < 2:
+        pytest.skip("needs 2 SLURM nodes: SPD_RAY_SLURM_NODES=2 cluster/slurm/testbed start")
+    job_id = subprocess.run(
+        ["sbatch", "--parsable", "--nodes=2", "--ntasks-per-node=1", "--cpus-per-task=1"]
+        + [f"--output={tmp_path}/job-%j.log", str(SLURM / "ray.sbatch")]
+        + ["spd-ray", "run", "tms_5-2", "--workers", "2", "--steps", "30", "--name", "two-nodes"]
+        + ["--out", str(out)],
+        capture_output=True,
+        text=True,
+        env=_env(),
+        cwd=tmp_path,
+        check=True,
+    ).stdout.strip()
+    info = _wait(job_id)
+    log = (tmp_path / f"job-{job_id}.log").read_text()
+    print(f"two-node job {job_id}: {info['JobState']} {_seconds(info)} s")
+    assert info["JobState"] == "COMPLETED", log[-3000:]
+    assert "Ray cluster up: 2 node(s), 2 CPUs" in log
+    assert log.count("starting a Ray worker on ") == 1
+    run = out / "two-nodes"
+    _complete_run(run, steps=30, workers=2)
+    placement = json.loads((run / "workers.json").read_text())
+    assert len({w["node_id"] for w in placement["workers"]}) == 2
