@@ -3,41 +3,17 @@ with spd-ray's CLI; broken copies fail with one line naming the file and the key
 
 from __future__ import annotations
 
-import importlib.util
 import shlex
-import sys
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import pytest
 import yaml
+from cluster_validate import V, broken
 
 REPO = Path(__file__).resolve().parents[2]
 CLOUD = REPO / "cluster" / "cloud"
-
-
-def _load_validate() -> ModuleType:
-    name = "spd_ray_cluster_validate"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, REPO / "cluster" / "validate.py")
-        assert spec is not None and spec.loader is not None
-        sys.modules[name] = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(sys.modules[name])
-    return sys.modules[name]
-
-
-V = _load_validate()
 CONFIGS = {"aws": CLOUD / "aws.yaml", "gcp": CLOUD / "gcp.yaml"}
-
-
-def broken(tmp_path: Path, source: Path, old: str, new: str) -> Path:
-    """A copy of `source` with `old` (which must be there once) replaced by `new`."""
-    text = source.read_text()
-    assert text.count(old) == 1, f"{old!r} occurs {text.count(old)} times in {source}"
-    path = tmp_path / source.name
-    path.write_text(text.replace(old, new))
-    return path
 
 
 def line_of(path: Path, fragment: str) -> int:

@@ -6,43 +6,19 @@ from __future__ import annotations
 
 import hashlib
 import importlib.metadata
-import importlib.util
 import shlex
-import sys
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import pytest
 import yaml
+from cluster_validate import V, broken
 from jsonschema import Draft7Validator
 
 REPO = Path(__file__).resolve().parents[2]
 K8S = REPO / "cluster" / "kubernetes"
 RAYCLUSTER, RAYJOB, DOCKERFILE = K8S / "raycluster.yaml", K8S / "rayjob.yaml", K8S / "Dockerfile"
 RAY = importlib.metadata.version("ray")
-
-
-def _load_validate() -> ModuleType:
-    name = "spd_ray_cluster_validate"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, REPO / "cluster" / "validate.py")
-        assert spec is not None and spec.loader is not None
-        sys.modules[name] = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(sys.modules[name])
-    return sys.modules[name]
-
-
-V = _load_validate()
-
-
-def broken(tmp_path: Path, source: Path, old: str, new: str, count: int = 1) -> Path:
-    """A copy of `source` with `old` (which must occur `count` times) replaced by `new`."""
-    text = source.read_text()
-    assert text.count(old) == count, f"{old!r} occurs {text.count(old)} times in {source}"
-    path = tmp_path / source.name
-    path.write_text(text.replace(old, new))
-    return path
 
 
 def load(path: Path) -> dict[str, Any]:

@@ -197,27 +197,26 @@ def test_sbatch_directly_and_a_failing_entrypoint(tmp_path: Path, out: Path) -> 
     """ray.sbatch without submit: a run COMPLETED; an entrypoint that fails makes the job FAILED
     with that command's exit status."""
     env = _env()
-    sbatch = ["sbatch", "--parsable", "--cpus-per-task=2", f"--output={tmp_path}/job-%j.log"]
-    ok = subprocess.run(
-        [*sbatch, str(SLURM / "ray.sbatch"), "spd-ray", "run", "tms_5-2", "--workers", "2"]
-        + ["--steps", "30", "--name", "direct", "--out", str(out)],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=tmp_path,
-        check=True,
-    ).stdout.strip()
+
+    def sbatch(*command: str) -> str:
+        return subprocess.run(
+            ["sbatch", "--parsable", "--cpus-per-task=2", f"--output={tmp_path}/job-%j.log"]
+            + [str(SLURM / "ray.sbatch"), *command],
+            capture_output=True,
+            text=True,
+            env=env,
+            cwd=tmp_path,
+            check=True,
+        ).stdout.strip()
+
+    ok = sbatch(
+        *("spd-ray", "run", "tms_5-2", "--workers", "2", "--steps", "30"),
+        *("--name", "direct", "--out", str(out)),
+    )
     bad_cmd = ["spd-ray", "run", "no_such_experiment", "--out", str(out)]
     local = subprocess.run(bad_cmd, capture_output=True, text=True, env=env, cwd=tmp_path)
     assert local.returncode not in (0, None)
-    bad = subprocess.run(
-        [*sbatch, str(SLURM / "ray.sbatch"), *bad_cmd],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=tmp_path,
-        check=True,
-    ).stdout.strip()
+    bad = sbatch(*bad_cmd)
 
     ok_info, bad_info = _wait(ok), _wait(bad)
     ok_log = (tmp_path / f"job-{ok}.log").read_text()
