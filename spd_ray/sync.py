@@ -24,7 +24,9 @@ half-built folders (`SKIP_PATTERNS`) and symbolic links are never sent. Listed m
 one-second steps, so `sync_down` asks for the ETag of objects that were modified within `RACY_S`
 of the listing that recorded them: a rewrite of the same size in the same second is not missed
 (as long as the clocks of the host and the store agree to a few seconds). `sync_up` trusts the
-listing alone: one writer per run, held by `RemoteLease`.
+listing alone: one writer per run, held by `RemoteLease`. A tree with several writers (a sweep:
+the driver's files, each trial's run directory) gives each its own part: `exclude` names the
+top-level entries that a sync leaves alone on both sides, because another writer syncs them.
 """
 
 from __future__ import annotations
@@ -91,14 +93,16 @@ def _sha256(path: Path) -> str:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
-def _local_files(local: Path) -> dict[str, os.stat_result]:
-    """Regular files under `local` by relative posix path, without skipped names or links."""
+def _local_files(local: Path, exclude: tuple[str, ...] = ()) -> dict[str, os.stat_result]:
+    """Regular files under `local` by relative posix path, without skipped names, links or the
+    top-level entries named in `exclude`."""
     files = {}
     for dirpath, dirnames, filenames in os.walk(local):  # does not enter linked folders
-        dirnames[:] = sorted(d for d in dirnames if not _skipped(d))
+        top = Path(dirpath) == local
+        dirnames[:] = sorted(d for d in dirnames if not _skipped(d) and not (top and d in exclude))
         for name in sorted(filenames):
             path = Path(dirpath, name)
-            if _skipped(name):
+            if _skipped(name) or (top and name in exclude):
                 continue
             with contextlib.suppress(FileNotFoundError):  # deleted by its writer meanwhile
                 st = path.lstat()
@@ -122,6 +126,28 @@ def _remote_files(fs: pafs.FileSystem, base: str) -> dict[str, tuple[int, int]]:
             raise ValueError(f"object {info.path!r} has an unsafe key; refusing to mirror {base}")
         if not any(_skipped(s) for s in segments):
             objects[rel] = (int(info.size), int(info.mtime_ns))
+    return objects
+
+
+def _remote_files_except(
+    fs: pafs.FileSystem, base: str, exclude: tuple[str, ...]
+) -> dict[str, tuple[int, int]]:
+    """`_remote_files` without the top-level entries named in `exclude`, which are not even
+    listed (another writer's trees may hold many objects)."""
+    import pyarrow.fs as pafs
+
+    if not exclude:
+        return _remote_files(fs, base)
+    objects = {}
+    for info in fs.get_file_info(pafs.FileSelector(base, recursive=False, allow_not_found=True)):
+        name = info.base_name
+        if name in exclude or _skipped(name) or name in ("", ".", ".."):
+            continue
+        if info.type == pafs.FileType.Directory:
+            inner = _remote_files(fs, f"{base}/{name}")
+            objects.update({f"{name}/{rel}": listed for rel, listed in inner.items()})
+        elif info.type == pafs.FileType.File:
+            objects[name] = (int(info.size), int(info.mtime_ns))
     return objects
 
 
@@ -170,10 +196,12 @@ def _save_manifest(local: Path, uri: str, files: dict[str, dict[str, Any]]) -> N
     write_json(local / MANIFEST, {"uri": uri, "files": files}, indent=None)
 
 
-def sync_up(local_dir: Path, uri: str, delete: bool = False) -> SyncReport:
+def sync_up(
+    local_dir: Path, uri: str, delete: bool = False, exclude: tuple[str, ...] = ()
+) -> SyncReport:
     """Upload the changed files of `local_dir` to `uri`; with `delete`, also delete the objects
     under `uri` that `local_dir` no longer has. An object missing or changed in the bucket since
-    the last sync is sent again."""
+    the last sync is sent again. The top-level entries named in `exclude` are left alone."""
     import pyarrow.fs as pafs
 
     start = time.perf_counter()
@@ -185,8 +213,8 @@ def sync_up(local_dir: Path, uri: str, delete: bool = False) -> SyncReport:
     report = SyncReport()
     with Lock(local_dir / SYNC_LOCK, f"sync of {local_dir}"):
         files = _load_manifest(local_dir, str(u))
-        remote = _remote_files(fs, base)
-        local = _local_files(local_dir)
+        remote = _remote_files_except(fs, base, exclude)
+        local = _local_files(local_dir, exclude)
         todo, sizes = [], {}
         for rel, st in local.items():
             entry = files.get(rel)
@@ -219,7 +247,7 @@ def sync_up(local_dir: Path, uri: str, delete: bool = False) -> SyncReport:
                 fs.delete_file(f"{base}/{rel}")
         if todo:
             listed_ns = time.time_ns()
-            remote = _remote_files(fs, base)
+            remote = _remote_files_except(fs, base, exclude)
             with ThreadPoolExecutor(SYNC_THREADS, thread_name_prefix="spd-ray-sync") as pool:
                 etags = pool.map(lambda r: _etag(fs, f"{base}/{r}") if r in remote else "", todo)
                 for rel, etag in zip(todo, etags, strict=True):
@@ -240,10 +268,11 @@ def _etag(fs: pafs.FileSystem, path: str) -> str:
         return bytes(f.metadata().get("ETag", b"")).decode()
 
 
-def sync_down(uri: str, local_dir: Path) -> SyncReport:
+def sync_down(uri: str, local_dir: Path, exclude: tuple[str, ...] = ()) -> SyncReport:
     """Make every file of `local_dir` that has an object under `uri` equal to it, downloading
     only the objects that changed since the last sync (each file replaced atomically). Local
-    files the bucket does not have are kept.
+    files the bucket does not have are kept; the top-level entries named in `exclude` are left
+    alone.
 
     An object is unchanged when its listed size and mtime and the local file's size and mtime
     match the manifest. Listed mtimes have one-second steps, so an object whose mtime was within
@@ -260,8 +289,8 @@ def sync_down(uri: str, local_dir: Path) -> SyncReport:
     with Lock(local_dir / SYNC_LOCK, f"sync of {local_dir}"):
         files = _load_manifest(local_dir, str(u))
         listed_ns = time.time_ns()
-        remote = _remote_files(fs, base)
-        local = _local_files(local_dir)
+        remote = _remote_files_except(fs, base, exclude)
+        local = _local_files(local_dir, exclude)
         todo, racy = [], []
         for rel, (size, mtime_ns) in remote.items():
             entry, st = files.get(rel), local.get(rel)

@@ -19,28 +19,31 @@ Trials hold fractional CPUs so that trials x workers fit the cluster (ray-notes:
 reserves a CPU and then asks for Train workers deadlocks on 2 CPUs).
 
 On a multi-node cluster trials land on any node, so the output root must be one every node sees
-(checked before the first trial). Each trial records where it runs in its `workers.json`, which
-the table's `node_id` and `hostname` columns show. A node that dies takes only its running trials
-with it: Tune restarts each once (`FailureConfig`) on a node that is left, and the restarted trial
-resumes from the newest checkpoint in its run directory.
+(checked before the first trial) or an object store: `--out s3://bucket/prefix` keeps the same
+layout under `<prefix>/<sweep name>/`, with Tune's storage in the bucket and a lease object beside
+the local `.lock` (who sends what, and when: `spd_ray.sweep.place`). Each trial records where it
+runs in its `workers.json`, which the table's `node_id` and `hostname` columns show. A node that
+dies takes only its running trials with it: Tune restarts each once (`FailureConfig`) on a node
+that is left, and the restarted trial resumes from the newest checkpoint in its run directory.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
+import tempfile
 import time
 import uuid
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from spd_ray.config import Config, ConfigError, config_from_dict
-from spd_ray.io import Lock, child, write_json, write_text
+from spd_ray.config import ConfigError, config_from_dict
+from spd_ray.io import Lock, check_name, child, write_json
+from spd_ray.objstore import join
 from spd_ray.ray_session import DEFAULT_WAIT_TIMEOUT_S
+from spd_ray.sweep.place import SPEC_FILE, STUDY_FILE, TUNE_SUBDIR, SweepPlace
 from spd_ray.sweep.results import (
     Objective,
     TrialRow,
@@ -52,13 +55,13 @@ from spd_ray.sweep.results import (
     write_table,
 )
 from spd_ray.sweep.space import SearchSpace, load_space
-from spd_ray.sweep.trials import trial_config, validate_space
-from spd_ray.train.rundir import RunDir, output_root
+from spd_ray.sweep.trial_run import sweep_trial
+from spd_ray.sweep.trials import validate_space
+from spd_ray.train.rundir import output_root
 
-SPEC_FILE = "sweep.json"
 LOCK_FILE = ".lock"
 TABLE = "results.csv"
-TUNE_SUBDIR = "tune"
+STUDY_SYNC_S = 2.0  # a bucket gets the Optuna study at most this often while trials report
 DEFAULT_OBJECTIVES: list[Objective] = [
     ("eval/loss/StochasticReconLoss", "min"),
     ("eval/l0/total", "min"),
@@ -105,139 +108,48 @@ def _check_resume(old: dict[str, Any], new: SweepSpec, path: Path) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# The trial
-# ---------------------------------------------------------------------------------------------
-
-
-def _trial_run_dir(sweep_dir: Path, trial_id: str) -> RunDir:
-    return RunDir(sweep_dir / "trials" / trial_id)
-
-
-def sweep_trial(
-    params: dict[str, Any], spec: dict[str, Any], sweep_dir: str, cpus: float, launch: str = ""
-) -> None:
-    """One Tune trial: the base config with `params`, trained in its own run directory; `cpus`
-    is what the trial (one worker) or each of its Train workers holds. The sweep's lock covers
-    its trials; a restarted trial resumes like any run (`resume_state`). `launch` names the
-    sweep driver's start, so `workers.json` counts the restarts of a trial within it."""
-    from ray import tune
-
-    from spd_ray.targets import load_target, target_fingerprint
-    from spd_ray.train.loop import NonFiniteLossError, run_loop
-    from spd_ray.train.ray_driver import ERROR_FILE, RayReporter, record_placement
-    from spd_ray.train.run import build_worker, copy_target_file, open_run, resume_state, summarize
-    from spd_ray.train.rundir import tune_malloc
-    from spd_ray.train.tracking import RunWriter
-
-    s = SweepSpec(**spec)
-    config = trial_config(config_from_dict(s.base_config), params)
-    trial_id = tune.get_context().get_trial_id()
-    run_dir = _trial_run_dir(Path(sweep_dir), trial_id)
-    root = Path(sweep_dir).parent
-    if s.workers_per_trial > 1:
-        run_dir.init(config)
-        copy_target_file(config, root, run_dir)
-        _trial_on_train(config, run_dir, root, s, cpus, launch)
-        return
-
-    tune_malloc()
-    torch.set_num_threads(max(1, int(cpus)))
-    device = torch.device("cuda" if s.gpu and torch.cuda.is_available() else "cpu")
-    target = load_target(config, root, progress=False)
-    fingerprint = target_fingerprint(target)
-    worker = build_worker(config, target, root, device)
-    open_run(config, run_dir, root, fingerprint, fresh=False)
-    state = resume_state(config, worker, run_dir, device)
-    if run_dir.finished() and state.step >= config.steps:
-        done = run_dir.read_summary()
-        tune.report({"step": state.step, **done["final_eval"]})
-        return
-    record_placement(run_dir, launch, 0, 1, device, state.step)
-    writer = RunWriter(run_dir, config, state.step)
-    objectives = tuple(m for m, _ in s.objectives)
-    # Every log point reports (a function trial's report is cheap), so ASHA sees every rung.
-    reporter = RayReporter(
-        writer, trial_id, 0, config.steps, 0.0, tune.report, quiet=True, require=objectives
-    )
-    t0 = time.perf_counter()
-    summary: dict[str, Any] | None = None
-    try:
-        final = run_loop(config, worker.ctx, state, reporter)
-        summary = summarize(run_dir, final, time.perf_counter() - t0, 1)
-        run_dir.write_summary(summary)
-    except NonFiniteLossError as err:
-        write_text(run_dir.path / ERROR_FILE, str(err) + "\n")
-        raise
-    finally:
-        writer.close(summary)
-
-
-def _trial_on_train(
-    config: Config, run_dir: RunDir, root: Path, s: SweepSpec, cpus: float, launch: str
-) -> None:
-    """A several-worker trial: its own TorchTrainer, reports forwarded to Tune."""
-    from ray.tune.integration.ray_train import TuneReportCallback
-
-    from spd_ray.train.ray_driver import make_trainer
-
-    trainer = make_trainer(
-        config,
-        run_dir,
-        root,
-        s.workers_per_trial,
-        s.gpu,
-        cpus,
-        max_failures=1,
-        callbacks=[TuneReportCallback()],
-        require=tuple(m for m, _ in s.objectives),
-        report_interval_s=1.0,
-        launch=launch,
-    )
-    trainer.fit()
-
-
-# ---------------------------------------------------------------------------------------------
 # Results
 # ---------------------------------------------------------------------------------------------
 
 
 def _row(
-    sweep_dir: Path,
+    place: SweepPlace,
     trial_id: str,
     params: dict[str, Any],
     last: dict[str, Any],
     failed: bool,
 ) -> TrialRow:
     """A table row: the final eval metrics when the trial finished, else its last report."""
-    run_dir = _trial_run_dir(sweep_dir, trial_id)
-    node_id, hostname = _placement(run_dir)
-    if run_dir.finished():
-        summary = run_dir.read_summary()
+    from spd_ray.train.ray_driver import WORKERS_FILE
+    from spd_ray.train.rundir import SUMMARY
+
+    node_id, hostname = _placement(place.trial_file(trial_id, WORKERS_FILE))
+    where = place.trial_location(trial_id)
+    done = place.trial_file(trial_id, SUMMARY)
+    if done is not None:
+        summary = json.loads(done)
         return make_row(
             trial_id,
             "finished",
             params,
             summary["final_eval"],
             summary["final_step"],
-            str(run_dir.path),
+            where,
             node_id,
             hostname,
         )
     status = "error" if failed else "stopped early"
     metrics = {k: v for k, v in last.items() if "/" in k}
     step = int(last.get("step", 0))
-    return make_row(trial_id, status, params, metrics, step, str(run_dir.path), node_id, hostname)
+    return make_row(trial_id, status, params, metrics, step, where, node_id, hostname)
 
 
-def _placement(run_dir: RunDir) -> tuple[str | None, str | None]:
+def _placement(workers_json: bytes | None) -> tuple[str | None, str | None]:
     """(node ids, host names) of the trial's latest start, from its `workers.json`: each
     distinct one in rank order, comma-separated; (None, None) before the trial started."""
-    from spd_ray.train.ray_driver import WORKERS_FILE
-
-    path = run_dir.path / WORKERS_FILE
-    if not path.exists():
+    if workers_json is None:
         return None, None
-    workers = json.loads(path.read_text())["workers"]
+    workers = json.loads(workers_json)["workers"]
     nodes = ",".join(dict.fromkeys(str(w["node_id"]) for w in workers))
     hosts = ",".join(dict.fromkeys(str(w["hostname"]) for w in workers))
     return nodes, hosts
@@ -256,25 +168,43 @@ def write_results(sweep_dir: Path, rows: list[TrialRow], spec: SweepSpec) -> Non
         plot_objectives(rows, objectives, sweep_dir / "objectives.png")
 
 
-def _table_callback(sweep_dir: Path, spec: SweepSpec) -> Any:
+def _table_callback(place: SweepPlace, spec: SweepSpec) -> Any:
     from ray import tune
 
     class TableCallback(tune.Callback):  # type: ignore[misc]
-        """Rewrites the results as each trial ends, so `sweep-status` shows them mid-sweep."""
+        """Rewrites the results as each trial ends, so `sweep-status` shows them mid-sweep. For a
+        sweep in a bucket it also sends the driver's files: after each trial ends, and when the
+        Optuna study changed (at once for a new trial, so Tune's saved state never names a trial
+        the stored study lacks; at most every `STUDY_SYNC_S` for reports). Tune pickles its
+        callbacks and a restored sweep gets them back, so this holds only plain data."""
+
+        def __init__(self) -> None:
+            self.rows: dict[str, TrialRow] = {}  # ended trials' rows, which no longer change
+            self.study: tuple[int, int] | None = None  # (size, mtime) of study.db when sent
+            self.sent_at = 0.0
+            self.trials = 0
 
         def _write(self, trials: list[Any], ended: Any, failed: bool) -> None:
-            rows = [
-                _row(
-                    sweep_dir,
-                    t.trial_id,
-                    dict(t.config or {}),
-                    dict(t.last_result or {}),
-                    failed if t is ended else t.status == "ERROR",
-                )
-                for t in trials
-                if t is ended or t.status in ("TERMINATED", "ERROR")
-            ]
-            write_results(sweep_dir, rows, spec)
+            for t in trials:
+                if t.trial_id not in self.rows and (
+                    t is ended or t.status in ("TERMINATED", "ERROR")
+                ):
+                    self.rows[t.trial_id] = _row(
+                        place,
+                        t.trial_id,
+                        dict(t.config or {}),
+                        dict(t.last_result or {}),
+                        failed if t is ended else t.status == "ERROR",
+                    )
+            ids = {t.trial_id for t in trials}
+            write_results(place.dir, [r for i, r in self.rows.items() if i in ids], spec)
+            self._send()
+
+        def _send(self) -> None:
+            study = place.dir / STUDY_FILE
+            self.study = (st.st_size, st.st_mtime_ns) if (st := _stat(study)) else None
+            self.sent_at = time.monotonic()
+            place.send()
 
         def on_trial_complete(
             self, iteration: int, trials: list[Any], trial: Any, **_: Any
@@ -284,7 +214,26 @@ def _table_callback(sweep_dir: Path, spec: SweepSpec) -> Any:
         def on_trial_error(self, iteration: int, trials: list[Any], trial: Any, **_: Any) -> None:
             self._write(trials, trial, failed=True)
 
+        def on_step_end(self, iteration: int, trials: list[Any], **_: Any) -> None:
+            if place.uri is None:
+                return
+            st = _stat(place.dir / STUDY_FILE)
+            if st is None or (st.st_size, st.st_mtime_ns) == self.study:
+                return
+            new_trial = len(trials) != self.trials
+            self.trials = len(trials)
+            if new_trial or time.monotonic() - self.sent_at >= STUDY_SYNC_S:
+                self._send()
+
     return TableCallback()
+
+
+def _stat(path: Path) -> Any:
+    """`path`'s stat, or None when it does not exist."""
+    try:
+        return path.stat()
+    except FileNotFoundError:
+        return None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -363,8 +312,11 @@ def run_sweep(
     wait_timeout_s: float = DEFAULT_WAIT_TIMEOUT_S,
 ) -> SweepOutcome:
     """A sweep of `target` over the space in `space_file`, resumable by name. The cluster must
-    be able to hold one trial's workers (an autoscaler gets `wait_timeout_s` to add nodes)."""
+    be able to hold one trial's workers (an autoscaler gets `wait_timeout_s` to add nodes). An
+    object-store `out` keeps the sweep in the bucket (`spd_ray.sweep.place`)."""
     from spd_ray.capacity import capacity_for
+    from spd_ray.lease import RemoteLease
+    from spd_ray.objstore import check_reachable
     from spd_ray.ray_session import cluster_address, connect_ray, require_gpus
     from spd_ray.registry import load_experiment
     from spd_ray.storage import check_shared_root
@@ -372,14 +324,10 @@ def run_sweep(
     from spd_ray.targets import load_target
     from spd_ray.train.run import default_run_name, preflight
 
-    if remote_root(out) is not None:
-        raise NotImplementedError(
-            f"--out {out or os.environ.get('SPD_RAY_OUT')}: sweeps keep their trials on a "
-            "filesystem every node mounts; object storage is for runs (spd-ray run --out s3://...)"
-        )
-    root = output_root(out)
+    uri = remote_root(out)
+    root = output_root(out) if uri is None else None
     if name is not None:
-        child(root, name, "--name")
+        check_name(name, "--name") if root is None else child(root, name, "--name")
     objectives = list(objectives or DEFAULT_OBJECTIVES)
     _check_args(trials, concurrent, workers_per_trial, steps, objectives, scheduler)
     extra = [*(overrides or []), *([f"steps={steps}"] if steps is not None else [])]
@@ -393,7 +341,8 @@ def run_sweep(
     validate_space(base, space)
     preflight(base)
     sweep_name = name or f"sweep-{default_run_name(experiment)}"
-    sweep_dir = child(root, sweep_name, "--name")
+    if root is not None:
+        child(root, sweep_name, "--name")
     spec = SweepSpec(
         experiment=experiment,
         target=str(target),
@@ -409,6 +358,9 @@ def run_sweep(
         seed=seed,
         base_config=base.model_dump(mode="json"),
     )
+    if uri is not None:  # seconds, one line, before any file
+        check_reachable(uri, "--out", write=True)
+    place = SweepPlace(uri or str(root), sweep_name)
     if gpu:
         # Before any file: without GPUs the trials would wait in Tune's queue forever.
         connect_ray()
@@ -418,17 +370,26 @@ def run_sweep(
         connect_ray()
         bundles = _trial_bundles(spec)
     what = f"--workers-per-trial {workers_per_trial}"
-    with (
-        capacity_for(bundles, what, wait_timeout_s),
-        Lock(sweep_dir / LOCK_FILE, f"sweep {sweep_name}"),
-    ):
-        _save_spec(sweep_dir / SPEC_FILE, spec)
-        # Trials write their run directories on whichever node they land: before the target
-        # and any trial, the root must be one every node sees.
-        connect_ray()
-        check_shared_root(root)
-        load_target(base, root)  # train (or find) the target once, before the trials
-        return _fit(spec, space, sweep_dir, sweep_name)
+    with ExitStack() as held:
+        held.enter_context(capacity_for(bundles, what, wait_timeout_s))
+        if place.uri is not None:  # one driver per sweep in the bucket, before anything moves
+            held.enter_context(RemoteLease(place.uri))
+            place.fetch()  # a rerun resumes from the bucket, on any machine
+        held.enter_context(Lock(place.dir / LOCK_FILE, f"sweep {sweep_name}"))
+        try:
+            _save_spec(place.dir / SPEC_FILE, spec)
+            place.send()
+            # Trials write their run directories on whichever node they land: before the target
+            # and any trial, the root must be one every node sees (a bucket is).
+            connect_ray()
+            if place.uri is None:
+                check_shared_root(place.local_root)
+            place.fetch_target(base)
+            load_target(base, place.local_root)  # train (or find) the target once, first
+            place.publish_target(base)
+            return _fit(spec, space, place)
+        finally:
+            place.send()  # at the end, and when it failed
 
 
 def _trial_bundles(spec: SweepSpec) -> list[dict[str, float]]:
@@ -447,14 +408,16 @@ def _gpus_needed(spec: SweepSpec) -> int:
     return spec.workers_per_trial if spec.workers_per_trial > 1 else 1
 
 
-def _fit(spec: SweepSpec, space: SearchSpace, sweep_dir: Path, sweep_name: str) -> SweepOutcome:
+def _fit(spec: SweepSpec, space: SearchSpace, place: SweepPlace) -> SweepOutcome:
     import optuna
     import ray
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.optuna import OptunaSearch
 
+    from spd_ray.objstore import remote_fs
     from spd_ray.ray_session import connect_ray, is_local_cluster
+    from spd_ray.sweep.study import SweepStudyStorage
 
     connect_ray()
     cluster_cpus = ray.cluster_resources().get("CPU", 1.0)
@@ -466,7 +429,7 @@ def _fit(spec: SweepSpec, space: SearchSpace, sweep_dir: Path, sweep_name: str) 
     trainable: Any = tune.with_parameters(
         sweep_trial,
         spec=asdict(spec),
-        sweep_dir=str(sweep_dir),
+        place=place,
         cpus=per_worker,
         launch=uuid.uuid4().hex,
     )
@@ -482,19 +445,30 @@ def _fit(spec: SweepSpec, space: SearchSpace, sweep_dir: Path, sweep_name: str) 
     mode: str | list[str] = [d for _, d in objectives]
     if len(objectives) == 1:
         metric, mode = metric[0], mode[0]
-    tune_dir = sweep_dir / TUNE_SUBDIR
+    # Tune's state in the sweep's tune/: on a bucket through the same filesystem (endpoint,
+    # retries) the rest of spd-ray uses, so `Tuner.restore` reads it back from there.
+    storage_fs: Any = None
+    storage_path = str(place.dir)
+    if place.uri is not None:
+        storage_fs, storage_path = remote_fs(place.uri)
+    tune_dir = f"{storage_path}/{TUNE_SUBDIR}"
     run_config = tune.RunConfig(
         name=TUNE_SUBDIR,
-        storage_path=str(sweep_dir),
-        callbacks=[_table_callback(sweep_dir, spec)],
+        storage_path=storage_path,
+        storage_filesystem=storage_fs,
+        callbacks=[_table_callback(place, spec)],
         failure_config=tune.FailureConfig(max_failures=1),
         checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
         verbose=1,
     )
-    if tune.Tuner.can_restore(str(tune_dir)):
-        print(f"resuming sweep {sweep_name} from {tune_dir}", flush=True)
+    if tune.Tuner.can_restore(tune_dir, storage_filesystem=storage_fs):
+        print(f"resuming sweep {place.name} from {place.shown}/{TUNE_SUBDIR}", flush=True)
         tuner = tune.Tuner.restore(
-            str(tune_dir), trainable=trainable, resume_errored=True, resume_unfinished=True
+            tune_dir,
+            trainable=trainable,
+            resume_errored=True,
+            resume_unfinished=True,
+            storage_filesystem=storage_fs,
         )
     else:
         search_alg: Any = None
@@ -507,14 +481,14 @@ def _fit(spec: SweepSpec, space: SearchSpace, sweep_dir: Path, sweep_name: str) 
                 if len(objectives) == 1
                 else optuna.samplers.TPESampler(seed=spec.seed)
             )
-            storage = optuna.storages.RDBStorage(f"sqlite:///{sweep_dir / 'study.db'}")
+            study = SweepStudyStorage(place)
             search_alg = OptunaSearch(
                 space=space.sample_optuna,
                 metric=metric,
                 mode=mode,
                 sampler=sampler,
-                study_name=sweep_name,
-                storage=storage,
+                study_name=place.name,
+                storage=study,
             )
             param_space, num_samples = {}, spec.trials
         scheduler = None
@@ -549,31 +523,59 @@ def _fit(spec: SweepSpec, space: SearchSpace, sweep_dir: Path, sweep_name: str) 
         last = dict(result.metrics or {})
         trial_id = str(last.get("trial_id") or Path(result.path).name)
         params = dict(result.config or {})
-        rows.append(_row(sweep_dir, trial_id, params, last, failed=result.error is not None))
+        rows.append(_row(place, trial_id, params, last, failed=result.error is not None))
     rows.sort(key=lambda r: r["trial_id"])
     if rows:
-        write_results(sweep_dir, rows, spec)
+        write_results(place.dir, rows, spec)
     ended = sum(r["status"] in ("finished", "stopped early") for r in rows)
-    return SweepOutcome(sweep_dir, rows, complete=ended >= spec.trials)
-
-
-def _rows_from_dir(sweep_dir: Path) -> list[TrialRow]:
-    table = sweep_dir / TABLE
-    return read_table(table) if table.exists() else []
+    return SweepOutcome(place.dir, rows, complete=ended >= spec.trials)
 
 
 def sweep_status(name: str, out: str | Path | None = None) -> str:
+    """The results so far of the sweep `name` under `out`, or of the sweep at `name` when it is
+    an object-store URI (`s3://bucket/prefix/sweep`). A sweep in a bucket is read from there:
+    sweep.json and the table, nothing else of it."""
+    from spd_ray.objstore import is_uri
     from spd_ray.sync import remote_root
 
-    if remote_root(out) is not None:
-        raise NotImplementedError(f"--out {out}: sweeps are not kept in object storage")
+    root_uri = remote_root(out)
+    if is_uri(name) or root_uri is not None:
+        return _remote_status(name if is_uri(name) else join(str(root_uri), name))
     sweep_dir = child(output_root(out), name, "name")
     spec_path = sweep_dir / SPEC_FILE
     if not spec_path.exists():
         raise FileNotFoundError(f"no sweep {name!r} under {sweep_dir.parent} ({SPEC_FILE} missing)")
-    spec = SweepSpec(**json.loads(spec_path.read_text()))
-    rows = _rows_from_dir(sweep_dir)
-    head = f"sweep {name}: {len(rows)}/{spec.trials} trials ended ({sweep_dir})"
+    table = sweep_dir / TABLE
+    rows = read_table(table) if table.exists() else []
+    return _status(name, str(sweep_dir), json.loads(spec_path.read_text()), rows)
+
+
+def _remote_status(uri: str) -> str:
+    from spd_ray.objstore import check_reachable, parse_uri, read_bytes
+
+    u = parse_uri(uri, "sweep-status")
+    if not u.key:
+        raise ValueError(f"sweep-status {u}: name the sweep (s3://bucket/prefix/<sweep name>)")
+    check_reachable(str(u), "sweep-status")
+    try:
+        spec = json.loads(read_bytes(join(u, SPEC_FILE)))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no sweep at {u} ({SPEC_FILE} missing)") from None
+    rows: list[TrialRow] = []
+    try:
+        table = read_bytes(join(u, TABLE))
+    except FileNotFoundError:
+        table = None
+    if table is not None:
+        with tempfile.TemporaryDirectory() as tmp:
+            (Path(tmp) / TABLE).write_bytes(table)
+            rows = read_table(Path(tmp) / TABLE)
+    return _status(u.key.rsplit("/", 1)[-1], str(u), spec, rows)
+
+
+def _status(name: str, where: str, spec_data: dict[str, Any], rows: list[TrialRow]) -> str:
+    spec = SweepSpec(**spec_data)
+    head = f"sweep {name}: {len(rows)}/{spec.trials} trials ended ({where})"
     if not rows:
         return head
     return head + "\n" + format_table(rows, spec.objective_list())
