@@ -15,6 +15,7 @@ import os
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 REGION = "us-east-1"
@@ -38,6 +39,18 @@ class S3Server:
             aws_secret_access_key=SECRET_KEY,
             region_name=REGION,
         )
+
+    def driver_env(self, staging: Path, **extra: str) -> dict[str, str]:
+        """Environment of an spd-ray command using this server: a private local Ray started by the
+        driver (its workers inherit the bucket's settings), `staging` as the staging root."""
+        return {
+            **os.environ,
+            **self.env,
+            "RAY_ADDRESS": "local",
+            "SPD_RAY_STAGING": str(staging),
+            "SPD_RAY_THREADS": "1",
+            **extra,
+        }
 
     def create_bucket(self, name: str) -> None:
         self.client().create_bucket(Bucket=name)

@@ -55,17 +55,6 @@ def s3() -> Iterator[S3Server]:
         yield server
 
 
-def _env(s3: S3Server, staging: Path) -> dict[str, str]:
-    # A private local Ray started by the driver: its workers inherit the bucket's settings.
-    return {
-        **os.environ,
-        **s3.env,
-        "RAY_ADDRESS": "local",
-        "SPD_RAY_STAGING": str(staging),
-        "SPD_RAY_THREADS": "1",
-    }
-
-
 def _cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "spd_ray.cli", *args]
 
@@ -155,7 +144,8 @@ def test_a_sweep_in_a_bucket_lands_there_and_sweep_status_reads_it(
     staging = tmp_path / "staging"
     # Both trials at once (on the 2 CPUs): they send their run directories side by side.
     args = _sweep_args(tmp_path, "s", 2, 20, "--set", "eval_freq=20", concurrent=2)
-    res = subprocess.run(args, env=_env(s3, staging), capture_output=True, text=True, timeout=600)
+    env = s3.driver_env(staging)
+    res = subprocess.run(args, env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
 
     keys = _keys(s3, f"{PREFIX}/s/")
@@ -178,7 +168,7 @@ def test_a_sweep_in_a_bucket_lands_there_and_sweep_status_reads_it(
 
     # A reader elsewhere (its own staging folder) gets the table from the bucket, either way.
     reader = tmp_path / "reader"
-    for key, value in _env(s3, reader).items():
+    for key, value in s3.driver_env(reader).items():
         monkeypatch.setenv(key, value)
     from spd_ray.cli import main
     from spd_ray.sweep.tune_driver import sweep_status
@@ -204,7 +194,7 @@ def test_a_second_driver_on_the_sweep_is_refused_by_the_lease(
         t0 = time.monotonic()
         res = subprocess.run(
             _sweep_args(tmp_path, "held", 2, 20),
-            env=_env(s3, staging),
+            env=s3.driver_env(staging),
             capture_output=True,
             text=True,
             timeout=300,
@@ -224,7 +214,7 @@ def test_an_unreachable_bucket_or_a_missing_sweep_fails_before_anything_is_writt
 ) -> None:
     from spd_ray.sweep.tune_driver import run_sweep, sweep_status
 
-    for key, value in _env(s3, tmp_path / "staging").items():
+    for key, value in s3.driver_env(tmp_path / "staging").items():
         monkeypatch.setenv(key, value)
     space = tmp_path / "space.yaml"
     space.write_text(SPACE)
@@ -248,7 +238,7 @@ def test_a_sweep_killed_mid_way_resumes_from_the_bucket(s3: S3Server, tmp_path: 
     )
     proc = subprocess.Popen(
         args,
-        env=_env(s3, staging),
+        env=s3.driver_env(staging),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,  # the driver and the Ray it started go together
@@ -277,7 +267,8 @@ def test_a_sweep_killed_mid_way_resumes_from_the_bucket(s3: S3Server, tmp_path: 
     # The driver's machine is gone: another one, whose staging folder lies elsewhere, resumes.
     shutil.rmtree(staging)
     elsewhere = tmp_path / "elsewhere"
-    res = subprocess.run(args, env=_env(s3, elsewhere), capture_output=True, text=True, timeout=600)
+    env = s3.driver_env(elsewhere)
+    res = subprocess.run(args, env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "resuming sweep r" in res.stdout + res.stderr
     rows = _rows(s3, "r")

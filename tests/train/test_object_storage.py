@@ -50,18 +50,6 @@ def s3() -> Iterator[S3Server]:
         yield server
 
 
-def _env(s3: S3Server, staging: Path, **extra: str) -> dict[str, str]:
-    # A private local Ray started by the driver: its workers inherit the bucket's settings.
-    return {
-        **os.environ,
-        **s3.env,
-        "RAY_ADDRESS": "local",
-        "SPD_RAY_STAGING": str(staging),
-        "SPD_RAY_THREADS": "1",
-        **extra,
-    }
-
-
 def _cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "spd_ray.cli", *args]
 
@@ -105,7 +93,7 @@ def test_a_run_in_a_bucket_resumes_from_the_bucket(
     args = _cmd("run", *ARGS, "--out", f"s3://{BUCKET}/runs", "--name", "r")
     proc = subprocess.Popen(
         args,
-        env=_env(s3, staging),
+        env=s3.driver_env(staging),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,  # the driver and the Ray it started go together
@@ -125,7 +113,8 @@ def test_a_run_in_a_bucket_resumes_from_the_bucket(
     assert SAVE <= sent[-1] < STEPS, sent
     shutil.rmtree(staging)  # the node's disk is gone: only the bucket has the run
 
-    res = subprocess.run(args, env=_env(s3, staging), capture_output=True, text=True, timeout=600)
+    env = s3.driver_env(staging)
+    res = subprocess.run(args, env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     resumed = re.search(r"resumed r from step (\d+)", res.stderr)
     assert resumed and SAVE <= int(resumed.group(1)) < STEPS, res.stderr[-3000:]
@@ -155,7 +144,7 @@ def _harvest_and_show(s3: S3Server, tmp_path: Path) -> None:
     """`harvest` of the run's URI puts the harvest into the bucket; `harvest-show` of the URI
     reads it back on a machine that never saw it."""
     uri = f"s3://{BUCKET}/runs/r"
-    env = _env(s3, tmp_path / "harvester")
+    env = s3.driver_env(tmp_path / "harvester")
     res = subprocess.run(
         _cmd(
             "harvest", uri, "--batches", "4", "--batch-size", "64", "--actors", "1", "--no-progress"
@@ -170,7 +159,7 @@ def _harvest_and_show(s3: S3Server, tmp_path: Path) -> None:
     assert "harvest/meta.json" in harvested, sorted(harvested)
     show = subprocess.run(
         _cmd("harvest-show", uri, "linear1:0"),
-        env=_env(s3, tmp_path / "viewer"),
+        env=s3.driver_env(tmp_path / "viewer"),
         capture_output=True,
         text=True,
         timeout=300,
@@ -202,7 +191,7 @@ def test_a_bucket_that_cannot_be_reached_fails_before_any_work(
     t0 = time.monotonic()
     res = subprocess.run(
         _cmd("run", *ARGS, "--out", out, "--name", "never"),
-        env=_env(s3, tmp_path / "staging", **extra),
+        env=s3.driver_env(tmp_path / "staging", **extra),
         capture_output=True,
         text=True,
         timeout=120,
@@ -221,7 +210,7 @@ def test_several_runs_in_one_command_land_in_the_bucket(s3: S3Server, tmp_path: 
     short = ["--steps", "20", "--set", "autocast_bf16=false", "--set", "n_eval_steps=2"]
     res = subprocess.run(
         _cmd("run", "tms_5-2,resid_mlp1", *short, "--out", f"s3://{BUCKET}/many", "--name", "m"),
-        env=_env(s3, tmp_path / "staging"),
+        env=s3.driver_env(tmp_path / "staging"),
         capture_output=True,
         text=True,
         timeout=600,
