@@ -109,7 +109,10 @@ def _run_several(args: argparse.Namespace, targets: list[str]) -> int:
 
 def _print_headline(metrics: dict[str, float]) -> None:
     keys = [
-        k for k in metrics if k.split("/")[1] in ("loss", "mmcs", "ml2r", "target_solution_error")
+        k
+        for k in metrics
+        if k.split("/")[1]
+        in ("loss", "mmcs", "ml2r", "mmcs_filtered", "ml2r_filtered", "target_solution_error")
     ]
     for key in keys:
         print(f"  {key} = {metrics[key]:.6g}", file=sys.stderr)

@@ -240,7 +240,9 @@ class UVPlots(BaseConfig):
 
 
 class MMCSAndML2R(BaseConfig):
-    """Paper Table 1: per input feature, the best-matching subcomponent's column vs the target's."""
+    """Paper Table 1: per input feature, the best-matching subcomponent's column vs the target's.
+    Logs `mmcs/<layer>`, `ml2r/<layer>` (the reference: every subcomponent competes) and
+    `mmcs_filtered/<layer>`, `ml2r_filtered/<layer>` (only those passing min_norm_frac)."""
 
     classname: Literal["MMCSAndML2R"] = "MMCSAndML2R"
     module_patterns: list[str] = Field(
@@ -249,7 +251,8 @@ class MMCSAndML2R(BaseConfig):
     min_norm_frac: float = Field(
         0.1,
         ge=0.0,
-        description="Per feature, match only columns with this fraction of the target column norm.",
+        description="For *_filtered: a column under this fraction of the target column's norm "
+        "never matches.",
     )
 
 
@@ -302,6 +305,11 @@ class ResidMLPTaskConfig(BaseConfig):
 class IHTaskConfig(BaseConfig):
     task_name: Literal["ih"] = "ih"
     prefix_window: int | None = Field(None, gt=1, description="S is placed in [1, prefix_window).")
+    output_positions: Literal["all", "last"] = Field(
+        "all",
+        description="Logits the output loss and evals compare: every position (the reference) "
+        "or the last one only (where the induction label is).",
+    )
 
 
 class LMTaskConfig(BaseConfig):
@@ -402,6 +410,11 @@ class Config(BaseConfig):
     # Components and CI functions
     autocast_bf16: bool = Field(
         True, description="Run forwards under bf16 autocast (CPU and CUDA); losses reduce in fp32."
+    )
+    eval_autocast_bf16: bool = Field(
+        False,
+        description="Evals also under bf16 autocast when autocast_bf16 (default: fp32 evals, as "
+        "the reference).",
     )
     n_mask_samples: int = Field(gt=0, description="Stochastic mask samples per step (S).")
     ci_fn_type: Literal["mlp", "vector_mlp", "shared_mlp"] = Field(

@@ -15,6 +15,8 @@ import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
 
+from spd_ray.core.streams import Stream, stream_generator
+
 Sampling = Literal["continuous", "binomial"]
 Routes = dict[str, Tensor | None]
 
@@ -31,6 +33,34 @@ class Noise:
     generator: torch.Generator | None = None
     rank: int = 0
     world_size: int = 1
+    # PGD's random initial sources; None: drawn from `generator` (one stream for both, for tests
+    # and ad-hoc use - runs build both with `Noise.for_run`).
+    pgd_generator: torch.Generator | None = None
+
+    @classmethod
+    def for_run(
+        cls,
+        seed: int,
+        phase: Literal["train", "eval"],
+        device: torch.device | str,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> Noise:
+        """The mask and PGD-init streams of a run's training or eval (`spd_ray.core.streams`)."""
+        masks: Stream = "train_masks" if phase == "train" else "eval_masks"
+        pgd: Stream = "train_pgd_init" if phase == "train" else "eval_pgd_init"
+        return cls(
+            stream_generator(seed, masks, device),
+            rank,
+            world_size,
+            pgd_generator=stream_generator(seed, pgd, device),
+        )
+
+    def pgd_init(self) -> Noise:
+        """The draws of PGD's random initial sources, sharded like this noise."""
+        if self.pgd_generator is None:
+            return self
+        return Noise(self.pgd_generator, self.rank, self.world_size)
 
     def _slice(self, t: Tensor) -> Tensor:
         if self.world_size == 1:

@@ -313,7 +313,10 @@ class ComponentModel(nn.Module):
         output_attr: str | None = None,
         tied_pairs: list[tuple[str, str]] | None = None,
         reuse_clean_activations: bool = True,
+        output_positions: Literal["all", "last"] = "all",
     ):
+        """`output_positions` "last" keeps only the last sequence position of a [batch, seq, ...]
+        output: then every output loss and eval compares that position alone."""
         super().__init__()
         for name, p in target.named_parameters():
             if p.requires_grad:
@@ -322,6 +325,7 @@ class ComponentModel(nn.Module):
             insert_identity_operations(target, identity_patterns)
         self.target = target
         self.output_attr = output_attr
+        self.output_positions = output_positions
         self.reuse_clean_activations = reuse_clean_activations
         self._holder = _PlanHolder()
         self._lower_sigmoid, self._upper_sigmoid = sigmoid_pair(sigmoid_type)
@@ -400,11 +404,14 @@ class ComponentModel(nn.Module):
 
     def _extract(self, out: Any) -> Tensor:
         attr = self.output_attr
-        if attr is None:
-            return out  # type: ignore[no-any-return]
-        if attr.startswith("idx_"):
-            return out[int(attr[4:])]  # type: ignore[no-any-return]
-        return getattr(out, attr)  # type: ignore[no-any-return]
+        if attr is not None:
+            out = out[int(attr[4:])] if attr.startswith("idx_") else getattr(out, attr)
+        if self.output_positions == "last":
+            assert out.dim() >= 3, (
+                f"output_positions 'last' needs [batch, seq, ...], got {out.shape}"
+            )
+            out = out[:, -1]
+        return out  # type: ignore[no-any-return]
 
     @contextmanager
     def _with_plan(self, plan: _Plan) -> Iterator[_Plan]:

@@ -4,7 +4,8 @@ loss.
 The sources start random / ones / zeroes and take `n_steps` signed-gradient ascent steps, clamped to
 [0, 1]; only the sources are differentiated in the inner steps (CI and component acts are detached).
 The last source column is the weight-delta mask when the delta component is used. The final forward
-is differentiable with respect to the components and CI functions.
+is differentiable with respect to the components and CI functions. Random initial sources come from
+the noise's PGD-init stream (`Noise.pgd_init`), not from the mask noise.
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ def pgd_recon_loss(inp: StepInputs, cfg: C._PGD, routes_per_copy: list[Routes]) 
             ci = inp.ci.lower[path]
             n = ci.shape[-1] + (1 if delta else 0)
             shape = (*([1] * (ci.dim() - 1)), n) if shared else (*ci.shape[:-1], n)
-            src = _init_source(shape, cfg.init, ci, inp.noise, shared)
+            src = _init_source(shape, cfg.init, ci, inp.noise.pgd_init(), shared)
             if shared and _distributed():
                 dist.broadcast(src, src=0)
             copy_src[path] = src

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from spd_ray.config import Config
+from spd_ray.config import Config, IHTaskConfig
 from spd_ray.core.losses import StepInputs, total_loss
 from spd_ray.core.masks import Noise
 from spd_ray.core.model import ComponentModel
@@ -13,6 +13,8 @@ from spd_ray.core.model import ComponentModel
 
 def build_component_model(config: Config, target: torch.nn.Module) -> ComponentModel:
     identity = [m.module_pattern for m in config.identity_module_info or []]
+    task = config.task_config
+    positions = task.output_positions if isinstance(task, IHTaskConfig) else "all"
     return ComponentModel(
         target,
         [(m.module_pattern, m.C) for m in config.all_module_info],
@@ -23,12 +25,16 @@ def build_component_model(config: Config, target: torch.nn.Module) -> ComponentM
         output_attr=config.pretrained_model_output_attr,
         tied_pairs=list(getattr(target, "tied_module_pairs", [])),
         reuse_clean_activations=config.reuse_clean_activations,
+        output_positions=positions,
     )
 
 
-def autocast(config: Config, device: torch.device) -> torch.autocast:
-    """bf16 autocast for training and eval forwards alike, so their numbers are comparable."""
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.autocast_bf16)
+def autocast(config: Config, device: torch.device, evaluating: bool = False) -> torch.autocast:
+    """bf16 autocast of training forwards when `autocast_bf16`; evals run in fp32 as the reference
+    does, unless `eval_autocast_bf16` keeps them in bf16 too (then train and eval numbers of a loss
+    are comparable)."""
+    enabled = config.autocast_bf16 and (not evaluating or config.eval_autocast_bf16)
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
 
 
 def step_inputs(

@@ -85,7 +85,8 @@ class ToyBatches:
     the shards in rank order therefore gives exactly the batch that `world_size=1` yields at that
     step; the redundant draws are cheap for toy data. Because the generator state does not depend on
     the rank or the world size, `state_dict()` from any rank resumes the stream on any number of
-    ranks.
+    ranks. A run passes its `train_data` / `eval_data` stream seed (`spd_ray.core.streams`), never
+    `config.seed` itself, so the data never repeats the mask noise.
     """
 
     def __init__(

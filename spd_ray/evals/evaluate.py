@@ -2,8 +2,11 @@
 
 The metric list is `eval_metric_configs` plus every training loss not already listed there (the eval
 entry wins). Loss-type metrics are averaged over batches; CI statistics are accumulated; figures are
-made only on slow evals. Single-feature metrics (IdentityCIError, MMCS/ML2R, permuted CI plots) run
-the model on 0.75 * one-hot inputs, which the caller supplies for toy tasks.
+made only on slow evals. Single-feature metrics (IdentityCIError, permuted CI plots) run the model
+on 0.75 * one-hot inputs, which the caller supplies for toy tasks. Every eval runs in fp32 unless
+`eval_autocast_bf16` (training keeps its bf16 autocast). MMCS/ML2R come in two variants:
+`mmcs/<layer>`, `ml2r/<layer>` as the reference defines them (max over all subcomponents) and
+`mmcs_filtered/<layer>`, `ml2r_filtered/<layer>` over subcomponents of non-negligible norm only.
 """
 
 from __future__ import annotations
@@ -81,7 +84,7 @@ def evaluate(
     n_batches = 0
     device = next(iter(model.parameters())).device
     for batch in batches:
-        with autocast(config, device):
+        with autocast(config, device, evaluating=True):
             inp = step_inputs(config, model, batch, noise, step / config.steps, world_size)
             values = {f"loss/{c.classname}": loss_term(c, inp).detach().float() for c in loss_cfgs}  # type: ignore[arg-type]
             if ce_kl is not None:
@@ -136,10 +139,12 @@ def _single_feature_metrics(
     mm = by_type.get(C.MMCSAndML2R)
     if isinstance(mm, C.MMCSAndML2R):
         for path in _matching(paths, mm.module_patterns):
-            mmcs, ml2r = mmcs_ml2r(
-                model.target_weight(path), model.component_weights(path), mm.min_norm_frac
-            )
-            out[f"mmcs/{path}"], out[f"ml2r/{path}"] = mmcs, ml2r
+            target, comps = model.target_weight(path), model.component_weights(path)
+            # mmcs/ml2r: the reference's definition (every subcomponent competes); *_filtered:
+            # only subcomponents with min_norm_frac of the target column's norm compete.
+            out[f"mmcs/{path}"], out[f"ml2r/{path}"] = mmcs_ml2r(target, comps, 0.0)
+            filtered = mmcs_ml2r(target, comps, mm.min_norm_frac)
+            out[f"mmcs_filtered/{path}"], out[f"ml2r_filtered/{path}"] = filtered
     if not any(t in by_type for t in wanted):
         return out, figures
     if single_feature_input is None:

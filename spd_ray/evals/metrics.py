@@ -179,7 +179,8 @@ def mmcs_ml2r(
     the target's column j. MMCS = mean_j of that cosine; ML2R = mean_j of
     ||best column j|| / ||target column j||.
     The filter keeps near-zero subcomponents (e.g. spares left over next to an identity layer's
-    components) from winning a feature on direction alone with a negligible norm.
+    components) from winning a feature on direction alone with a negligible norm. min_norm_frac 0
+    lets every subcomponent compete: the reference's (and the paper's) definition.
     """
     _, d_out, d_in = component_weights.shape
     assert target_weight.shape == (d_out, d_in), (

@@ -5,8 +5,10 @@ n_layers residual blocks `x += attn(x)` -> unembed. Attention is shortformer-sty
 positional encoding is added to the queries and keys only, never to the residual stream, which
 makes induction heads form much faster. q/k/v/out projections are bias-free; causal SDPA.
 
-The forward returns the logits of the last position only, where the label of the induction task
-lives: that is the output the decomposition's KL loss compares, and what training's CE uses.
+The forward returns the logits of every position, [batch, seq, vocab_size + 2]: the decomposition's
+KL loss compares all of them and averages over batch and positions, as the reference does
+(`task_config.output_positions: last` keeps the last position only). Training's CE and the
+accuracy use the last position, where the label of the induction task lives.
 """
 
 from __future__ import annotations
@@ -98,14 +100,21 @@ class InductionTransformer(nn.Module):
                     bound = 1.0 / math.sqrt(module.in_features)
                     module.weight.uniform_(-bound, bound, generator=gen)
 
-    def forward(self, tokens: Int[Tensor, "batch seq"]) -> Float[Tensor, "batch n_tokens"]:
-        """Logits at the last position."""
+    def residual(self, tokens: Int[Tensor, "batch seq"]) -> Float[Tensor, "batch seq d_model"]:
         assert tokens.dim() == 2, f"expected (batch, seq) tokens, got {tuple(tokens.shape)}"
         assert tokens.shape[1] <= self.config.seq_len, f"sequence longer than {self.config.seq_len}"
         x = self.token_embed(tokens)
         for block in self.blocks:
             x = block(x)
-        return self.unembed(x[:, -1])
+        return x
+
+    def forward(self, tokens: Int[Tensor, "batch seq"]) -> Float[Tensor, "batch seq n_tokens"]:
+        """Logits at every position."""
+        return self.unembed(self.residual(tokens))
+
+    def last_logits(self, tokens: Int[Tensor, "batch seq"]) -> Float[Tensor, "batch n_tokens"]:
+        """Logits at the last position only (training and accuracy)."""
+        return self.unembed(self.residual(tokens)[:, -1])
 
 
 @torch.no_grad()
@@ -114,7 +123,7 @@ def ih_accuracy(
 ) -> float:
     """Fraction of a drawn batch whose last-position argmax is the induction label."""
     tokens, labels = task.generate_batch(batch_size, generator)
-    return float((model(tokens).argmax(-1) == labels).float().mean())
+    return float((model.last_logits(tokens).argmax(-1) == labels).float().mean())
 
 
 def train_ih(cfg: IHTargetConfig, progress: bool = False) -> InductionTransformer:
@@ -137,7 +146,7 @@ def train_ih(cfg: IHTargetConfig, progress: bool = False) -> InductionTransforme
         for group in opt.param_groups:
             group["lr"] = cfg.lr * min(1.0, (step + 1) / max(cfg.lr_warmup_steps, 1))
         tokens, labels = task.generate_batch(cfg.batch_size, gen)
-        loss = F.cross_entropy(model(tokens), labels)
+        loss = F.cross_entropy(model.last_logits(tokens), labels)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -74,19 +74,20 @@ def make_state(config: Config, ctx: LoopContext) -> LoopState:
         lr=config.lr_schedule.start_val,
         weight_decay=0.0,
     )
-    gen = torch.Generator(device=ctx.device).manual_seed(config.seed)
-    return LoopState(optimizer, Noise(gen, ctx.rank, ctx.world_size))
+    noise = Noise.for_run(config.seed, "train", ctx.device, ctx.rank, ctx.world_size)
+    return LoopState(optimizer, noise)
 
 
 def state_dict(state: LoopState, model: ComponentModel, batches: Any) -> dict[str, Any]:
     """The whole training state, independent of the number of workers."""
-    assert state.noise.generator is not None
+    assert state.noise.generator is not None and state.noise.pgd_generator is not None
     return {
         "model": trainable_state_dict(model),
         "optimizer": state.optimizer.state_dict(),
         "step": state.step,
         "warmup_done": state.warmup_done,
         "noise_rng": state.noise.generator.get_state(),
+        "pgd_init_rng": state.noise.pgd_generator.get_state(),
         "data": batches.state_dict(),
         "sums": {k: v.detach().cpu() for k, v in state.sums.items()},
         "n_summed": state.n_summed,
@@ -101,8 +102,14 @@ def load_state(
     state.optimizer.load_state_dict(saved["optimizer"])
     state.step = int(saved["step"])
     state.warmup_done = bool(saved["warmup_done"])
-    assert state.noise.generator is not None
+    assert state.noise.generator is not None and state.noise.pgd_generator is not None
+    if "pgd_init_rng" not in saved:
+        raise ValueError(
+            "checkpoint has no 'pgd_init_rng': it predates the separate random streams "
+            "(spd_ray.core.streams); start the run again with --fresh"
+        )
     state.noise.generator.set_state(saved["noise_rng"])
+    state.noise.pgd_generator.set_state(saved["pgd_init_rng"])
     batches.load_state_dict(saved["data"])
     device = next(iter(model.parameters())).device
     state.sums = {k: v.to(device) for k, v in saved["sums"].items()}

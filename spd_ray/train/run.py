@@ -34,6 +34,7 @@ from spd_ray.config import (
 from spd_ray.core.masks import Noise
 from spd_ray.core.model import ComponentModel
 from spd_ray.core.step import build_component_model
+from spd_ray.core.streams import stream_seed
 from spd_ray.data.ih import IHBatches, make_ih_task
 from spd_ray.data.toy import ToyBatches, make_toy_dataset
 from spd_ray.evals.evaluate import check_eval_metrics, evaluate
@@ -48,8 +49,6 @@ from spd_ray.train.tracking import RunWriter
 
 if TYPE_CHECKING:
     from spd_ray.data.lm import LMBatches
-
-EVAL_SEED_OFFSET = 1_000_003
 
 
 @dataclass
@@ -75,7 +74,9 @@ def build_worker(
         raise ValueError(f"batch_size {config.batch_size} is not divisible by {world_size} workers")
     if target is None:
         target = load_target(config, output_root(out_root))
-    torch.manual_seed(config.seed)  # component and CI-function init: identical on every worker
+    # Component and CI-function init: identical on every worker. Every random stream of a run is
+    # derived from config.seed (spd_ray.core.streams), so none repeats another's numbers.
+    torch.manual_seed(stream_seed(config.seed, "init"))
     model = build_component_model(config, target).to(device)
     if config.compile_ci_fns:
         model.compile_ci_fns()
@@ -85,17 +86,18 @@ def build_worker(
         return Worker(config, target, model, lm_context(config, model, train_lm, eval_lm, device))
     if isinstance(task, IHTaskConfig):
         ih_task = make_ih_task(task, target)
-        ih_train = IHBatches(ih_task, config.batch_size, config.seed, rank, world_size, device)
+        train_seed = stream_seed(config.seed, "train_data")
+        ih_train = IHBatches(ih_task, config.batch_size, train_seed, rank, world_size, device)
 
         def run_ih_eval(
             m: ComponentModel, step: int, slow: bool
         ) -> tuple[dict[str, Any], dict[str, Figure]]:
             # Fixed eval batches and mask noise, as for the other toys.
-            seed = config.seed + EVAL_SEED_OFFSET
+            seed = stream_seed(config.seed, "eval_data")
             batches = IHBatches(
                 ih_task, config.effective_eval_batch_size, seed, rank, world_size, device
             )
-            noise = Noise(torch.Generator(device=device).manual_seed(seed), rank, world_size)
+            noise = Noise.for_run(config.seed, "eval", device, rank, world_size)
             evals = (next(batches) for _ in range(config.n_eval_steps))
             return evaluate(config, m, evals, noise, step, slow, world_size=world_size)
 
@@ -104,7 +106,8 @@ def build_worker(
     if task.task_name not in ("tms", "resid_mlp"):
         raise NotImplementedError(f"task {task.task_name!r} arrives with the language-model issue")
     dataset = make_toy_dataset(task, target)
-    train_batches = ToyBatches(dataset, config.batch_size, config.seed, rank, world_size, device)
+    train_seed = stream_seed(config.seed, "train_data")
+    train_batches = ToyBatches(dataset, config.batch_size, train_seed, rank, world_size, device)
     n_features = dataset.n_features
     single = 0.75 * torch.eye(n_features, device=device)
     eval_bs = config.effective_eval_batch_size
@@ -114,9 +117,10 @@ def build_worker(
     ) -> tuple[dict[str, Any], dict[str, Figure]]:
         # The same eval batches and mask noise at every eval, so evals are comparable across steps
         # and a resumed run evaluates exactly like an uninterrupted one.
-        seed = config.seed + EVAL_SEED_OFFSET
-        batches = ToyBatches(dataset, eval_bs, seed, rank, world_size, device)
-        noise = Noise(torch.Generator(device=device).manual_seed(seed), rank, world_size)
+        batches = ToyBatches(
+            dataset, eval_bs, stream_seed(config.seed, "eval_data"), rank, world_size, device
+        )
+        noise = Noise.for_run(config.seed, "eval", device, rank, world_size)
         return evaluate(
             config,
             m,
@@ -183,9 +187,11 @@ def lm_streams(
             shuffle_each_epoch=task.shuffle_each_epoch,
         )
 
-    train = stream(task.train_data_split, config.batch_size, config.seed)
+    train = stream(task.train_data_split, config.batch_size, stream_seed(config.seed, "train_data"))
     evals = stream(
-        task.eval_data_split, config.effective_eval_batch_size, config.seed + EVAL_SEED_OFFSET
+        task.eval_data_split,
+        config.effective_eval_batch_size,
+        stream_seed(config.seed, "eval_data"),
     )
     return train, evals
 
@@ -205,8 +211,7 @@ def lm_context(
     ) -> tuple[dict[str, Any], dict[str, Figure]]:
         # Rewound to its start at every eval: the same eval batches and mask noise each time.
         eval_batches.load_state_dict(start)
-        seed = config.seed + EVAL_SEED_OFFSET
-        noise = Noise(torch.Generator(device=device).manual_seed(seed), rank, world_size)
+        noise = Noise.for_run(config.seed, "eval", device, rank, world_size)
         batches = (next(eval_batches) for _ in range(config.n_eval_steps))
         return evaluate(config, m, batches, noise, step, slow, world_size=world_size)
 

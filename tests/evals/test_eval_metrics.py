@@ -1,3 +1,5 @@
+from collections import OrderedDict
+
 import pytest
 import torch
 
@@ -165,3 +167,38 @@ def test_mmcs_ml2r_shape_and_dead_column_checks():
     target[:, 1] = 0.0
     with pytest.raises(ValueError, match="zero columns \\[1\\]"):
         mmcs_ml2r(target, torch.ones(4, 2, 3), 0.1)
+
+
+def test_eval_reports_the_reference_and_the_filtered_mmcs_ml2r():
+    """Through the eval: `mmcs`/`ml2r` let every subcomponent compete (the reference), so a
+    near-zero spare aligned with feature 0 wins it; `*_filtered` ignores the spare. Expected values
+    by hand: features 1-3 are exact; feature 0 is the spare (cos 1, ratio 1e-4) or subcomponent 0
+    (cos and ratio of t0 + 0.3 v against t0)."""
+    from spd_ray import config as C
+    from spd_ray.core.model import ComponentModel
+    from spd_ray.evals.evaluate import _single_feature_metrics
+
+    lin = torch.nn.Linear(4, 3, bias=False).requires_grad_(False)
+    t = torch.randn(3, 4, generator=torch.Generator().manual_seed(0))
+    lin.weight.copy_(t)
+    model = ComponentModel(torch.nn.Sequential(OrderedDict(lin=lin)), [("lin", 5)])
+    v = torch.tensor([1.0, -1.0, 0.5])
+    V, U = torch.zeros(4, 5), torch.zeros(5, 3)
+    for j in range(4):
+        V[j, j], U[j] = 1.0, t[:, j]
+    U[0] = t[:, 0] + 0.3 * v  # feature 0's own subcomponent points slightly off
+    V[0, 4], U[4] = 1e-4, t[:, 0]  # a near-zero spare exactly along feature 0
+    comps = model.comps("lin")
+    with torch.no_grad():
+        comps.V.copy_(V)
+        comps.U.copy_(U)
+    cfg = C.MMCSAndML2R(module_patterns=["lin"], min_norm_frac=0.1)
+    out, _ = _single_feature_metrics(model, {C.MMCSAndML2R: cfg}, None, slow=False)
+    t0, own = t[:, 0].double(), (t[:, 0] + 0.3 * v).double()
+    cos0 = float(own @ t0 / (own.norm() * t0.norm()))
+    ratio0 = float(own.norm() / t0.norm())
+    assert out["mmcs/lin"] == pytest.approx(1.0, abs=1e-6)
+    assert out["ml2r/lin"] == pytest.approx((1e-4 + 3) / 4, abs=1e-6)
+    assert out["mmcs_filtered/lin"] == pytest.approx((cos0 + 3) / 4, abs=1e-6)
+    assert out["ml2r_filtered/lin"] == pytest.approx((ratio0 + 3) / 4, abs=1e-6)
+    assert out["mmcs_filtered/lin"] < out["mmcs/lin"] - 1e-3, "the two variants must differ here"

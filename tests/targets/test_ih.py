@@ -11,12 +11,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from spd_ray.config import IHTargetConfig, IHTaskConfig
+from spd_ray.config import Config, IHTargetConfig, IHTaskConfig
+from spd_ray.core.losses import StepInputs, ci_masked_recon_loss
+from spd_ray.core.masks import Noise
+from spd_ray.core.model import CIOutputs, ComponentModel, ModuleMask
+from spd_ray.core.step import build_component_model
 from spd_ray.data.ih import BOS, IHBatches, InductionTask, make_ih_task
 from spd_ray.targets.ih import InductionTransformer, ih_accuracy, train_ih
 from spd_ray.targets.loading import cached_target_path, load_or_train_toy
 
 PROJ = ("q", "k", "v", "out")
+OUT = "blocks.1.attn.out_proj"
 # Small enough to train in a few seconds on one CPU thread.
 SMALL = IHTargetConfig(
     vocab_size=16, seq_len=16, d_model=32, steps=2000, batch_size=256, lr=3e-3, lr_warmup_steps=100
@@ -97,22 +102,26 @@ def test_model_names_shapes_and_deterministic_init():
     assert names == ["token_embed.weight", *projections, "unembed.weight"]
     assert model.token_embed.num_embeddings == 12 and model.unembed.out_features == 12
     tokens, _ = InductionTask(10, 12).generate_batch(3, torch.Generator().manual_seed(0))
-    assert model(tokens).shape == (3, 12)
+    assert model(tokens).shape == (3, 12, 12), "logits at every position"
+    assert model.last_logits(tokens).shape == (3, 12)
+    assert torch.equal(model.last_logits(tokens), model.unembed(model.residual(tokens)[:, -1]))
     other = InductionTransformer(cfg)
     for pa, pb in zip(model.parameters(), other.parameters(), strict=True):
         assert torch.equal(pa, pb)
     assert not any(k.endswith(".pe") for k in model.state_dict()), "pe is derived, not saved"
 
 
-def test_attention_is_causal_and_output_is_the_last_position():
+def test_attention_is_causal_and_output_covers_every_position():
     cfg = IHTargetConfig(vocab_size=10, seq_len=12, d_model=8)
     model = InductionTransformer(cfg)
     tokens, _ = InductionTask(10, 12).generate_batch(4, torch.Generator().manual_seed(1))
-    prefix = model(tokens[:, :7])
     changed = tokens.clone()
     changed[:, 7:] = 1
-    assert torch.equal(model(changed[:, :7]), prefix)
-    assert not torch.allclose(model(changed), model(tokens))
+    assert torch.equal(model(changed[:, :7]), model(tokens[:, :7]))
+    full, full_changed = model(tokens), model(changed)
+    torch.testing.assert_close(full_changed[:, :7], full[:, :7], rtol=1e-6, atol=1e-6)
+    assert not torch.allclose(full_changed[:, 7:], full[:, 7:])
+    torch.testing.assert_close(full[:, -1], model.last_logits(tokens), rtol=1e-6, atol=1e-6)
 
 
 def test_trained_target_predicts_the_induction_label(trained):
@@ -164,3 +173,94 @@ def test_cli_run_ih_in_process(tmp_path):
             assert f"eval/l0/blocks.{layer}.attn.{proj}_proj" in final
     for loss in ("StochasticReconLoss", "StochasticReconLayerwiseLoss", "FaithfulnessLoss"):
         assert torch.isfinite(torch.tensor(final[f"eval/loss/{loss}"]))
+
+
+def _ih_step_inputs(positions: str, tokens: torch.Tensor) -> StepInputs:
+    """Loss inputs of an untrained IH target whose last `out_proj` is decomposed (the same
+    components and CI values at every call)."""
+    target = InductionTransformer(IHTargetConfig(vocab_size=10, seq_len=12, d_model=8))
+    target.requires_grad_(False)
+    torch.manual_seed(0)
+    model = ComponentModel(target, [(OUT, 6)], ci_fn_type="mlp", output_positions=positions)  # type: ignore[arg-type]
+    with torch.no_grad():
+        target_out, cache = model.clean_forward(tokens)
+    ci = torch.rand(*tokens.shape, 6, generator=torch.Generator().manual_seed(2))
+    return StepInputs(
+        model=model,
+        batch=tokens,
+        target_out=target_out,
+        cache=cache,
+        ci=CIOutputs(lower={OUT: ci}, upper={OUT: ci}, pre_sigmoid={OUT: ci}),
+        output_loss_type="kl",
+        use_delta_component=False,
+        sampling="continuous",
+        n_mask_samples=1,
+        noise=Noise(torch.Generator().manual_seed(3)),
+    )
+
+
+@torch.no_grad()
+def test_kl_averages_over_every_position_and_sees_a_non_final_one():
+    """Masks on the last block's out_proj at position 2 only change the logits at position 2 (no
+    later layer mixes positions): the full-sequence KL moves, by KL(position 2) / (batch * seq),
+    computed here by hand; the last-position KL does not."""
+    b, s, pos = 4, 12, 2
+    tokens, _ = InductionTask(10, s).generate_batch(b, torch.Generator().manual_seed(1))
+    route = torch.zeros(b, s, dtype=torch.bool)
+    route[:, pos] = True
+    inp = _ih_step_inputs("all", tokens)
+    assert inp.target_out.shape == (b, s, 12)
+    out = inp.model.masked_forward(tokens, [{OUT: ModuleMask(mask=inp.ci.lower[OUT], route=route)}])
+    assert torch.equal(out[:, :pos], inp.target_out[:, :pos])
+    assert torch.equal(out[:, pos + 1 :], inp.target_out[:, pos + 1 :])
+    loss = ci_masked_recon_loss(inp, [{OUT: route}])
+
+    # By hand, in float64: the residual with W ctx swapped for (ctx V * ci) U at position `pos`.
+    target = inp.model.target
+    comps = inp.model.comps(OUT)
+    ctx = inp.cache.inputs[OUT][:, pos].double()
+    W, V, U = inp.model.target_weight(OUT).double(), comps.get_V().double(), comps.get_U().double()
+    resid = target.residual(tokens)[:, pos].double()
+    masked_resid = resid - ctx @ W.T + ((ctx @ V) * inp.ci.lower[OUT][:, pos].double()) @ U
+    unembed = target.unembed.weight.double()
+    logp_target = torch.log_softmax(resid @ unembed.T, -1)
+    logp_masked = torch.log_softmax(masked_resid @ unembed.T, -1)
+    kl_at_pos = (logp_target.exp() * (logp_target - logp_masked)).sum(-1)  # [batch]
+    expected = kl_at_pos.sum() / (b * s)
+    assert expected > 1e-3, "the hand-built case must move the loss"
+    torch.testing.assert_close(loss.double(), expected, rtol=1e-4, atol=0)
+
+    last = _ih_step_inputs("last", tokens)
+    assert last.target_out.shape == (b, 12)
+    assert ci_masked_recon_loss(last, [{OUT: route}]).item() == 0.0
+    # Routed at the last position instead, both variants see it; the full one divides by seq.
+    at_end = torch.zeros(b, s, dtype=torch.bool)
+    at_end[:, -1] = True
+    full_end = ci_masked_recon_loss(_ih_step_inputs("all", tokens), [{OUT: at_end}])
+    last_end = ci_masked_recon_loss(last, [{OUT: at_end}])
+    assert last_end > 1e-3
+    torch.testing.assert_close(full_end * s, last_end, rtol=1e-5, atol=0)
+
+
+def test_output_positions_option_reaches_the_component_model():
+    base = dict(
+        n_mask_samples=1,
+        module_info=[{"module_pattern": OUT, "C": 4}],
+        ci_fn_type="mlp",
+        loss_metric_configs=[{"classname": "StochasticReconLoss", "coeff": 1.0}],
+        output_loss_type="kl",
+        lr_schedule={"start_val": 1e-3},
+        steps=1,
+        batch_size=2,
+        eval_freq=1,
+        n_eval_steps=1,
+        pretrained_model_class="spd_ray.targets.ih.InductionTransformer",
+        target_model=IHTargetConfig(vocab_size=10, seq_len=12, d_model=8).model_dump(),
+    )
+    tokens, _ = InductionTask(10, 12).generate_batch(2, torch.Generator().manual_seed(0))
+    last = {"task_name": "ih", "output_positions": "last"}
+    for task, shape in (({"task_name": "ih"}, (2, 12, 12)), (last, (2, 12))):
+        config = Config.model_validate({**base, "task_config": task})
+        target = InductionTransformer(config.target_model).requires_grad_(False)  # type: ignore[arg-type]
+        assert build_component_model(config, target)(tokens).shape == shape
+    assert IHTaskConfig().output_positions == "all"
