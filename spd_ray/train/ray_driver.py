@@ -85,7 +85,8 @@ class RayReporter:
         require: tuple[str, ...] = (),
         remote_run: str | None = None,
     ):
-        """`report` is `ray.train.report` (default) or, in a Tune trial, `ray.tune.report`;
+        """`report` is `ray.train.report` (default) or, in a Tune trial, the sweep's
+        `TuneReport` (metrics every log point, one marker checkpoint per trial);
         `quiet` drops the progress lines (Tune shows its own table); log points report only
         once every `require`d metric has a value (a Tune searcher reads its objectives from
         every report)."""
