@@ -166,11 +166,12 @@ class SharedMLPCiFn(nn.Module):
         super().__init__()
         self.C = C
         dims = [d_in, *hidden_dims, C]
-        self.layers = nn.ModuleList(nn.Linear(dims[i], dims[i + 1]) for i in range(len(dims) - 1))
-        for i, layer in enumerate(self.layers):
-            last = i == len(self.layers) - 1
+        layers = [nn.Linear(dims[i], dims[i + 1]) for i in range(len(dims) - 1)]
+        for i, layer in enumerate(layers):
+            last = i == len(layers) - 1
             init_param_(layer.weight, fan_in=dims[i], gain=1.0 if last else math.sqrt(2))
             nn.init.zeros_(layer.bias)
+        self.layers = nn.ModuleList(layers)
 
     def forward(self, x: Float[Tensor, "... d_in"]) -> Float[Tensor, "... C"]:
         h = x

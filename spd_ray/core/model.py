@@ -23,6 +23,7 @@ second call of a wrapper within one forward raises.
 from __future__ import annotations
 
 import fnmatch
+import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -31,6 +32,7 @@ from typing import Any, Literal
 import torch
 from jaxtyping import Float
 from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
 
 from spd_ray.core.ci import CIFn, CIFnType, SigmoidType, make_ci_fn, sigmoid_pair
 from spd_ray.core.components import (
@@ -84,12 +86,23 @@ def _dims(module: nn.Module, kind: ModuleKind) -> tuple[int, int]:
         case "identity":
             return module.d, module.d  # type: ignore[return-value]
         case "conv1d":
-            d_in, d_out = module.weight.shape  # type: ignore[union-attr]
+            d_in, d_out = _weight(module).shape
             return int(d_in), int(d_out)
 
 
+def _weight(module: nn.Module) -> Tensor:
+    weight = module.weight
+    assert isinstance(weight, Tensor), f"{type(module).__name__}.weight is not a tensor"
+    return weight
+
+
+# The forward pre-hook that routes a module's input through its inserted identity, by module, so
+# that wrapping the module can move the identity (and its hook) to the wrapper.
+_IDENTITY_HOOKS: weakref.WeakKeyDictionary[nn.Module, RemovableHandle] = weakref.WeakKeyDictionary()
+
+
 def _pre_identity_hook(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
-    return (module.pre_identity(args[0]), *args[1:])
+    return (module.get_submodule("pre_identity")(args[0]), *args[1:])
 
 
 def insert_identity_operations(target: nn.Module, patterns: list[str]) -> list[str]:
@@ -110,7 +123,7 @@ def insert_identity_operations(target: nn.Module, patterns: list[str]) -> list[s
                 raise ValueError(f"identity insertion needs a Linear or Conv1D, '{name}' is {kind}")
             if not hasattr(module, "pre_identity"):
                 module.pre_identity = Identity(_dims(module, kind)[0])
-                module._pre_identity_hook = module.register_forward_pre_hook(_pre_identity_hook)
+                _IDENTITY_HOOKS[module] = module.register_forward_pre_hook(_pre_identity_hook)
             paths.append(f"{name}.pre_identity")
     return paths
 
@@ -176,6 +189,8 @@ class _PlanHolder:
 class DecomposedModule(nn.Module):
     """Stands in for a decomposed module: runs the original or its masked components."""
 
+    _bias: Tensor | None
+
     def __init__(
         self,
         original: nn.Module,
@@ -189,7 +204,7 @@ class DecomposedModule(nn.Module):
             # The inserted identity moves to the wrapper so that the component path sees its output
             # too (and the identity stays decomposable at `<path>.pre_identity`).
             self.pre_identity = original.pre_identity
-            original._pre_identity_hook.remove()
+            _IDENTITY_HOOKS.pop(original).remove()
             del original.pre_identity
             self.register_forward_pre_hook(_pre_identity_hook)
         self.original = original
@@ -206,12 +221,12 @@ class DecomposedModule(nn.Module):
     def target_weight(self) -> Float[Tensor, "d_out d_in"]:
         match self.kind:
             case "linear" | "embedding":
-                return self.original.weight  # type: ignore[return-value]
+                return _weight(self.original)
             case "conv1d":
-                return self.original.weight.T  # type: ignore[union-attr]
+                return _weight(self.original).T
             case "identity":
-                d = self.original.d
-                return torch.eye(d, device=self.components.get_V().device)
+                assert isinstance(self.original, Identity)
+                return torch.eye(self.original.d, device=self.components.get_V().device)
 
     def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
         plan = self._holder.plan

@@ -57,7 +57,7 @@ class TMSModel(nn.Module):
 
         with torch.no_grad():
             _uniform_(self.linear1.weight, -1.0, 1.0, n_f, gen)
-            for layer in self.hidden_list:
+            for layer in self.hidden_layers_at_init():
                 _uniform_(layer.weight, -1.0, 1.0, n_h, gen)
             # linear2 starts as linear1^T and the bias non-negative, tied or not: then every
             # feature's own output starts positive (alive). A random linear2 or a negative bias
@@ -68,13 +68,19 @@ class TMSModel(nn.Module):
             else:
                 _uniform_(self.linear2.bias, 0.0, 1.0, n_h, gen)
             if config.fix_hidden_identity:
-                for layer in self.hidden_list:
+                for layer in self.hidden_layers_at_init():
                     layer.weight.copy_(torch.eye(n_h))
                     layer.weight.requires_grad_(False)
 
         self.tied_module_pairs: list[tuple[str, str]] = (
             [("linear1", "linear2")] if config.tied_weights else []
         )
+
+    def hidden_layers_at_init(self) -> list[nn.Linear]:
+        # Before any SPD wrapping every hidden module is still the Linear built above.
+        layers = self.hidden_list
+        assert all(isinstance(m, nn.Linear) for m in layers)
+        return layers  # type: ignore[return-value]
 
     @property
     def hidden_list(self) -> list[nn.Module]:
