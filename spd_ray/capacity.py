@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+from spd_ray.errors import InputError
 from spd_ray.ray_session import alive_nodes, say
 
 Bundle = dict[str, float]
@@ -87,6 +88,21 @@ def autoscaler_present() -> bool:
     return any(t and not _READONLY_TYPE.match(t) for t in types)
 
 
+def require_gpus(needed: int, what: str) -> None:
+    """Fail at once, naming `--gpu`, when the connected cluster has fewer GPUs than `needed` and
+    no autoscaler that could add them: Ray would otherwise queue the work forever."""
+    import ray
+
+    # An autoscaler's node types are in its config on the head, out of a driver's sight: with
+    # one, GPUs may come.
+    have = ray.cluster_resources().get("GPU", 0.0)
+    if have < needed and not autoscaler_present():
+        raise InputError(
+            f"--gpu: {what} needs {needed} GPU(s), but the Ray cluster has {have:g} "
+            "(drop --gpu, or attach to a cluster with GPUs through RAY_ADDRESS)"
+        )
+
+
 def describe(bundles: list[Bundle]) -> str:
     total = {k: sum(b.get(k, 0.0) for b in bundles) for k in _KINDS}
     parts = [f"{total[k]:g} {k}s" for k in _KINDS if total[k]]
@@ -121,7 +137,7 @@ def capacity_for(bundles: list[Bundle], what: str, wait_timeout_s: float) -> Ite
         yield
         return
     if not autoscaler_present():
-        raise ValueError(
+        raise InputError(
             f"{what}: needs {describe(bundles)}, but the Ray cluster has "
             f"{_describe_nodes(node_totals())} and no autoscaler, so it can never hold them "
             "(ask for fewer workers or fewer CPUs per worker, or add nodes)"
@@ -142,7 +158,7 @@ def _wait_for(bundles: list[Bundle], what: str, wait_timeout_s: float) -> None:
     while not can_place(bundles, nodes := node_totals()):
         waited = time.monotonic() - t0
         if waited > wait_timeout_s:
-            raise ValueError(
+            raise InputError(
                 f"{what}: the autoscaler did not add {_missing(bundles, nodes)} within "
                 f"--wait-timeout {wait_timeout_s:g} s (the cluster has {_describe_nodes(nodes)})"
             )

@@ -12,7 +12,8 @@ from collections.abc import Callable
 from typing import Any
 
 from spd_ray.argtypes import MAX_FAILURES_LIMIT, int_in, nonneg_int, positive_float, positive_int
-from spd_ray.config import USER_ERRORS, Config
+from spd_ray.config import Config
+from spd_ray.errors import InputError, user_errors
 
 
 def _common_run_args(p: argparse.ArgumentParser) -> None:
@@ -79,23 +80,23 @@ def _run_targets(args: argparse.Namespace) -> list[str]:
 
     if args.all:
         if args.target:
-            raise ValueError("give either TARGET or --all, not both")
+            raise InputError("give either TARGET or --all, not both")
         return list(registry())
     if not args.target:
-        raise ValueError("TARGET is required (a registry name, a config path, or a,b,c), or --all")
+        raise InputError("TARGET is required (a registry name, a config path, or a,b,c), or --all")
     targets = [t.strip() for t in args.target.split(",") if t.strip()]
     if len(set(targets)) != len(targets):
-        raise ValueError(f"TARGET {args.target!r} names a target twice")
+        raise InputError(f"TARGET {args.target!r} names a target twice")
     return targets
 
 
 def _run_several(args: argparse.Namespace, targets: list[str]) -> int:
     """One Ray Train run per target, concurrently as resources allow; a table of outcomes."""
-    from spd_ray.train.ray_driver import format_outcomes, run_many
+    from spd_ray.train.many import format_outcomes, run_many
     from spd_ray.train.run import default_run_name
 
     if args.in_process:
-        raise ValueError("--in-process runs one target; several targets run on Ray")
+        raise InputError("--in-process runs one target; several targets run on Ray")
     jobs = []
     for target in targets:
         experiment, config = load_target_config(target, args.overrides, args.steps)
@@ -123,7 +124,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from spd_ray.sweep.tune_driver import run_sweep, sweep_status
 
     if not args.target or "," in args.target:
-        raise ValueError("spd-ray sweep takes one TARGET (a registry name or a config path)")
+        raise InputError("spd-ray sweep takes one TARGET (a registry name or a config path)")
     outcome = run_sweep(
         args.target,
         args.space,
@@ -168,17 +169,8 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from spd_ray.bench import run_bench, run_ray_overhead
+    from spd_ray.bench import run_bench
 
-    if args.ray_overhead:
-        run_ray_overhead(
-            args.experiments.split(",")[0],
-            args.steps,
-            args.repeats,
-            interleave=args.interleave,
-            window_s=args.window,
-        )
-        return 0
     run_bench(args.experiments.split(","), args.steps, args.warmup, args.threads)
     return 0
 
@@ -196,10 +188,7 @@ def _wait_timeout_arg(p: argparse.ArgumentParser) -> None:
     )
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="spd-ray", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-
+def _add_run(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("run", help="run one decomposition")
     _common_run_args(p)
     p.add_argument(
@@ -238,6 +227,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_run)
 
+
+def _add_sweep(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("sweep", help="search hyperparameters with Ray Tune + Optuna")
     _common_run_args(p)
     p.add_argument("--space", required=True, help="search-space YAML (see experiments/sweeps/)")
@@ -271,51 +262,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output root (default: $SPD_RAY_OUT, else ~/spd_ray_out)")
     p.set_defaults(func=cmd_sweep_status)
 
-    from spd_ray.targets.tiny_lm import add_cli as add_tiny_lm_cli
 
-    add_tiny_lm_cli(sub)  # make-tiny-lm, pretrain
-
-    from spd_ray.harvest.cli import add_cli as add_harvest_cli
-
-    add_harvest_cli(sub)  # harvest, harvest-show
-
-    from spd_ray.autointerp.cli import add_cli as add_autointerp_cli
-
-    add_autointerp_cli(sub)  # autointerp, labels
-
+def _add_list(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("list", help="list the registry")
     p.set_defaults(func=cmd_list)
 
+
+def _add_bench(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("bench", help="time the training step of registry experiments")
-    p.add_argument("--experiments", default="tms_5-2,resid_mlp1")
+    p.add_argument(
+        "--experiments", default="tms_5-2,resid_mlp1", help="comma-separated registry experiments"
+    )
     p.add_argument("--steps", type=positive_int, default=60, help="timed steps per experiment")
     p.add_argument("--warmup", type=nonneg_int, default=10, help="untimed steps first")
     p.add_argument("--threads", type=nonneg_int, default=0, help="torch threads (0: all cores)")
-    p.add_argument(
-        "--ray-overhead",
-        action="store_true",
-        help="compare a full run on Ray Train (1 worker) with the in-process run "
-        "(first experiment; e.g. --experiments tms_5-2 --steps 2000)",
-    )
-    p.add_argument(
-        "--repeats",
-        type=nonneg_int,
-        default=1,
-        help="with --ray-overhead: in-process/Ray pairs, run in turns (the median is printed; "
-        "0: none)",
-    )
-    p.add_argument(
-        "--interleave",
-        type=nonneg_int,
-        default=0,
-        metavar="N",
-        help="with --ray-overhead: first measure the per-step ratio with both runs alive, "
-        "taking turns (the other frozen) for N window pairs - the host's drift cancels",
-    )
-    p.add_argument(
-        "--window", type=positive_float, default=10.0, help="with --interleave: seconds per turn"
-    )
     p.set_defaults(func=cmd_bench)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="spd-ray", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_run(sub)
+    _add_sweep(sub)  # sweep, sweep-status
+
+    from spd_ray.autointerp.cli import add_cli as add_autointerp_cli
+    from spd_ray.harvest.cli import add_cli as add_harvest_cli
+    from spd_ray.targets.tiny_lm import add_cli as add_tiny_lm_cli
+
+    add_tiny_lm_cli(sub)  # make-tiny-lm, pretrain
+    add_harvest_cli(sub)  # harvest, harvest-show
+    add_autointerp_cli(sub)  # autointerp, labels
+    _add_list(sub)
+    _add_bench(sub)
     return parser
 
 
@@ -326,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
     func: Callable[[argparse.Namespace], int] = args.func
     try:
         return func(args)
-    except USER_ERRORS as err:
+    except user_errors() as err:
         print(f"spd-ray {args.command}: error: {_one_line(err)}", file=sys.stderr)
         return 2
     except LLMError as err:

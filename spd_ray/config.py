@@ -16,8 +16,8 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from spd_ray.io import LockedError, write_text
-from spd_ray.lease import LeaseHeldError
+from spd_ray.errors import InputError
+from spd_ray.io import write_text
 
 
 class BaseConfig(BaseModel):
@@ -44,13 +44,23 @@ class ScheduleConfig(BaseConfig):
     @model_validator(mode="after")
     def _constant_is_flat(self) -> ScheduleConfig:
         if self.fn_type == "constant" and self.final_val_frac != 1.0:
-            raise ValueError("lr_schedule.final_val_frac must be 1.0 when fn_type is 'constant'")
+            raise InputError("lr_schedule.final_val_frac must be 1.0 when fn_type is 'constant'")
         return self
 
 
 class ModulePatternInfo(BaseConfig):
     module_pattern: str = Field(description="fnmatch pattern over the target's named_modules().")
     C: int = Field(gt=0, description="Number of subcomponents for each matched module.")
+
+
+# ---------------------------------------------------------------------------------------------
+# The method's choices, named once (core/ takes its types from here)
+# ---------------------------------------------------------------------------------------------
+
+CIFnType = Literal["mlp", "vector_mlp", "shared_mlp"]
+SigmoidType = Literal["normal", "hard", "leaky_hard", "upper_leaky_hard", "swish_hard"]
+Sampling = Literal["continuous", "binomial"]
+OutputLossType = Literal["mse", "kl"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -71,6 +81,13 @@ class StaticProbabilityRouting(BaseConfig):
 
 SubsetRoutingConfig = Annotated[
     UniformKSubsetRouting | StaticProbabilityRouting, Field(discriminator="type")
+]
+# The `routing` field of every subset loss
+Routing = Annotated[
+    SubsetRoutingConfig,
+    Field(
+        default_factory=UniformKSubsetRouting, description="How modules are routed per position."
+    ),
 ]
 
 
@@ -110,9 +127,7 @@ class CIMaskedReconLayerwiseLoss(_LossMetric):
 
 class CIMaskedReconSubsetLoss(_LossMetric):
     classname: Literal["CIMaskedReconSubsetLoss"] = "CIMaskedReconSubsetLoss"
-    routing: SubsetRoutingConfig = Field(
-        default_factory=UniformKSubsetRouting, description="How modules are routed per position."
-    )
+    routing: Routing
 
 
 class StochasticReconLoss(_LossMetric):
@@ -125,9 +140,7 @@ class StochasticReconLayerwiseLoss(_LossMetric):
 
 class StochasticReconSubsetLoss(_LossMetric):
     classname: Literal["StochasticReconSubsetLoss"] = "StochasticReconSubsetLoss"
-    routing: SubsetRoutingConfig = Field(
-        default_factory=UniformKSubsetRouting, description="How modules are routed per position."
-    )
+    routing: Routing
 
 
 class StochasticHiddenActsReconLoss(_LossMetric):
@@ -153,9 +166,7 @@ class PGDReconLayerwiseLoss(_PGD):
 
 class PGDReconSubsetLoss(_PGD):
     classname: Literal["PGDReconSubsetLoss"] = "PGDReconSubsetLoss"
-    routing: SubsetRoutingConfig = Field(
-        default_factory=UniformKSubsetRouting, description="How modules are routed per position."
-    )
+    routing: Routing
 
 
 LossConfig = (
@@ -417,14 +428,10 @@ class Config(BaseConfig):
         "the reference).",
     )
     n_mask_samples: int = Field(gt=0, description="Stochastic mask samples per step (S).")
-    ci_fn_type: Literal["mlp", "vector_mlp", "shared_mlp"] = Field(
-        "vector_mlp", description="Causal-importance function family."
-    )
+    ci_fn_type: CIFnType = Field("vector_mlp", description="Causal-importance function family.")
     ci_fn_hidden_dims: list[int] = Field([8], description="Hidden widths of the CI functions.")
-    sampling: Literal["continuous", "binomial"] = Field(
-        "continuous", description="Mask noise: U[0,1) or fair coin."
-    )
-    sigmoid_type: Literal["normal", "hard", "leaky_hard", "upper_leaky_hard", "swish_hard"] = Field(
+    sampling: Sampling = Field("continuous", description="Mask noise: U[0,1) or fair coin.")
+    sigmoid_type: SigmoidType = Field(
         "leaky_hard", description="Sigmoid applied to CI pre-activations."
     )
     module_info: list[ModulePatternInfo] = Field(description="Modules to decompose and their C.")
@@ -443,7 +450,7 @@ class Config(BaseConfig):
 
     # Losses
     loss_metric_configs: list[LossMetricConfig] = Field(description="Training losses (coeff each).")
-    output_loss_type: Literal["mse", "kl"] = Field(description="Output reconstruction distance.")
+    output_loss_type: OutputLossType = Field(description="Output reconstruction distance.")
 
     # Optimisation
     lr_schedule: ScheduleConfig = Field(description="Learning-rate schedule.")
@@ -491,23 +498,23 @@ class Config(BaseConfig):
     def _check(self) -> Config:
         for i, loss in enumerate(self.loss_metric_configs):
             if loss.coeff is None:
-                raise ValueError(
+                raise InputError(
                     f"loss_metric_configs.{loss.classname}.coeff is required "
                     f"(item {i} of loss_metric_configs has no coeff)"
                 )
         if self.slow_eval_freq is not None and self.slow_eval_freq % self.eval_freq != 0:
-            raise ValueError("slow_eval_freq must be a multiple of eval_freq")
+            raise InputError("slow_eval_freq must be a multiple of eval_freq")
         names = [m.module_pattern for m in self.module_info]
         if len(set(names)) != len(names):
-            raise ValueError(f"module_info: duplicate module_pattern in {names}")
+            raise InputError(f"module_info: duplicate module_pattern in {names}")
         sources = (self.pretrained_model_path, self.pretrained_model_name, self.target_model)
         if all(s is None for s in sources):
-            raise ValueError(
+            raise InputError(
                 "one of pretrained_model_path, pretrained_model_name or target_model is required"
             )
         classes = [m.classname for m in self.loss_metric_configs]
         if len(set(classes)) != len(classes):
-            raise ValueError(f"loss_metric_configs: a classname appears twice in {classes}")
+            raise InputError(f"loss_metric_configs: a classname appears twice in {classes}")
         return self
 
     @property
@@ -532,20 +539,8 @@ class Config(BaseConfig):
 # ---------------------------------------------------------------------------------------------
 
 
-class ConfigError(ValueError):
+class ConfigError(InputError):
     """A config that cannot be loaded; the message names the file and key."""
-
-
-# What a user can get wrong (config, paths, flags): reported as one line, exit code 2.
-USER_ERRORS: tuple[type[Exception], ...] = (
-    ConfigError,
-    ValidationError,
-    ValueError,
-    FileNotFoundError,
-    NotImplementedError,
-    LockedError,
-    LeaseHeldError,
-)
 
 
 def _format_validation_error(err: ValidationError, source: str) -> str:

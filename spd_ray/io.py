@@ -26,6 +26,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from spd_ray.errors import InputError, UserError
+
 _NAME = re.compile(r"[A-Za-z0-9._-]+")
 
 
@@ -33,7 +35,7 @@ def check_name(name: str, what: str) -> str:
     """`name` as one path segment (letters, digits, `.`, `_`, `-`; not `.` or `..`), else a
     ValueError naming `what` (e.g. "--name")."""
     if not isinstance(name, str) or not _NAME.fullmatch(name) or name in (".", ".."):
-        raise ValueError(
+        raise InputError(
             f"{what} {name!r} is not a valid name: use one path segment of letters, digits, "
             "'.', '_' and '-' (not '.' or '..')"
         )
@@ -51,7 +53,7 @@ def child(root: Path, name: str, what: str) -> Path:
     check_name(name, what)
     path = root / name
     if path.resolve().parent != root.resolve():
-        raise ValueError(f"{what} {name!r} leaves {root} (a link?)")
+        raise InputError(f"{what} {name!r} leaves {root} (a link?)")
     return path
 
 
@@ -134,7 +136,7 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
         try:
             rows.append(json.loads(line))
         except ValueError:
-            raise ValueError(f"{path}:{n} is not valid JSON") from None
+            raise InputError(f"{path}:{n} is not valid JSON") from None
     if tail.strip() and _parses(tail):
         rows.append(json.loads(tail))
     return rows
@@ -240,7 +242,7 @@ def building_dir(final: Path) -> Iterator[Path]:
 # ---------------------------------------------------------------------------------------------
 
 
-class LockedError(RuntimeError):
+class LockedError(UserError, RuntimeError):
     """Another live command holds the lock."""
 
 

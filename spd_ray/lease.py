@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     pass
+from spd_ray.errors import UserError
 from spd_ray.objstore import delete, join, parse_uri, read_bytes, write_bytes
 
 LEASE_NAME = ".lease.json"
@@ -24,7 +25,7 @@ LEASE_TTL_S = 600.0
 LEASE_SETTLE_S = 1.0
 
 
-class LeaseHeldError(RuntimeError):
+class LeaseHeldError(UserError, RuntimeError):
     """Another live driver holds the lease (or took it over after this one's expired)."""
 
 

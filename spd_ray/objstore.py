@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import unquote, urlsplit
 
+from spd_ray.errors import InputError, NotFoundError
 from spd_ray.io import check_name
 
 PROBE_PREFIX = ".spd-ray-probe-"  # a probe object or file: written, read back, deleted
@@ -82,10 +83,10 @@ def local_path(root: str | Path) -> Path:
     if _is_file_uri(text):
         parts = urlsplit(text)
         if parts.netloc not in ("", "localhost"):
-            raise ValueError(f"{text}: a file:// URI must name this machine (file:///abs/path)")
+            raise InputError(f"{text}: a file:// URI must name this machine (file:///abs/path)")
         return Path(unquote(parts.path))
     if is_uri(text):
-        raise ValueError(f"{text} is an object-store URI, not a local path")
+        raise InputError(f"{text} is an object-store URI, not a local path")
     return Path(text).expanduser()
 
 
@@ -96,20 +97,20 @@ def parse_uri(uri: str | RemoteURI, flag: str = "--out") -> RemoteURI:
         return uri
     match = _URI.fullmatch(uri)
     if not match or _is_file_uri(uri):
-        raise ValueError(f"{flag} {uri!r} is not an object-store URI (s3://bucket/prefix)")
+        raise InputError(f"{flag} {uri!r} is not an object-store URI (s3://bucket/prefix)")
     scheme, rest = match.group(1).lower(), match.group(2)
     if "@" in rest.split("/", 1)[0]:
-        raise ValueError(
+        raise InputError(
             f"{flag} {scheme}://***@...: credentials do not belong in a URI (it is written into "
             "configs); set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY instead"
         )
     if scheme not in SCHEMES:
-        raise ValueError(
+        raise InputError(
             f"{flag} {uri}: unsupported scheme {scheme}://; use s3://bucket/prefix, "
             "gs://bucket/prefix or a local path"
         )
     if "?" in rest or "#" in rest:
-        raise ValueError(
+        raise InputError(
             f"{flag} {uri}: a query or fragment is not supported; configure the endpoint and "
             f"region with {ENDPOINT_VARS[1]} and AWS_DEFAULT_REGION"
         )
@@ -135,7 +136,7 @@ def _endpoint(flag: str) -> tuple[str, str, str] | None:
             continue
         parts = urlsplit(value)
         if parts.scheme not in ("http", "https") or not parts.hostname or "@" in parts.netloc:
-            raise ValueError(
+            raise InputError(
                 f"{flag}: {var} must be http(s)://host[:port] without credentials "
                 f"(it is {len(value)} characters, not shown)"
             )
@@ -172,7 +173,7 @@ def remote_fs(
         try:
             region = pafs.resolve_s3_region(u.bucket)
         except OSError as err:
-            raise ValueError(_explain(err, u, flag)) from None
+            raise InputError(_explain(err, u, flag)) from None
     return pafs.S3FileSystem(
         region=region,
         scheme=endpoint[1] if endpoint else None,
@@ -218,7 +219,7 @@ def _probe(u: RemoteURI, flag: str, write: bool) -> None:
         info = fs.get_file_info(u.bucket)
         if info.type == pafs.FileType.NotFound:
             where, var = _where(u)
-            raise ValueError(
+            raise InputError(
                 f"{flag} {u}: bucket {u.bucket!r} does not exist at {where} (check {var}); "
                 "create it or fix the URI"
             )
@@ -227,7 +228,7 @@ def _probe(u: RemoteURI, flag: str, write: bool) -> None:
             _put(fs, probe, b"")
             fs.delete_file(probe)
     except OSError as err:
-        raise ValueError(_explain(err, u, flag)) from None
+        raise InputError(_explain(err, u, flag)) from None
 
 
 def check_reachable(
@@ -254,7 +255,7 @@ def check_reachable(
     thread.join(timeout_s)
     if not outcome:
         where, var = _where(u)
-        raise ValueError(f"{flag} {u}: no answer from {where} in {timeout_s:g} s; check {var}")
+        raise InputError(f"{flag} {u}: no answer from {where} in {timeout_s:g} s; check {var}")
     if outcome[0] is not None:
         raise outcome[0]
 
@@ -278,7 +279,7 @@ def read_bytes(uri: str) -> bytes:
 
     fs, path = remote_fs(uri, "uri")
     if fs.get_file_info(path).type != pafs.FileType.File:
-        raise FileNotFoundError(f"{uri}: no such object")
+        raise NotFoundError(f"{uri}: no such object")
     with fs.open_input_stream(path) as f:
         return bytes(f.read())
 

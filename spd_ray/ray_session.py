@@ -206,20 +206,3 @@ def here() -> dict[str, Any]:
         "node_ip": ray.util.get_node_ip_address(),
         "pid": os.getpid(),
     }
-
-
-def require_gpus(needed: int, what: str) -> None:
-    """Fail at once, naming `--gpu`, when the connected cluster has fewer GPUs than `needed` and
-    no autoscaler that could add them: Ray would otherwise queue the work forever."""
-    import ray
-
-    from spd_ray.capacity import autoscaler_present
-
-    # An autoscaler's node types are in its config on the head, out of a driver's sight: with
-    # one, GPUs may come.
-    have = ray.cluster_resources().get("GPU", 0.0)
-    if have < needed and not autoscaler_present():
-        raise ValueError(
-            f"--gpu: {what} needs {needed} GPU(s), but the Ray cluster has {have:g} "
-            "(drop --gpu, or attach to a cluster with GPUs through RAY_ADDRESS)"
-        )

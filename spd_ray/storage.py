@@ -13,6 +13,7 @@ import secrets
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from spd_ray.errors import InputError
 from spd_ray.io import write_text
 from spd_ray.objstore import PROBE_PREFIX
 
@@ -73,7 +74,7 @@ def check_shared_root(root: Path, flag: str = "--out") -> None:
             f"{n.get('NodeManagerAddress', '?')})"
             for n in missing
         )
-        raise ValueError(
+        raise InputError(
             f"{flag} {root}: {len(missing)} node(s) of the Ray cluster cannot see this folder "
             f"({where}); results written there would be lost with their node - use a path "
             "every node mounts (a shared filesystem) or object storage (s3://bucket/prefix)"

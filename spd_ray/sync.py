@@ -48,6 +48,7 @@ from spd_ray.io import Lock, atomic_write, write_json
 
 if TYPE_CHECKING:
     import pyarrow.fs as pafs
+from spd_ray.errors import InputError, NotFoundError
 from spd_ray.lease import LEASE_NAME
 from spd_ray.objstore import PROBE_PREFIX, exists, is_uri, join, local_path, parse_uri, remote_fs
 
@@ -80,7 +81,7 @@ def staging_dir(uri: str) -> Path:
     root = staging_root()
     path = root.joinpath(u.scheme, u.bucket, *(u.key.split("/") if u.key else []))
     if not path.resolve().is_relative_to(root.resolve()):
-        raise ValueError(f"staging of {u}: {path} leaves the staging root {root} (a link?)")
+        raise InputError(f"staging of {u}: {path} leaves the staging root {root} (a link?)")
     return path
 
 
@@ -123,7 +124,7 @@ def _remote_files(fs: pafs.FileSystem, base: str) -> dict[str, tuple[int, int]]:
         rel = info.path[len(base) + 1 :]
         segments = rel.split("/")
         if any(s in ("", ".", "..") for s in segments):
-            raise ValueError(f"object {info.path!r} has an unsafe key; refusing to mirror {base}")
+            raise InputError(f"object {info.path!r} has an unsafe key; refusing to mirror {base}")
         if not any(_skipped(s) for s in segments):
             objects[rel] = (int(info.size), int(info.mtime_ns))
     return objects
@@ -207,7 +208,7 @@ def sync_up(
     start = time.perf_counter()
     u = parse_uri(uri, "sync to")
     if not local_dir.is_dir():
-        raise FileNotFoundError(f"sync to {u}: {local_dir} is not a folder")
+        raise NotFoundError(f"sync to {u}: {local_dir} is not a folder")
     fs, base = remote_fs(u, "sync to")
     local_fs = pafs.LocalFileSystem()
     report = SyncReport()
@@ -350,7 +351,7 @@ def open_run_root(root: str | Path) -> Path:
         return local_path(root)
     uri = str(root)
     if not exists(uri):
-        raise FileNotFoundError(f"{uri}: nothing is stored there")
+        raise NotFoundError(f"{uri}: nothing is stored there")
     return fetch(uri)
 
 

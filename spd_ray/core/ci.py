@@ -9,17 +9,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from jaxtyping import Float
 from torch import Tensor, nn
 
+from spd_ray.config import CIFnType, SigmoidType
 from spd_ray.core.components import init_param_
-
-SigmoidType = Literal["normal", "hard", "leaky_hard", "upper_leaky_hard", "swish_hard"]
-CIFnType = Literal["mlp", "vector_mlp", "shared_mlp"]
 
 LEAK = 0.01
 

@@ -10,19 +10,14 @@ every copy has the same size, the mean over the stacked output is the mean over 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Literal
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import Tensor
 
-from spd_ray import config as C
+from spd_ray import config as schema
 from spd_ray.core.masks import (
-    Noise,
     Routes,
-    Sampling,
     all_routes,
     delta_mask,
     single_module_routes,
@@ -30,54 +25,10 @@ from spd_ray.core.masks import (
     stochastic_mask,
     uniform_k_subset_routes,
 )
-from spd_ray.core.model import CIOutputs, CleanCache, ComponentModel, ModuleMask
+from spd_ray.core.model import ComponentModel, ModuleMask
+from spd_ray.core.pgd import pgd_recon_loss
+from spd_ray.core.recon import StepInputs, masked_recon
 from spd_ray.core.schedule import annealed_p
-
-OutputLossType = Literal["mse", "kl"]
-
-
-@dataclass
-class StepInputs:
-    """What one step's loss terms see. `cache` and `target_out` come from the clean forward."""
-
-    model: ComponentModel
-    batch: Tensor
-    target_out: Tensor
-    cache: CleanCache
-    ci: CIOutputs
-    output_loss_type: OutputLossType
-    use_delta_component: bool
-    sampling: Sampling
-    n_mask_samples: int
-    noise: Noise
-    step_frac: float = 0.0
-    world_size: int = 1
-
-    @property
-    def paths(self) -> list[str]:
-        return self.model.module_paths
-
-    @property
-    def batch_shape(self) -> tuple[int, ...]:
-        return tuple(self.ci.lower[self.paths[0]].shape[:-1])
-
-
-# -- distances -------------------------------------------------------------------------------
-
-
-def recon_loss(pred: Tensor, target: Tensor, kind: OutputLossType) -> Tensor:
-    """Mean reconstruction error of `pred` ([K * batch, ...] stacked copies allowed) vs `target`."""
-    if pred.shape != target.shape:
-        pred = pred.reshape(-1, *target.shape)
-    pred, target = pred.float(), target.float()
-    match kind:
-        case "mse":
-            return ((pred - target) ** 2).mean()
-        case "kl":
-            logp = F.log_softmax(pred.float(), dim=-1)
-            logq = F.log_softmax(target.float(), dim=-1)
-            return (logq.exp() * (logq - logp)).sum(-1).mean()
-
 
 # -- faithfulness and minimality -------------------------------------------------------------
 
@@ -160,18 +111,13 @@ def _copy(
     return {p: _module_mask(inp, p, ci[p], stochastic, r) for p, r in routes.items()}
 
 
-def subset_routes(inp: StepInputs, routing: C.SubsetRoutingConfig) -> Routes:
+def subset_routes(inp: StepInputs, routing: schema.SubsetRoutingConfig) -> Routes:
     device = inp.target_out.device
     match routing:
-        case C.UniformKSubsetRouting():
+        case schema.UniformKSubsetRouting():
             return uniform_k_subset_routes(inp.paths, inp.batch_shape, device, inp.noise)  # type: ignore[return-value]
-        case C.StaticProbabilityRouting(p=p):
+        case schema.StaticProbabilityRouting(p=p):
             return static_probability_routes(inp.paths, inp.batch_shape, p, device, inp.noise)  # type: ignore[return-value]
-
-
-def masked_recon(inp: StepInputs, copies: list[dict[str, ModuleMask]]) -> Tensor:
-    out = inp.model.masked_forward(inp.batch, copies, inp.cache)
-    return recon_loss(out, inp.target_out, inp.output_loss_type)
 
 
 def unmasked_recon_loss(inp: StepInputs) -> Tensor:
@@ -216,15 +162,13 @@ def _samples(inp: StepInputs, make: Callable[[], Routes]) -> list[Routes]:
     return [make() for _ in range(inp.n_mask_samples)]
 
 
-def loss_term(cfg: C.LossConfig | C.EvalOnlyConfig, inp: StepInputs) -> Tensor:
+def loss_term(cfg: schema.LossConfig | schema.EvalOnlyConfig, inp: StepInputs) -> Tensor:
     """The value of one loss/metric config on this step's inputs."""
-    from spd_ray.core.pgd import pgd_recon_loss
-
     every = lambda: all_routes(inp.paths)  # noqa: E731
     match cfg:
-        case C.FaithfulnessLoss():
+        case schema.FaithfulnessLoss():
             return faithfulness_loss(inp.model)
-        case C.ImportanceMinimalityLoss():
+        case schema.ImportanceMinimalityLoss():
             p = annealed_p(
                 inp.step_frac,
                 cfg.pnorm,
@@ -233,33 +177,33 @@ def loss_term(cfg: C.LossConfig | C.EvalOnlyConfig, inp: StepInputs) -> Tensor:
                 cfg.p_anneal_end_frac,
             )
             return importance_minimality_loss(inp.ci.upper, p, cfg.beta, cfg.eps, inp.world_size)
-        case C.UnmaskedReconLoss():
+        case schema.UnmaskedReconLoss():
             return unmasked_recon_loss(inp)
-        case C.CIMaskedReconLoss():
+        case schema.CIMaskedReconLoss():
             return ci_masked_recon_loss(inp, [every()])
-        case C.CIMaskedReconLayerwiseLoss():
+        case schema.CIMaskedReconLayerwiseLoss():
             return ci_masked_recon_loss(inp, _layerwise(inp, 1))
-        case C.CIMaskedReconSubsetLoss():
+        case schema.CIMaskedReconSubsetLoss():
             return ci_masked_recon_loss(inp, [subset_routes(inp, cfg.routing)])
-        case C.StochasticReconLoss():
+        case schema.StochasticReconLoss():
             return stochastic_recon_loss(inp, _samples(inp, every))
-        case C.StochasticReconLayerwiseLoss():
+        case schema.StochasticReconLayerwiseLoss():
             return stochastic_recon_loss(inp, _layerwise(inp, inp.n_mask_samples))
-        case C.StochasticReconSubsetLoss():
+        case schema.StochasticReconSubsetLoss():
             routing = cfg.routing
             return stochastic_recon_loss(inp, _samples(inp, lambda: subset_routes(inp, routing)))
-        case C.StochasticHiddenActsReconLoss():
+        case schema.StochasticHiddenActsReconLoss():
             return stochastic_hidden_acts_recon_loss(inp)
-        case C.PGDReconLoss():
+        case schema.PGDReconLoss():
             return pgd_recon_loss(inp, cfg, [every()])
-        case C.PGDReconLayerwiseLoss():
+        case schema.PGDReconLayerwiseLoss():
             return pgd_recon_loss(inp, cfg, _layerwise(inp, 1))
-        case C.PGDReconSubsetLoss():
+        case schema.PGDReconSubsetLoss():
             return pgd_recon_loss(inp, cfg, [subset_routes(inp, cfg.routing)])
     raise TypeError(f"{type(cfg).__name__} is not a loss")
 
 
-def total_loss(cfgs: list[C.LossConfig], inp: StepInputs) -> tuple[Tensor, dict[str, Tensor]]:
+def total_loss(cfgs: list[schema.LossConfig], inp: StepInputs) -> tuple[Tensor, dict[str, Tensor]]:
     """sum_i coeff_i * loss_i in config order, and each raw term under `loss/<ClassName>`."""
     terms: dict[str, Tensor] = {}
     total: Tensor | float = 0.0

@@ -15,9 +15,9 @@ import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
 
+from spd_ray.config import Sampling
 from spd_ray.core.streams import Stream, stream_generator
 
-Sampling = Literal["continuous", "binomial"]
 Routes = dict[str, Tensor | None]
 
 

@@ -34,7 +34,8 @@ from jaxtyping import Float
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from spd_ray.core.ci import CIFn, CIFnType, SigmoidType, make_ci_fn, sigmoid_pair
+from spd_ray.config import CIFnType, SigmoidType
+from spd_ray.core.ci import CIFn, make_ci_fn, sigmoid_pair
 from spd_ray.core.components import (
     Components,
     EmbeddingComponents,
@@ -42,6 +43,7 @@ from spd_ray.core.components import (
     TiedLinearComponents,
 )
 from spd_ray.core.masks import Noise
+from spd_ray.errors import InputError
 
 ModuleKind = Literal["linear", "conv1d", "embedding", "identity"]
 
@@ -71,7 +73,7 @@ def module_kind(module: nn.Module, path: str) -> ModuleKind:
         return "identity"
     if _is_conv1d(module):
         return "conv1d"
-    raise ValueError(
+    raise InputError(
         f"module '{path}' has type {type(module).__name__}; only nn.Linear, nn.Embedding, "
         "GPT-2 Conv1D and inserted identities can be decomposed"
     )
@@ -115,12 +117,12 @@ def insert_identity_operations(target: nn.Module, patterns: list[str]) -> list[s
         matched = [n for n, m in target.named_modules() if n and fnmatch.fnmatch(n, pattern)]
         matched = [n for n in matched if not n.endswith(".pre_identity")]
         if not matched:
-            raise ValueError(f"identity_module_info pattern '{pattern}' matches no module")
+            raise InputError(f"identity_module_info pattern '{pattern}' matches no module")
         for name in matched:
             module = target.get_submodule(name)
             kind = module_kind(module, name)
             if kind not in ("linear", "conv1d"):
-                raise ValueError(f"identity insertion needs a Linear or Conv1D, '{name}' is {kind}")
+                raise InputError(f"identity insertion needs a Linear or Conv1D, '{name}' is {kind}")
             if not hasattr(module, "pre_identity"):
                 module.pre_identity = Identity(_dims(module, kind)[0])
                 _IDENTITY_HOOKS[module] = module.register_forward_pre_hook(_pre_identity_hook)
@@ -136,10 +138,10 @@ def expand_module_patterns(target: nn.Module, module_info: list[tuple[str, int]]
     for pattern, C in module_info:
         matched = [n for n in names if fnmatch.fnmatch(n, pattern)]
         if not matched:
-            raise ValueError(f"module_info pattern '{pattern}' matches no module of the target")
+            raise InputError(f"module_info pattern '{pattern}' matches no module of the target")
         for name in matched:
             if name in owner:
-                raise ValueError(
+                raise InputError(
                     f"module '{name}' is matched by two patterns: '{owner[name]}' and '{pattern}'"
                 )
             owner[name] = pattern
@@ -335,7 +337,7 @@ class ComponentModel(nn.Module):
         super().__init__()
         for name, p in target.named_parameters():
             if p.requires_grad:
-                raise ValueError(f"target parameter '{name}' requires grad; freeze the target")
+                raise InputError(f"target parameter '{name}' requires grad; freeze the target")
         if identity_patterns:
             insert_identity_operations(target, identity_patterns)
         self.target = target
@@ -361,17 +363,17 @@ class ComponentModel(nn.Module):
             comps: Components
             if kind == "embedding":
                 if ci_fn_type != "mlp":
-                    raise ValueError(
+                    raise InputError(
                         f"embedding '{path}' needs ci_fn_type 'mlp' (got {ci_fn_type})"
                     )
                 comps = EmbeddingComponents(d_in, d_out, C)
             elif path in tied and tied[path] in paths_C:
                 if tied[path] not in comps_by_path:
-                    raise ValueError(f"tied source '{tied[path]}' must come before '{path}'")
+                    raise InputError(f"tied source '{tied[path]}' must come before '{path}'")
                 src = comps_by_path[tied[path]]
                 assert isinstance(src, LinearComponents)
                 if (src.d_in, src.d_out, src.C) != (d_out, d_in, C):
-                    raise ValueError(f"tied modules '{tied[path]}' and '{path}' differ in shape/C")
+                    raise InputError(f"tied modules '{tied[path]}' and '{path}' differ in shape/C")
                 comps = TiedLinearComponents(src)
             else:
                 comps = LinearComponents(d_in, d_out, C)

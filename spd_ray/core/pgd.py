@@ -16,10 +16,10 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from spd_ray import config as C
-from spd_ray.core.losses import StepInputs, masked_recon
+from spd_ray import config as schema
 from spd_ray.core.masks import Noise, Routes
 from spd_ray.core.model import CleanCache, ModuleMask
+from spd_ray.core.recon import StepInputs, masked_recon
 
 
 def _init_source(
@@ -40,7 +40,7 @@ def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-def pgd_recon_loss(inp: StepInputs, cfg: C._PGD, routes_per_copy: list[Routes]) -> Tensor:
+def pgd_recon_loss(inp: StepInputs, cfg: schema._PGD, routes_per_copy: list[Routes]) -> Tensor:
     delta = inp.use_delta_component
     shared = cfg.mask_scope == "shared_across_batch"
     sources: list[dict[str, Tensor]] = []

@@ -6,9 +6,10 @@ import torch
 from torch import Tensor
 
 from spd_ray.config import Config, IHTaskConfig
-from spd_ray.core.losses import StepInputs, total_loss
+from spd_ray.core.losses import total_loss
 from spd_ray.core.masks import Noise
 from spd_ray.core.model import ComponentModel
+from spd_ray.core.recon import StepInputs
 
 
 def build_component_model(config: Config, target: torch.nn.Module) -> ComponentModel:

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from spd_ray.config import IHTargetConfig, IHTaskConfig
 from spd_ray.data.toy import ToyBatches
+from spd_ray.errors import InputError
 
 BOS = 0
 
@@ -32,7 +33,7 @@ class InductionTask:
         window = seq_len - 3 if prefix_window is None else prefix_window
         assert vocab_size > 0, f"vocab_size must be positive, got {vocab_size}"
         if not 1 < window < seq_len - 2:
-            raise ValueError(
+            raise InputError(
                 f"prefix_window {window} must lie in (1, seq_len - 2 = {seq_len - 2}): the first "
                 "S A pair and the final S must fit in a sequence of seq_len tokens"
             )
@@ -88,7 +89,7 @@ def make_ih_task(task_config: IHTaskConfig, target_model: nn.Module) -> Inductio
     window from the task config (None: the widest, seq_len - 3)."""
     model_type = getattr(target_model, "model_type", None)
     if model_type != "ih":
-        raise ValueError(
+        raise InputError(
             f"task_config.task_name 'ih' needs an ih target, got {type(target_model).__name__} "
             f"(model_type {model_type!r})"
         )

@@ -50,6 +50,7 @@ from jaxtyping import Int
 from torch import Tensor
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
+from spd_ray.errors import InputError, NotFoundError
 from spd_ray.io import atomic_write
 
 logger = logging.getLogger(__name__)
@@ -76,7 +77,7 @@ def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
     if _is_local(name):
         path = Path(name).expanduser()
         if not path.is_dir():
-            raise FileNotFoundError(f"tokenizer_name {name!r}: no such local folder")
+            raise NotFoundError(f"tokenizer_name {name!r}: no such local folder")
         name = str(path)
     return AutoTokenizer.from_pretrained(name)
 
@@ -89,10 +90,10 @@ def load_lm_dataset(
     if _is_local(name):
         path = Path(name).expanduser()
         if not path.exists():
-            raise FileNotFoundError(f"dataset_name {name!r}: no such local file or folder")
+            raise NotFoundError(f"dataset_name {name!r}: no such local file or folder")
         if path.is_file():
             if path.suffix not in _FILE_BUILDERS:
-                raise ValueError(
+                raise InputError(
                     f"dataset_name {name!r}: unknown file type {path.suffix!r}; expected one of "
                     f"{sorted(_FILE_BUILDERS)} or a folder"
                 )
@@ -111,7 +112,7 @@ def _check_column(ds: datasets.Dataset | datasets.IterableDataset, column: str, 
     if columns is None:  # a streaming dataset without declared features: look at one row
         columns = list(next(iter(ds)).keys())
     if column not in columns:
-        raise ValueError(f"column_name {column!r} is not in dataset {name!r}; columns: {columns}")
+        raise InputError(f"column_name {column!r} is not in dataset {name!r}; columns: {columns}")
 
 
 def tokenize_block(
@@ -137,7 +138,7 @@ def truncate_block(
     """Pre-tokenized rows, each truncated to `max_seq_len` (shorter rows are an error)."""
     for i, row in enumerate(rows):
         if len(row) < max_seq_len:
-            raise ValueError(
+            raise InputError(
                 f"column {column!r} row {first_row + i} has {len(row)} tokens, fewer than "
                 f"max_seq_len {max_seq_len}"
             )
@@ -151,7 +152,7 @@ def shard_blocks(n_rows: int, block_docs: int, rank: int, world_size: int) -> tu
     of `block_docs` rows (the shards together cover [0, n_rows) without overlap)."""
     n_blocks = -(-n_rows // block_docs)
     if n_blocks < world_size:
-        raise ValueError(
+        raise InputError(
             f"{n_rows} rows make {n_blocks} blocks of block_docs={block_docs}, fewer than "
             f"{world_size} shards: every shard needs at least one block (lower block_docs)"
         )
@@ -242,13 +243,13 @@ class LMBatches:
         assert max_seq_len > 0 and block_docs > 0 and buffer_size > 0 and batch_size > 0
         n_shards = default_n_shards(batch_size) if n_shards is None else n_shards
         if n_shards <= 0 or batch_size % n_shards != 0:
-            raise ValueError(
+            raise InputError(
                 f"batch_size {batch_size} is not divisible by n_shards {n_shards}: every virtual "
                 "shard serves an equal part of the global batch"
             )
         if n_shards % world_size != 0:
             origin = "gcd(batch_size, 8)" if n_shards == default_n_shards(batch_size) else "given"
-            raise ValueError(
+            raise InputError(
                 f"batch_size {batch_size} is split into {n_shards} data shards ({origin}), "
                 f"which world_size {world_size} does not divide: every worker must own the same "
                 f"number of shards; use a number of workers dividing {n_shards}, or a batch_size "
@@ -257,11 +258,11 @@ class LMBatches:
         if isinstance(tokenizer, str):
             tokenizer = load_tokenizer(tokenizer)
         if tokenizer is None and not is_tokenized:
-            raise ValueError(f"dataset {dataset_name!r} holds text: a tokenizer is required")
+            raise InputError(f"dataset {dataset_name!r} holds text: a tokenizer is required")
         if tokenizer is not None:
             limit = tokenizer.model_max_length
             if limit < _NO_LIMIT and max_seq_len > limit:
-                raise ValueError(
+                raise InputError(
                     f"max_seq_len {max_seq_len} is larger than model_max_length {limit} of "
                     f"tokenizer {tokenizer.name_or_path!r}"
                 )
@@ -297,7 +298,7 @@ class LMBatches:
     def _init_map_style(self, ds: datasets.Dataset, cache_dir: str | Path | None) -> None:
         n_docs = len(ds)
         if n_docs < self.n_shards:
-            raise ValueError(
+            raise InputError(
                 f"split {self.split!r} of {self.dataset_name!r} has {n_docs} rows, fewer than "
                 f"n_shards {self.n_shards} (from batch_size {self.batch_size}): every data shard "
                 "needs at least one document"
@@ -320,7 +321,7 @@ class LMBatches:
         self.shard_batches_per_epoch = {s: len(t) // m for s, t in self.shard_tokens.items()}
         for s, n_batches in self.shard_batches_per_epoch.items():
             if n_batches == 0:
-                raise ValueError(
+                raise InputError(
                     f"data shard {s} of {self.n_shards} of {self.dataset_name!r} ({self.split}) "
                     f"has {len(self.shard_tokens[s])} rows of {self.max_seq_len} tokens, fewer "
                     f"than one local batch of {m} rows (batch_size {self.batch_size} / n_shards "
@@ -414,7 +415,7 @@ class LMBatches:
             self._rows[shard] = self._stream_rows(shard, self._stream_epochs[shard])
             rows = list(itertools.islice(self._rows[shard], m))
             if len(rows) < m:
-                raise ValueError(
+                raise InputError(
                     f"data shard {shard} of {self.n_shards} of the stream of "
                     f"{self.dataset_name!r} ({self.split}) has fewer than one local batch ({m} "
                     f"rows of {self.max_seq_len} tokens, batch_size {self.batch_size} / n_shards "
@@ -446,13 +447,13 @@ class LMBatches:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue after `state["batches_served"]` global steps, on any rank and world size."""
         if "n_shards" not in state:
-            raise ValueError(
+            raise InputError(
                 "LMBatches state has no n_shards: it was saved before virtual data shards and "
                 "cannot be resumed exactly"
             )
         for key in ("seed", "batch_size", "max_seq_len", "n_shards"):
             if state[key] != getattr(self, key):
-                raise ValueError(
+                raise InputError(
                     f"LMBatches state has {key} {state[key]}, this stream has {getattr(self, key)}"
                 )
         served = int(state["batches_served"])

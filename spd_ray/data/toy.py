@@ -13,6 +13,7 @@ from jaxtyping import Float
 from torch import Tensor, nn
 
 from spd_ray.config import ResidMLPTaskConfig, TMSTaskConfig
+from spd_ray.errors import InputError
 
 DataGenerationType = Literal["at_least_zero_active", "exactly_one_active", "exactly_two_active"]
 
@@ -41,7 +42,7 @@ class SparseFeatureDataset:
             n_active = _N_ACTIVE[data_generation_type]
             assert n_active <= n_features, f"{data_generation_type} needs >= {n_active} features"
         elif data_generation_type != "at_least_zero_active":
-            raise ValueError(f"unknown data_generation_type {data_generation_type!r}")
+            raise InputError(f"unknown data_generation_type {data_generation_type!r}")
         self.n_features = n_features
         self.feature_probability = feature_probability
         self.data_generation_type = data_generation_type
@@ -100,7 +101,7 @@ class ToyBatches:
     ):
         assert world_size > 0 and 0 <= rank < world_size, f"rank {rank} of world_size {world_size}"
         if batch_size % world_size != 0:
-            raise ValueError(
+            raise InputError(
                 f"batch_size {batch_size} is not divisible by world_size {world_size}: every rank "
                 "must take an equal shard of the global batch"
             )
@@ -137,7 +138,7 @@ class ToyBatches:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state["batch_size"] != self.batch_size or state["seed"] != self.seed:
-            raise ValueError(
+            raise InputError(
                 f"{type(self).__name__} state is for batch_size {state['batch_size']}, "
                 f"seed {state['seed']}; "
                 f"this stream has batch_size {self.batch_size}, seed {self.seed}"
@@ -156,7 +157,7 @@ def make_toy_dataset(
     """
     model_type = getattr(target_model, "model_type", None)
     if model_type != task_config.task_name:
-        raise ValueError(
+        raise InputError(
             f"task_config.task_name {task_config.task_name!r} needs a {task_config.task_name} "
             f"target, got {type(target_model).__name__} (model_type {model_type!r})"
         )

@@ -34,9 +34,10 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from spd_ray.config import StochasticReconSubsetCEAndKL
-from spd_ray.core.losses import StepInputs, recon_loss
 from spd_ray.core.masks import delta_mask, stochastic_mask
 from spd_ray.core.model import ModuleMask
+from spd_ray.core.recon import StepInputs, recon_loss
+from spd_ray.errors import InputError
 
 MASK_KINDS = ("ci_masked", "unmasked", "stoch_masked", "random_masked", "rounded_masked", "zero")
 SUBSET_TYPES = ("kl", "ce", "ce_unrec")
@@ -53,11 +54,11 @@ def next_token_ce(
 
 def _check_batch(inp: StepInputs) -> None:
     if inp.batch.dim() != 2:
-        raise ValueError(
+        raise InputError(
             f"CE/KL evals need (batch, seq) token batches, got shape {tuple(inp.batch.shape)}"
         )
     if inp.batch.shape[1] < 2:
-        raise ValueError("CE/KL evals need sequences of at least 2 tokens")
+        raise InputError("CE/KL evals need sequences of at least 2 tokens")
 
 
 def _forward(inp: StepInputs, copies: list[dict[str, ModuleMask]]) -> Tensor:
@@ -148,17 +149,17 @@ def subset_modules(paths: list[str], cfg: StochasticReconSubsetCEAndKL) -> dict[
     for kind, named in (("include", cfg.include_patterns), ("exclude", cfg.exclude_patterns)):
         for name, patterns in (named or {}).items():
             if name in subsets:
-                raise ValueError(f"StochasticReconSubsetCEAndKL: subset {name!r} is named twice")
+                raise InputError(f"StochasticReconSubsetCEAndKL: subset {name!r} is named twice")
             hit = [p for p in paths if any(fnmatch.fnmatch(p, pat) for pat in patterns)]
             members = hit if kind == "include" else [p for p in paths if p not in hit]
             if not members:
-                raise ValueError(
+                raise InputError(
                     f"StochasticReconSubsetCEAndKL {kind}_patterns.{name}: the subset has no "
                     f"decomposed module (patterns {patterns}, modules {paths})"
                 )
             subsets[name] = members
     if not subsets:
-        raise ValueError("StochasticReconSubsetCEAndKL needs include_patterns or exclude_patterns")
+        raise InputError("StochasticReconSubsetCEAndKL needs include_patterns or exclude_patterns")
     return subsets
 
 

@@ -13,39 +13,67 @@ from __future__ import annotations
 
 import fnmatch
 from collections.abc import Iterable
+from typing import assert_never
 
 import torch
 from matplotlib.figure import Figure
 from torch import Tensor
 
-from spd_ray import config as C
+from spd_ray import config as schema
 from spd_ray.core.losses import loss_term
 from spd_ray.core.masks import Noise
 from spd_ray.core.model import ComponentModel
 from spd_ray.core.step import autocast, step_inputs
-from spd_ray.evals import figures as F
+from spd_ray.errors import InputError
+from spd_ray.evals import figures as draw
 from spd_ray.evals.ce_kl import CEandKL, SubsetCEandKL
 from spd_ray.evals.metrics import CIStats, identity_ci_errors, mmcs_ml2r
 from spd_ray.evals.target_solutions import permute_by_pattern
 
-LM_ONLY = (C.CEandKLLosses, C.StochasticReconSubsetCEAndKL)
+
+def eval_only_kind(m: schema.EvalOnlyConfig) -> str:
+    """What an eval-only metric needs: `lm` (a language-model task), `toy` (a toy task's
+    one-feature-at-a-time input), `any`. Every eval-only config class is named here, so a new one
+    fails mypy's exhaustiveness check (and this function) until `evaluate` computes it."""
+    match m:
+        case schema.CEandKLLosses() | schema.StochasticReconSubsetCEAndKL():
+            return "lm"
+        case schema.IdentityCIError() | schema.PermutedCIPlots() | schema.UVPlots():
+            return "toy"
+        case (
+            schema.CI_L0()
+            | schema.CIHistograms()
+            | schema.CIMeanPerComponent()
+            | schema.ComponentActivationDensity()
+            | schema.MMCSAndML2R()
+        ):
+            return "any"
+        case _:
+            assert_never(m)
 
 
-def eval_metric_list(config: C.Config) -> list[C.LossConfig | C.EvalOnlyConfig]:
+def eval_metric_list(config: schema.Config) -> list[schema.LossConfig | schema.EvalOnlyConfig]:
     listed = {m.classname for m in config.eval_metric_configs}
     extra = [m for m in config.loss_metric_configs if m.classname not in listed]
     return [*config.eval_metric_configs, *extra]
 
 
-def check_eval_metrics(config: C.Config) -> None:
+def check_eval_metrics(config: schema.Config) -> None:
     """Reject metrics that cannot run on this task before any work starts."""
-    if config.task_config.task_name == "lm":
-        return
+    task = config.task_config.task_name
     for m in eval_metric_list(config):
-        if isinstance(m, LM_ONLY):
-            raise ValueError(
+        if m.classname in schema.LOSS_CLASSNAMES:
+            continue
+        need = eval_only_kind(m)  # type: ignore[arg-type]
+        if need == "lm" and task != "lm":
+            raise InputError(
                 f"eval_metric_configs.{m.classname} needs a language-model task "
-                f"(task_config.task_name is '{config.task_config.task_name}')"
+                f"(task_config.task_name is '{task}')"
+            )
+        if need == "toy" and task not in ("tms", "resid_mlp"):
+            raise InputError(
+                f"eval_metric_configs.{m.classname} needs a toy task with one feature per input "
+                f"dimension, tms or resid_mlp (task_config.task_name is '{task}')"
             )
 
 
@@ -55,7 +83,7 @@ def _matching(paths: list[str], patterns: list[str]) -> list[str]:
 
 @torch.no_grad()
 def evaluate(
-    config: C.Config,
+    config: schema.Config,
     model: ComponentModel,
     batches: Iterable[Tensor],
     noise: Noise,
@@ -65,18 +93,21 @@ def evaluate(
     world_size: int = 1,
 ) -> tuple[dict[str, Tensor], dict[str, Figure]]:
     metrics = eval_metric_list(config)
-    loss_cfgs = [m for m in metrics if m.classname in C.LOSS_CLASSNAMES]
+    loss_cfgs = [m for m in metrics if m.classname in schema.LOSS_CLASSNAMES]
     by_type = {type(m): m for m in metrics}
-    l0_cfg = by_type.get(C.CI_L0)
+    l0_cfg = by_type.get(schema.CI_L0)
     stats = CIStats(config.ci_alive_threshold, l0_cfg.groups if l0_cfg else None)  # type: ignore[union-attr]
-    hist_cfg = by_type.get(C.CIHistograms)
+    hist_cfg = by_type.get(schema.CIHistograms)
     hist_lower: list[dict[str, Tensor]] = []
     hist_pre: list[dict[str, Tensor]] = []
-    ce_cfg, subset_cfg = by_type.get(C.CEandKLLosses), by_type.get(C.StochasticReconSubsetCEAndKL)
-    ce_kl = CEandKL(ce_cfg.rounding_threshold) if isinstance(ce_cfg, C.CEandKLLosses) else None
+    ce_cfg, subset_cfg = (
+        by_type.get(schema.CEandKLLosses),
+        by_type.get(schema.StochasticReconSubsetCEAndKL),
+    )
+    ce_kl = CEandKL(ce_cfg.rounding_threshold) if isinstance(ce_cfg, schema.CEandKLLosses) else None
     subset_ce_kl = (
         SubsetCEandKL(subset_cfg, model.module_paths)
-        if isinstance(subset_cfg, C.StochasticReconSubsetCEAndKL)
+        if isinstance(subset_cfg, schema.StochasticReconSubsetCEAndKL)
         else None
     )
 
@@ -112,12 +143,12 @@ def evaluate(
     if slow:
         if hist_cfg:
             cat = lambda xs: {k: torch.cat([x[k] for x in xs]) for k in xs[0]}  # noqa: E731
-            figures["ci_histograms"] = F.ci_histograms(cat(hist_lower), "causal importances")
-            figures["pre_sigmoid_histograms"] = F.ci_histograms(cat(hist_pre), "pre-sigmoid")
-        if C.ComponentActivationDensity in by_type:
-            figures["activation_density"] = F.activation_density_hist(ci_stats.density)
-        if C.CIMeanPerComponent in by_type:
-            figures["ci_mean_per_component"] = F.ci_mean_per_component(ci_stats.mean)
+            figures["ci_histograms"] = draw.ci_histograms(cat(hist_lower), "causal importances")
+            figures["pre_sigmoid_histograms"] = draw.ci_histograms(cat(hist_pre), "pre-sigmoid")
+        if schema.ComponentActivationDensity in by_type:
+            figures["activation_density"] = draw.activation_density_hist(ci_stats.density)
+        if schema.CIMeanPerComponent in by_type:
+            figures["ci_mean_per_component"] = draw.ci_mean_per_component(ci_stats.mean)
 
     out: dict[str, Tensor] = {f"eval/{k}": v for k, v in scalars.items()}
     extra, figs = _single_feature_metrics(model, by_type, single_feature_input, slow)
@@ -128,16 +159,16 @@ def evaluate(
 
 def _single_feature_metrics(
     model: ComponentModel,
-    by_type: dict[type, C.LossConfig | C.EvalOnlyConfig],
+    by_type: dict[type, schema.LossConfig | schema.EvalOnlyConfig],
     single_feature_input: Tensor | None,
     slow: bool,
 ) -> tuple[dict[str, float], dict[str, Figure]]:
-    wanted = (C.IdentityCIError, C.PermutedCIPlots, C.UVPlots)
+    wanted = (schema.IdentityCIError, schema.PermutedCIPlots, schema.UVPlots)
     out: dict[str, float] = {}
     figures: dict[str, Figure] = {}
     paths = model.module_paths
-    mm = by_type.get(C.MMCSAndML2R)
-    if isinstance(mm, C.MMCSAndML2R):
+    mm = by_type.get(schema.MMCSAndML2R)
+    if isinstance(mm, schema.MMCSAndML2R):
         for path in _matching(paths, mm.module_patterns):
             target, comps = model.target_weight(path), model.component_weights(path)
             # mmcs/ml2r: the reference's definition (every subcomponent competes); *_filtered:
@@ -147,33 +178,32 @@ def _single_feature_metrics(
             out[f"mmcs_filtered/{path}"], out[f"ml2r_filtered/{path}"] = filtered
     if not any(t in by_type for t in wanted):
         return out, figures
-    if single_feature_input is None:
-        raise ValueError("IdentityCIError / PermutedCIPlots / UVPlots need a toy task")
+    assert single_feature_input is not None, "check_eval_metrics admits these for toy tasks only"
     _, cache = model.clean_forward(single_feature_input)
     ci = model.ci_from_cache(cache)
-    ici = by_type.get(C.IdentityCIError)
-    if isinstance(ici, C.IdentityCIError):
+    ici = by_type.get(schema.IdentityCIError)
+    if isinstance(ici, schema.IdentityCIError):
         out.update(identity_ci_errors({p: v.cpu() for p, v in ci.lower.items()}, ici))
     if not slow:
         return out, figures
-    plots = by_type.get(C.PermutedCIPlots)
-    if isinstance(plots, C.PermutedCIPlots):
+    plots = by_type.get(schema.PermutedCIPlots)
+    if isinstance(plots, schema.PermutedCIPlots):
         for name, values, cmap in (
             ("causal_importances", ci.lower, "Blues"),
             ("causal_importances_upper_leaky", ci.upper, "Reds"),
         ):
-            figures[name] = F.permuted_ci_heatmaps(
+            figures[name] = draw.permuted_ci_heatmaps(
                 {p: v.cpu() for p, v in values.items()},
                 plots.identity_patterns,
                 plots.dense_patterns,
                 cmap,
             )
-    uv = by_type.get(C.UVPlots)
-    if isinstance(uv, C.UVPlots):
+    uv = by_type.get(schema.UVPlots)
+    if isinstance(uv, schema.UVPlots):
         perms = permute_by_pattern(
             {p: v.cpu() for p, v in ci.upper.items()}, uv.identity_patterns, uv.dense_patterns
         )
-        figures["uv_matrices"] = F.uv_heatmaps(
+        figures["uv_matrices"] = draw.uv_heatmaps(
             {p: model.comps(p).get_V().detach().cpu() for p in paths},
             {p: model.comps(p).get_U().detach().cpu() for p in paths},
             {p: perm for p, (_, perm) in perms.items()},

@@ -18,6 +18,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from torch import Tensor
 
+from spd_ray.errors import InputError
 from spd_ray.evals.target_solutions import permute_by_pattern
 
 DPI = 100
@@ -152,7 +153,7 @@ def save_figures(figs: dict[str, Figure], out_dir: Path, step: int) -> list[Path
     paths = []
     for name, fig in figs.items():
         if not re.fullmatch(r"[\w.-]+", name):
-            raise ValueError(f"figure name {name!r} must be letters, digits, '_', '.' or '-'")
+            raise InputError(f"figure name {name!r} must be letters, digits, '_', '.' or '-'")
         path = out_dir / f"{name}_{step}.png"
         fig.savefig(path, dpi=DPI)
         paths.append(path)

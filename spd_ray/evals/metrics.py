@@ -16,6 +16,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from spd_ray.config import IdentityCIError
+from spd_ray.errors import InputError
 from spd_ray.evals.target_solutions import dense_distance, identity_distance, match_patterns
 
 
@@ -25,7 +26,7 @@ def _group_paths(paths: list[str], groups: dict[str, list[str]]) -> dict[str, li
     for group, patterns in groups.items():
         for pattern in patterns:
             if not any(fnmatch.fnmatch(p, pattern) for p in paths):
-                raise ValueError(
+                raise InputError(
                     f"CI_L0 group {group!r}: pattern {pattern!r} matches none of {paths}"
                 )
         members[group] = [p for p in paths if any(fnmatch.fnmatch(p, pat) for pat in patterns)]
@@ -39,7 +40,7 @@ def _l0_dict(
     for group, paths in _group_paths(list(per_layer), groups or {}).items():
         key = f"l0/{group}"
         if key in out:
-            raise ValueError(f"CI_L0 group name {group!r} collides with a module path")
+            raise InputError(f"CI_L0 group name {group!r} collides with a module path")
         out[key] = torch.stack([per_layer[p] for p in paths]).sum()
     assert "l0/total" not in out, "a module or group is named 'total'"
     out["l0/total"] = torch.stack(list(per_layer.values())).sum()
@@ -152,7 +153,7 @@ def identity_ci_errors(
         if pattern in identity:
             n_features = identity[pattern].n_features
             if ci.shape[0] != n_features or ci.shape[1] < n_features:
-                raise ValueError(
+                raise InputError(
                     f"IdentityCIError: {path!r} has CI shape {tuple(ci.shape)}, pattern "
                     f"{pattern!r} expects [{n_features}, C >= {n_features}]"
                 )
@@ -191,7 +192,7 @@ def mmcs_ml2r(
     target_norm = target.norm(dim=0)  # [d_in]
     dead = (target_norm == 0).nonzero().flatten().tolist()
     if dead:
-        raise ValueError(f"target weight has zero columns {dead}: MMCS/ML2R undefined")
+        raise InputError(f"target weight has zero columns {dead}: MMCS/ML2R undefined")
 
     col_norm = comps.norm(dim=1)  # [C, d_in]
     # Per feature, only subcomponents whose column carries a non-negligible share of the target

@@ -22,6 +22,8 @@ from jaxtyping import Float, Int
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 
+from spd_ray.errors import InputError
+
 # The Hungarian algorithm is cubic: ~1.5 s at 500 x 500 and tens of seconds at 1000 x 1000.
 HUNGARIAN_MAX_SIZE = 500
 
@@ -98,7 +100,7 @@ def identity_distance(
     """
     n_features, C = ci.shape
     if n_features > C:
-        raise ValueError(f"identity pattern needs C >= n_features, got C={C} < {n_features}")
+        raise InputError(f"identity pattern needs C >= n_features, got C={C} < {n_features}")
     values = _as_numpy(ci)
     rows, cols = _identity_assignment(values, method)
     matched = values[rows, cols]
@@ -122,7 +124,7 @@ def dense_distance(ci: Float[Tensor, "n_features C"], k: int, tol: float) -> int
     entry >= 1 - tol counts 1, and every entry > tol in the remaining columns counts 1."""
     C = ci.shape[1]
     if not 0 < k <= C:
-        raise ValueError(f"dense pattern needs 0 < k <= C, got k={k}, C={C}")
+        raise InputError(f"dense pattern needs 0 < k <= C, got k={k}, C={C}")
     values = _as_numpy(ci)
     values = values[:, _mass_order(values, np.arange(C))]
     missing_strong = int((~(values[:, :k] >= 1 - tol).any(axis=0)).sum())
@@ -140,10 +142,10 @@ def match_patterns(paths: list[str], patterns: list[str], what: str) -> dict[str
     for pattern in patterns:
         hits = [p for p in paths if fnmatch.fnmatch(p, pattern)]
         if not hits:
-            raise ValueError(f"{what}: pattern {pattern!r} matches none of {paths}")
+            raise InputError(f"{what}: pattern {pattern!r} matches none of {paths}")
         for path in hits:
             if path in matched:
-                raise ValueError(
+                raise InputError(
                     f"{what}: module {path!r} matches both {matched[path]!r} and {pattern!r}"
                 )
             matched[path] = pattern
@@ -163,7 +165,7 @@ def permute_by_pattern(
     dense = match_patterns(paths, dense_patterns or [], "dense_patterns")
     both = sorted(set(identity) & set(dense))
     if both:
-        raise ValueError(f"modules {both} match both identity_patterns and dense_patterns")
+        raise InputError(f"modules {both} match both identity_patterns and dense_patterns")
     return {
         path: permute_to_dense(m) if path in dense else permute_to_identity(m)
         for path, m in ci.items()

@@ -22,6 +22,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from spd_ray.config import Config, save_config
+from spd_ray.errors import InputError
 from spd_ray.io import atomic_write
 from spd_ray.sweep.trials import short_key, trial_config
 
@@ -78,7 +79,7 @@ def parse_objective(text: str) -> Objective:
     """`eval/loss/StochasticReconLoss:min` -> ("eval/loss/StochasticReconLoss", "min")."""
     metric, sep, direction = text.rpartition(":")
     if not sep or not metric or direction not in ("min", "max"):
-        raise ValueError(f"objective {text!r}: expected <metric>:min or <metric>:max")
+        raise InputError(f"objective {text!r}: expected <metric>:min or <metric>:max")
     return metric, "min" if direction == "min" else "max"
 
 
@@ -89,10 +90,10 @@ def parse_objective(text: str) -> Objective:
 
 def _check(objectives: Sequence[Objective]) -> None:
     if not objectives:
-        raise ValueError("at least one objective is needed")
+        raise InputError("at least one objective is needed")
     for metric, direction in objectives:
         if direction not in ("min", "max"):
-            raise ValueError(f"objective {metric}: direction must be 'min' or 'max'")
+            raise InputError(f"objective {metric}: direction must be 'min' or 'max'")
 
 
 def _signed(row: TrialRow, objectives: Sequence[Objective]) -> tuple[float, ...] | None:
@@ -163,7 +164,7 @@ def best_rows(rows: Sequence[TrialRow], objectives: Sequence[Objective]) -> list
     front = set(pareto_front(rows, objectives))
     if not front:
         names = ", ".join(m for m, _ in objectives)
-        raise ValueError(f"no trial reported {names}")
+        raise InputError(f"no trial reported {names}")
     order = ranked(rows, objectives)
     return order[:1] if len(objectives) == 1 else [i for i in order if i in front]
 

@@ -12,20 +12,22 @@ the bucket keeps what it sent at its last checkpoint.
 from __future__ import annotations
 
 import tempfile
-import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from spd_ray.config import Config, config_from_dict
-from spd_ray.io import write_json, write_text
+from spd_ray.io import write_json
+from spd_ray.runs import RunDir, tune_malloc
 from spd_ray.sweep.place import SweepPlace
+from spd_ray.sweep.spec import SweepSpec
 from spd_ray.sweep.trials import trial_config
-from spd_ray.train.rundir import RunDir
-
-if TYPE_CHECKING:
-    from spd_ray.sweep.tune_driver import SweepSpec
+from spd_ray.targets import load_target, target_fingerprint
+from spd_ray.train.lifecycle import copy_target_file, live_run, open_run
+from spd_ray.train.ray_driver import RayReporter, record_placement
+from spd_ray.train.tracking import RunWriter
+from spd_ray.train.worker import build_worker
 
 
 def sweep_trial(
@@ -33,18 +35,11 @@ def sweep_trial(
 ) -> None:
     """One Tune trial: the base config with `params`, trained in its own run directory; `cpus`
     is what the trial (one worker) or each of its Train workers holds. The sweep's lock (or
-    lease) covers its trials; a restarted trial resumes like any run (`resume_state`). `launch`
+    lease) covers its trials; a restarted trial resumes like any run (`live_run`). `launch`
     names the sweep driver's start, so `workers.json` counts the restarts of a trial within it."""
     from ray import tune
 
-    from spd_ray.sweep.tune_driver import SweepSpec
     from spd_ray.sync import sync_down, sync_up
-    from spd_ray.targets import load_target, target_fingerprint
-    from spd_ray.train.loop import NonFiniteLossError, run_loop
-    from spd_ray.train.ray_driver import ERROR_FILE, RayReporter, record_placement
-    from spd_ray.train.run import build_worker, copy_target_file, open_run, resume_state, summarize
-    from spd_ray.train.rundir import tune_malloc
-    from spd_ray.train.tracking import RunWriter
 
     s = SweepSpec(**spec)
     config = trial_config(config_from_dict(s.base_config), params)
@@ -62,6 +57,25 @@ def sweep_trial(
             sync_up(run_dir.path, remote)
         _trial_on_train(config, run_dir, root, s, cpus, launch, remote)
         return
+    try:
+        _trial_here(config, run_dir, root, s, trial_id, cpus, launch, remote)
+    finally:
+        if remote is not None:  # at the end, and when it failed
+            sync_up(run_dir.path, remote)
+
+
+def _trial_here(
+    config: Config,
+    run_dir: RunDir,
+    root: Path,
+    s: SweepSpec,
+    trial_id: str,
+    cpus: float,
+    launch: str,
+    remote: str | None,
+) -> None:
+    """A one-worker trial, in the trial's own process."""
+    from ray import tune
 
     tune_malloc()
     torch.set_num_threads(max(1, int(cpus)))
@@ -69,20 +83,13 @@ def sweep_trial(
     target = load_target(config, root, progress=False)
     fingerprint = target_fingerprint(target)
     worker = build_worker(config, target, root, device)
-    summary: dict[str, Any] | None = None
-    try:
-        open_run(config, run_dir, root, fingerprint, fresh=False)
-        state = resume_state(config, worker, run_dir, device)
-        if run_dir.finished() and state.step >= config.steps:
-            done = run_dir.read_summary()
-            tune.report({"step": state.step, **done["final_eval"]})
-            return
-        record_placement(run_dir, launch, 0, 1, device, state.step)
-        writer = RunWriter(run_dir, config, state.step)
-        objectives = tuple(m for m, _ in s.objectives)
+    open_run(config, run_dir, root, fingerprint, fresh=False)
+    objectives = tuple(m for m, _ in s.objectives)
+
+    def open_reporter(start: int) -> RayReporter:
         # Every log point reports (a function trial's report is cheap), so ASHA sees every rung.
-        reporter = RayReporter(
-            writer,
+        return RayReporter(
+            RunWriter(run_dir, config, start),
             trial_id,
             0,
             config.steps,
@@ -92,19 +99,16 @@ def sweep_trial(
             require=objectives,
             remote_run=remote,
         )
-        t0 = time.perf_counter()
-        try:
-            final = run_loop(config, worker.ctx, state, reporter)
-            summary = summarize(run_dir, final, time.perf_counter() - t0, 1)
-            run_dir.write_summary(summary)
-        except NonFiniteLossError as err:
-            write_text(run_dir.path / ERROR_FILE, str(err) + "\n")
-            raise
-        finally:
-            writer.close(summary)
-    finally:
-        if remote is not None:  # at the end, and when it failed
-            sync_up(run_dir.path, remote)
+
+    lived = live_run(
+        config,
+        worker,
+        run_dir,
+        open_reporter,
+        on_start=lambda state: record_placement(run_dir, launch, 0, 1, device, state.step),
+    )
+    if lived.already_finished:
+        tune.report({"step": lived.resumed_from, **lived.metrics})
 
 
 class TuneReport:

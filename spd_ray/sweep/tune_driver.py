@@ -35,14 +35,16 @@ import tempfile
 import time
 import uuid
 from contextlib import ExitStack
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from spd_ray.config import ConfigError, config_from_dict
+from spd_ray.errors import InputError, NotFoundError
 from spd_ray.io import Lock, check_name, child, write_json
 from spd_ray.objstore import join
 from spd_ray.ray_session import DEFAULT_WAIT_TIMEOUT_S
+from spd_ray.runs import output_root
 from spd_ray.sweep.place import SPEC_FILE, STUDY_FILE, TUNE_SUBDIR, SweepPlace
 from spd_ray.sweep.results import (
     Objective,
@@ -55,9 +57,9 @@ from spd_ray.sweep.results import (
     write_table,
 )
 from spd_ray.sweep.space import SearchSpace, load_space
+from spd_ray.sweep.spec import SweepSpec
 from spd_ray.sweep.trial_run import sweep_trial
 from spd_ray.sweep.trials import validate_space
-from spd_ray.train.rundir import output_root
 
 LOCK_FILE = ".lock"
 TABLE = "results.csv"
@@ -66,31 +68,6 @@ DEFAULT_OBJECTIVES: list[Objective] = [
     ("eval/loss/StochasticReconLoss", "min"),
     ("eval/l0/total", "min"),
 ]
-
-
-@dataclass
-class SweepSpec:
-    """Everything that defines a sweep; stored in sweep.json and checked on resume."""
-
-    experiment: str
-    target: str
-    space_file: str
-    space: dict[str, Any]  # the parsed leaves, {dotted key: description}
-    overrides: list[str]
-    objectives: list[tuple[str, str]]
-    trials: int
-    concurrent: int
-    workers_per_trial: int
-    gpu: bool
-    scheduler: str
-    seed: int
-    base_config: dict[str, Any] = field(default_factory=dict)
-
-    # Fields a rerun may not change (they define which trials exist and what they mean).
-    FIXED = ("experiment", "space", "overrides", "objectives", "trials", "scheduler", "seed")
-
-    def objective_list(self) -> list[Objective]:
-        return [(m, d) for m, d in self.objectives]  # type: ignore[misc]
 
 
 def _describe_space(space: SearchSpace) -> dict[str, Any]:
@@ -120,8 +97,7 @@ def _row(
     failed: bool,
 ) -> TrialRow:
     """A table row: the final eval metrics when the trial finished, else its last report."""
-    from spd_ray.train.ray_driver import WORKERS_FILE
-    from spd_ray.train.rundir import SUMMARY
+    from spd_ray.runs import SUMMARY, WORKERS_FILE
 
     node_id, hostname = _placement(place.trial_file(trial_id, WORKERS_FILE))
     where = place.trial_location(trial_id)
@@ -259,24 +235,24 @@ def _check_args(
     """Every argument, before anything is written: a bad one must not leave a half-made sweep."""
     for flag, value in (("--trials", trials), ("--workers-per-trial", workers_per_trial)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{flag} must be an integer >= 1, not {value!r}")
+            raise InputError(f"{flag} must be an integer >= 1, not {value!r}")
     for flag, maybe in (("--concurrent", concurrent), ("--steps", steps)):
         if maybe is not None and (
             isinstance(maybe, bool) or not isinstance(maybe, int) or maybe < 1
         ):
-            raise ValueError(f"{flag} must be an integer >= 1 (or left out), not {maybe!r}")
+            raise InputError(f"{flag} must be an integer >= 1 (or left out), not {maybe!r}")
     if scheduler not in ("asha", "none"):
-        raise ValueError(f"--scheduler must be asha or none, not {scheduler!r}")
+        raise InputError(f"--scheduler must be asha or none, not {scheduler!r}")
     if not objectives:
-        raise ValueError("--objective: at least one objective is needed")
+        raise InputError("--objective: at least one objective is needed")
     for metric, direction in objectives:
         if not metric or direction not in ("min", "max"):
-            raise ValueError(f"--objective {metric}:{direction}: expected <metric>:min or :max")
+            raise InputError(f"--objective {metric}:{direction}: expected <metric>:min or :max")
     metrics = [m for m, _ in objectives]
     if len(set(metrics)) != len(metrics):
-        raise ValueError(f"--objective: a metric is given twice ({', '.join(metrics)})")
+        raise InputError(f"--objective: a metric is given twice ({', '.join(metrics)})")
     if scheduler == "asha" and len(objectives) > 1:
-        raise ValueError(
+        raise InputError(
             "--scheduler asha needs exactly one --objective (ASHA ranks on one metric)"
         )
 
@@ -314,15 +290,16 @@ def run_sweep(
     """A sweep of `target` over the space in `space_file`, resumable by name. The cluster must
     be able to hold one trial's workers (an autoscaler gets `wait_timeout_s` to add nodes). An
     object-store `out` keeps the sweep in the bucket (`spd_ray.sweep.place`)."""
-    from spd_ray.capacity import capacity_for
+    from spd_ray.capacity import capacity_for, require_gpus
     from spd_ray.lease import RemoteLease
     from spd_ray.objstore import check_reachable
-    from spd_ray.ray_session import cluster_address, connect_ray, require_gpus
+    from spd_ray.ray_session import cluster_address, connect_ray
     from spd_ray.registry import load_experiment
     from spd_ray.storage import check_shared_root
     from spd_ray.sync import remote_root
     from spd_ray.targets import load_target
-    from spd_ray.train.run import default_run_name, preflight
+    from spd_ray.train.run import default_run_name
+    from spd_ray.train.worker import preflight
 
     uri = remote_root(out)
     root = output_root(out) if uri is None else None
@@ -333,7 +310,7 @@ def run_sweep(
     extra = [*(overrides or []), *([f"steps={steps}"] if steps is not None else [])]
     experiment, base = load_experiment(target, extra)
     if base.batch_size % workers_per_trial:
-        raise ValueError(
+        raise InputError(
             f"batch_size {base.batch_size} is not divisible by --workers-per-trial "
             f"{workers_per_trial}"
         )
@@ -409,17 +386,50 @@ def _gpus_needed(spec: SweepSpec) -> int:
 
 
 def _fit(spec: SweepSpec, space: SearchSpace, place: SweepPlace) -> SweepOutcome:
-    import optuna
-    import ray
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler
-    from ray.tune.search.optuna import OptunaSearch
 
     from spd_ray.objstore import remote_fs
-    from spd_ray.ray_session import connect_ray, is_local_cluster
-    from spd_ray.sweep.study import SweepStudyStorage
+    from spd_ray.ray_session import connect_ray
 
     connect_ray()
+    trainable, concurrent = _trainable(spec, place)
+    # Tune's state in the sweep's tune/: on a bucket through the same filesystem (endpoint,
+    # retries) the rest of spd-ray uses, so `Tuner.restore` reads it back from there.
+    storage_fs: Any = None
+    storage_path = str(place.dir)
+    if place.uri is not None:
+        storage_fs, storage_path = remote_fs(place.uri)
+    tune_dir = f"{storage_path}/{TUNE_SUBDIR}"
+    if tune.Tuner.can_restore(tune_dir, storage_filesystem=storage_fs):
+        print(f"resuming sweep {place.name} from {place.shown}/{TUNE_SUBDIR}", flush=True)
+        tuner = tune.Tuner.restore(
+            tune_dir,
+            trainable=trainable,
+            resume_errored=True,
+            resume_unfinished=True,
+            storage_filesystem=storage_fs,
+        )
+    else:
+        run_config = tune.RunConfig(
+            name=TUNE_SUBDIR,
+            storage_path=storage_path,
+            storage_filesystem=storage_fs,
+            callbacks=[_table_callback(place, spec)],
+            failure_config=tune.FailureConfig(max_failures=1),
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+            verbose=1,
+        )
+        tuner = _new_tuner(spec, space, place, trainable, concurrent, run_config)
+    return _outcome(spec, place, tuner.fit())
+
+
+def _trainable(spec: SweepSpec, place: SweepPlace) -> tuple[Any, int]:
+    """`sweep_trial` with its resources, and how many trials run at once."""
+    import ray
+    from ray import tune
+
+    from spd_ray.ray_session import is_local_cluster
+
     cluster_cpus = ray.cluster_resources().get("CPU", 1.0)
     concurrent = spec.concurrent or max(1, int(cluster_cpus // spec.workers_per_trial))
     concurrent = min(concurrent, spec.trials)
@@ -435,88 +445,80 @@ def _fit(spec: SweepSpec, space: SearchSpace, place: SweepPlace) -> SweepOutcome
     )
     if spec.workers_per_trial > 1:
         # The trial only drives a TorchTrainer; its workers hold the CPUs.
-        trainable = tune.with_resources(trainable, {"CPU": 0, "memory": 1e6})
-    else:
-        resources = {"CPU": per_worker, **({"GPU": 1} if spec.gpu else {})}
-        trainable = tune.with_resources(trainable, resources)
+        return tune.with_resources(trainable, {"CPU": 0, "memory": 1e6}), concurrent
+    resources = {"CPU": per_worker, **({"GPU": 1} if spec.gpu else {})}
+    return tune.with_resources(trainable, resources), concurrent
+
+
+def _new_tuner(
+    spec: SweepSpec,
+    space: SearchSpace,
+    place: SweepPlace,
+    trainable: Any,
+    concurrent: int,
+    run_config: Any,
+) -> Any:
+    """A fresh Tuner: a grid, or Optuna's TPE (its study kept with the sweep); ASHA if asked."""
+    import optuna
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search.optuna import OptunaSearch
+
+    from spd_ray.sweep.study import SweepStudyStorage
 
     objectives = spec.objective_list()
     metric: str | list[str] = [m for m, _ in objectives]
     mode: str | list[str] = [d for _, d in objectives]
     if len(objectives) == 1:
         metric, mode = metric[0], mode[0]
-    # Tune's state in the sweep's tune/: on a bucket through the same filesystem (endpoint,
-    # retries) the rest of spd-ray uses, so `Tuner.restore` reads it back from there.
-    storage_fs: Any = None
-    storage_path = str(place.dir)
-    if place.uri is not None:
-        storage_fs, storage_path = remote_fs(place.uri)
-    tune_dir = f"{storage_path}/{TUNE_SUBDIR}"
-    run_config = tune.RunConfig(
-        name=TUNE_SUBDIR,
-        storage_path=storage_path,
-        storage_filesystem=storage_fs,
-        callbacks=[_table_callback(place, spec)],
-        failure_config=tune.FailureConfig(max_failures=1),
-        checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
-        verbose=1,
-    )
-    if tune.Tuner.can_restore(tune_dir, storage_filesystem=storage_fs):
-        print(f"resuming sweep {place.name} from {place.shown}/{TUNE_SUBDIR}", flush=True)
-        tuner = tune.Tuner.restore(
-            tune_dir,
-            trainable=trainable,
-            resume_errored=True,
-            resume_unfinished=True,
-            storage_filesystem=storage_fs,
-        )
+    search_alg: Any = None
+    param_space: dict[str, Any]
+    if space.is_grid:
+        param_space, num_samples = space.to_tune(), 1
     else:
-        search_alg: Any = None
-        param_space: dict[str, Any]
-        if space.is_grid:
-            param_space, num_samples = space.to_tune(), 1
-        else:
-            sampler = (
-                optuna.samplers.TPESampler(seed=spec.seed, multivariate=True)
-                if len(objectives) == 1
-                else optuna.samplers.TPESampler(seed=spec.seed)
-            )
-            study = SweepStudyStorage(place)
-            search_alg = OptunaSearch(
-                space=space.sample_optuna,
-                metric=metric,
-                mode=mode,
-                sampler=sampler,
-                study_name=place.name,
-                storage=study,
-            )
-            param_space, num_samples = {}, spec.trials
-        scheduler = None
-        if spec.scheduler == "asha":
-            base = config_from_dict(spec.base_config)
-            scheduler = ASHAScheduler(
-                time_attr="rung_step",  # absent from the final reports: no stop at the end
-                max_t=base.steps,
-                grace_period=max(1, base.steps // 4),
-                reduction_factor=2,
-            )
-        tuner = tune.Tuner(
-            trainable,
-            param_space=param_space,
-            tune_config=tune.TuneConfig(
-                # Only ASHA reads these (one objective); OptunaSearch carries its own.
-                metric=metric if isinstance(metric, str) and scheduler is not None else None,
-                mode=mode if isinstance(mode, str) and scheduler is not None else None,
-                search_alg=search_alg,
-                scheduler=scheduler,
-                num_samples=num_samples,
-                max_concurrent_trials=concurrent,
-                trial_name_creator=lambda t: t.trial_id,
-                trial_dirname_creator=lambda t: t.trial_id,
-            ),
-            run_config=run_config,
+        sampler = (
+            optuna.samplers.TPESampler(seed=spec.seed, multivariate=True)
+            if len(objectives) == 1
+            else optuna.samplers.TPESampler(seed=spec.seed)
         )
-    grid = tuner.fit()
+        search_alg = OptunaSearch(
+            space=space.sample_optuna,
+            metric=metric,
+            mode=mode,
+            sampler=sampler,
+            study_name=place.name,
+            storage=SweepStudyStorage(place),
+        )
+        param_space, num_samples = {}, spec.trials
+    scheduler = None
+    if spec.scheduler == "asha":
+        base = config_from_dict(spec.base_config)
+        scheduler = ASHAScheduler(
+            time_attr="rung_step",  # absent from the final reports: no stop at the end
+            max_t=base.steps,
+            grace_period=max(1, base.steps // 4),
+            reduction_factor=2,
+        )
+    return tune.Tuner(
+        trainable,
+        param_space=param_space,
+        tune_config=tune.TuneConfig(
+            # Only ASHA reads these (one objective); OptunaSearch carries its own.
+            metric=metric if isinstance(metric, str) and scheduler is not None else None,
+            mode=mode if isinstance(mode, str) and scheduler is not None else None,
+            search_alg=search_alg,
+            scheduler=scheduler,
+            num_samples=num_samples,
+            max_concurrent_trials=concurrent,
+            trial_name_creator=lambda t: t.trial_id,
+            trial_dirname_creator=lambda t: t.trial_id,
+        ),
+        run_config=run_config,
+    )
+
+
+def _outcome(spec: SweepSpec, place: SweepPlace, grid: Any) -> SweepOutcome:
+    """The results table of a finished `Tuner.fit`, written beside the sweep."""
     rows = []
     for i in range(len(grid)):
         result = grid[i]
@@ -544,7 +546,7 @@ def sweep_status(name: str, out: str | Path | None = None) -> str:
     sweep_dir = child(output_root(out), name, "name")
     spec_path = sweep_dir / SPEC_FILE
     if not spec_path.exists():
-        raise FileNotFoundError(f"no sweep {name!r} under {sweep_dir.parent} ({SPEC_FILE} missing)")
+        raise NotFoundError(f"no sweep {name!r} under {sweep_dir.parent} ({SPEC_FILE} missing)")
     table = sweep_dir / TABLE
     rows = read_table(table) if table.exists() else []
     return _status(name, str(sweep_dir), json.loads(spec_path.read_text()), rows)
@@ -555,12 +557,12 @@ def _remote_status(uri: str) -> str:
 
     u = parse_uri(uri, "sweep-status")
     if not u.key:
-        raise ValueError(f"sweep-status {u}: name the sweep (s3://bucket/prefix/<sweep name>)")
+        raise InputError(f"sweep-status {u}: name the sweep (s3://bucket/prefix/<sweep name>)")
     check_reachable(str(u), "sweep-status")
     try:
         spec = json.loads(read_bytes(join(u, SPEC_FILE)))
     except FileNotFoundError:
-        raise FileNotFoundError(f"no sweep at {u} ({SPEC_FILE} missing)") from None
+        raise NotFoundError(f"no sweep at {u} ({SPEC_FILE} missing)") from None
     rows: list[TrialRow] = []
     try:
         table = read_bytes(join(u, TABLE))

@@ -4,6 +4,7 @@ the fingerprint that identifies a target."""
 from spd_ray.targets.loading import (
     build_toy,
     cached_target_path,
+    describe_target,
     load_target,
     load_target_file,
     save_target,
@@ -18,6 +19,7 @@ __all__ = [
     "TMSModel",
     "build_toy",
     "cached_target_path",
+    "describe_target",
     "load_target",
     "load_target_file",
     "save_target",

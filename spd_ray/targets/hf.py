@@ -23,6 +23,8 @@ from pathlib import Path
 
 from torch import nn
 
+from spd_ray.errors import InputError, NotFoundError
+
 TINY_LM_PREFIX = "@tiny-lm/"
 
 
@@ -71,7 +73,7 @@ def _check_part(root: Path, part: str, name: str, field: str) -> None:
     if not part_complete(root, part):
         steps, seed = _existing_build_args(root)
         flags = ("" if steps is None else f" --steps {steps}") + (f" --seed {seed}" if seed else "")
-        raise FileNotFoundError(
+        raise NotFoundError(
             f"{field} {name!r}: the tiny-LM part {root / part} is incomplete (half-written: no "
             f"build marker and no whole last file); rebuild it with "
             f"`spd-ray make-tiny-lm {root}{flags}`"
@@ -90,21 +92,21 @@ def resolve_name(name: str, field: str, out_root: Path, progress: bool = True) -
         root = tiny_lm_root(out_root)
         rel = name[len(TINY_LM_PREFIX) :]
         if ".." in Path(rel).parts or Path(rel).is_absolute():
-            raise ValueError(f"{field} {name!r}: a tiny-LM name is @tiny-lm/<part>[/<file>]")
+            raise InputError(f"{field} {name!r}: a tiny-LM name is @tiny-lm/<part>[/<file>]")
         part = Path(rel).parts[0] if rel else ""
         path = root / rel
         known = part in PARTS
         if not path.exists() or (known and not part_complete(root, part)):
             ensure_tiny_lm(root, progress)
         if not path.exists():
-            raise FileNotFoundError(f"{field} {name!r}: the tiny-LM assets have no {path}")
+            raise NotFoundError(f"{field} {name!r}: the tiny-LM assets have no {path}")
         if known:
             _check_part(root, part, name, field)
         return str(path)
     if is_local_name(name):
         path = Path(name).expanduser().resolve()
         if not path.exists():
-            raise FileNotFoundError(f"{field} {name!r}: no such local file or folder ({path})")
+            raise NotFoundError(f"{field} {name!r}: no such local file or folder ({path})")
         return str(path)
     return name
 
@@ -125,7 +127,7 @@ def load_hf_model(
     naming `pretrained_model_name` and the id.
     """
     if not hasattr(model_class, "from_pretrained"):
-        raise ValueError(
+        raise InputError(
             f"pretrained_model_class {model_class_path!r} has no from_pretrained (needed with "
             "pretrained_model_name)"
         )
@@ -135,7 +137,7 @@ def load_hf_model(
     except OSError as err:
         hint = " (HF_HUB_OFFLINE is set: only cached or local models load)" if _offline() else ""
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ValueError(
+        raise InputError(
             f"pretrained_model_name {name!r}: {model_class_path}.from_pretrained failed{hint}: "
             f"{reason}"
         ) from None

@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 from spd_ray.config import IHTargetConfig
 from spd_ray.data.ih import InductionTask
+from spd_ray.errors import InputError
 
 # Training stops once a fixed held-out batch is predicted this well, and fails below the minimum.
 STOP_ACCURACY = 0.99
@@ -48,7 +49,7 @@ class ShortformerAttention(nn.Module):
     def __init__(self, d_model: int, n_heads: int, seq_len: int):
         super().__init__()
         if d_model % n_heads:
-            raise ValueError(f"d_model {d_model} is not divisible by n_heads {n_heads}")
+            raise InputError(f"d_model {d_model} is not divisible by n_heads {n_heads}")
         self.n_heads = n_heads
         self.q_proj = nn.Linear(d_model, d_model, bias=False)
         self.k_proj = nn.Linear(d_model, d_model, bias=False)

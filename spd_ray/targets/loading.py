@@ -29,6 +29,7 @@ from spd_ray.config import (
     TMSTargetConfig,
     config_hash,
 )
+from spd_ray.errors import InputError, NotFoundError
 from spd_ray.io import atomic_write
 from spd_ray.targets.hf import load_hf_model
 from spd_ray.targets.ih import InductionTransformer, train_ih
@@ -80,10 +81,10 @@ def load_target_file(path: str | Path) -> nn.Module:
     the CPU, frozen (eval mode, no parameter requires grad)."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"target file not found: {path.resolve()}")
+        raise NotFoundError(f"target file not found: {path.resolve()}")
     payload: dict[str, Any] = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(payload, dict) or {"target_config", "state_dict"} - payload.keys():
-        raise ValueError(f"{path}: not a target file (expected keys target_config, state_dict)")
+        raise InputError(f"{path}: not a target file (expected keys target_config, state_dict)")
     cfg = _TARGET_CONFIG_ADAPTER.validate_python(payload["target_config"])
     model = build_toy(cfg)
     model.load_state_dict(payload["state_dict"])
@@ -173,18 +174,28 @@ def load_or_train_toy(
     return load_target_file(path)
 
 
+def describe_target(config: Config) -> str:
+    """The target in a few words: its hub name or file, else the toy config's kind and hash."""
+    if config.pretrained_model_name is not None:
+        return config.pretrained_model_name
+    if config.pretrained_model_path is not None:
+        return config.pretrained_model_path
+    assert config.target_model is not None
+    return f"{type(config.target_model).__name__} {config_hash(config.target_model)}"
+
+
 def import_class(dotted: str) -> type:
     """The class that `pretrained_model_class` names, e.g. 'spd_ray.targets.tms.TMSModel'."""
     module_name, _, attr = dotted.rpartition(".")
     if not module_name:
-        raise ValueError(f"pretrained_model_class {dotted!r} is not a dotted path module.Class")
+        raise InputError(f"pretrained_model_class {dotted!r} is not a dotted path module.Class")
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as err:
-        raise ValueError(f"pretrained_model_class {dotted!r}: cannot import {err.name!r}") from None
+        raise InputError(f"pretrained_model_class {dotted!r}: cannot import {err.name!r}") from None
     cls = getattr(module, attr, None)
     if not isinstance(cls, type):
-        raise ValueError(f"pretrained_model_class {dotted!r}: {module_name} has no class {attr!r}")
+        raise InputError(f"pretrained_model_class {dotted!r}: {module_name} has no class {attr!r}")
     return cls
 
 
@@ -200,7 +211,7 @@ def load_target(config: Config, out_root: Path, progress: bool = True) -> nn.Mod
     if config.pretrained_model_path is None and config.target_model is None:
         assert config.pretrained_model_name is not None  # the config validator ensures a source
         if config.pretrained_model_output_attr is None:
-            raise ValueError(
+            raise InputError(
                 "pretrained_model_output_attr is required for a Hugging Face target (e.g. 'logits')"
             )
         name, cls_path = config.pretrained_model_name, config.pretrained_model_class

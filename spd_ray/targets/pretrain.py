@@ -25,6 +25,7 @@ from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerB
 
 from spd_ray.config import ConfigError, apply_overrides, read_config_dict
 from spd_ray.data.lm import LMBatches, load_tokenizer
+from spd_ray.errors import InputError
 from spd_ray.io import building_dir, write_json, write_text
 
 logger = logging.getLogger(__name__)
@@ -97,14 +98,14 @@ def import_dotted(dotted: str, field: str) -> type:
     """The class a dotted path `module.Class` names; errors name the config `field`."""
     module_name, _, attr = dotted.rpartition(".")
     if not module_name:
-        raise ValueError(f"{field} {dotted!r} is not a dotted path module.Class")
+        raise InputError(f"{field} {dotted!r} is not a dotted path module.Class")
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as err:
-        raise ValueError(f"{field} {dotted!r}: cannot import {err.name!r}") from None
+        raise InputError(f"{field} {dotted!r}: cannot import {err.name!r}") from None
     cls = getattr(module, attr, None)
     if not isinstance(cls, type):
-        raise ValueError(f"{field} {dotted!r}: {module_name} has no class {attr!r}")
+        raise InputError(f"{field} {dotted!r}: {module_name} has no class {attr!r}")
     return cls
 
 
@@ -112,14 +113,14 @@ def build_model(config: PretrainConfig, tokenizer: PreTrainedTokenizerBase) -> P
     """The untrained model, initialized from `torch.manual_seed(config.seed)`."""
     model_cls = import_dotted(config.model_class, "model_class")
     if not issubclass(model_cls, PreTrainedModel):
-        raise ValueError(f"model_class {config.model_class!r} is not a transformers model")
+        raise InputError(f"model_class {config.model_class!r} is not a transformers model")
     config_cls: type | None = (
         import_dotted(config.model_config_class, "model_config_class")
         if config.model_config_class is not None
         else model_cls.config_class
     )
     if config_cls is None or not issubclass(config_cls, PretrainedConfig):
-        raise ValueError(
+        raise InputError(
             f"model_config_class {config_cls!r} (for {config.model_class}) is not a "
             "transformers PretrainedConfig"
         )
@@ -128,7 +129,7 @@ def build_model(config: PretrainConfig, tokenizer: PreTrainedTokenizerBase) -> P
     for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
         kwargs.setdefault(name, getattr(tokenizer, name))
     if kwargs["vocab_size"] < len(tokenizer):
-        raise ValueError(
+        raise InputError(
             f"model_config.vocab_size {kwargs['vocab_size']} is smaller than the tokenizer's "
             f"{len(tokenizer)} tokens"
         )
@@ -136,7 +137,7 @@ def build_model(config: PretrainConfig, tokenizer: PreTrainedTokenizerBase) -> P
     for key in ("max_position_embeddings", "n_positions"):
         limit = getattr(hf_config, key, None)
         if isinstance(limit, int) and config.max_seq_len > limit:
-            raise ValueError(f"max_seq_len {config.max_seq_len} exceeds model_config.{key} {limit}")
+            raise InputError(f"max_seq_len {config.max_seq_len} exceeds model_config.{key} {limit}")
     torch.manual_seed(config.seed)
     return model_cls(hf_config)
 
@@ -264,9 +265,9 @@ def check_out_dir(config: PretrainConfig, overwrite: bool) -> Path:
     """The resolved `out_dir`, which must be a new or empty folder unless `overwrite`."""
     out = Path(config.out_dir).expanduser().resolve()
     if out.exists() and not out.is_dir():
-        raise ValueError(f"out_dir {out} exists and is not a folder")
+        raise InputError(f"out_dir {out} exists and is not a folder")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise ValueError(
+        raise InputError(
             f"out_dir {out} already holds files (a trained model?); choose another out_dir, "
             "or pass --overwrite (overwrite=True) to replace it once the new model is saved"
         )

@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from spd_ray.argtypes import nonneg_int
+from spd_ray.errors import InputError
 from spd_ray.io import Lock, LockedError, building_dir, write_json
 
 logger = logging.getLogger(__name__)
@@ -248,10 +249,10 @@ def check_build_args(steps: int | None, seed: int) -> None:
     """The `make_tiny_lm` arguments the CLI bounds at parse time, checked again for API callers
     before anything is created or deleted."""
     if steps is not None and (not isinstance(steps, int) or isinstance(steps, bool) or steps < 0):
-        raise ValueError(f"steps must be None or a whole number >= 0, got {steps!r}")
+        raise InputError(f"steps must be None or a whole number >= 0, got {steps!r}")
     # >= 0: numpy's seed sequences (the data order) reject negative seeds.
     if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
-        raise ValueError(f"seed must be a whole number >= 0, got {seed!r}")
+        raise InputError(f"seed must be a whole number >= 0, got {seed!r}")
 
 
 def part_complete(root: Path, part: str) -> bool:
@@ -341,7 +342,7 @@ def make_tiny_lm(
     check_build_args(steps, seed)
     root = Path(out).expanduser().resolve()
     if root.exists() and not root.is_dir():
-        raise ValueError(f"tiny-LM output {root} exists and is not a folder")
+        raise InputError(f"tiny-LM output {root} exists and is not a folder")
     params = build_params(steps, seed)
 
     def assets(build: dict[str, Any]) -> TinyLMAssets:
@@ -384,7 +385,7 @@ def make_tiny_lm(
 
 
 def cmd_make_tiny_lm(args: argparse.Namespace) -> int:
-    from spd_ray.train.rundir import output_root
+    from spd_ray.runs import output_root
 
     out = Path(args.out) if args.out else output_root(None) / "assets" / "tiny-lm"
     built = make_tiny_lm(out, steps=args.steps, seed=args.seed, force=args.force)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -27,6 +27,23 @@ from spd_ray.core.masks import Noise
 from spd_ray.core.model import ComponentModel
 from spd_ray.core.schedule import scheduled_value
 from spd_ray.core.step import autocast, train_step_losses
+from spd_ray.errors import InputError
+
+
+class Batches(Protocol):
+    """A worker's stream of batches, saved and restored with the run's state."""
+
+    def __iter__(self) -> Iterator[Tensor]: ...
+
+    def __next__(self) -> Tensor: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+# (model, step, slow) -> (eval metrics, figures); `slow` asks for the slow metrics and figures too
+EvalFn = Callable[[ComponentModel, int, bool], tuple[dict[str, Tensor], dict[str, Figure]]]
 
 
 class Reporter(Protocol):
@@ -47,8 +64,8 @@ class LoopContext:
     worker."""
 
     model: ComponentModel
-    train_batches: Any  # Batches: __next__, state_dict, load_state_dict
-    evaluate: Callable[[ComponentModel, int, bool], tuple[dict[str, Tensor], dict[str, Figure]]]
+    train_batches: Batches
+    evaluate: EvalFn
     device: torch.device
     rank: int = 0
     world_size: int = 1
@@ -78,7 +95,7 @@ def make_state(config: Config, ctx: LoopContext) -> LoopState:
     return LoopState(optimizer, noise)
 
 
-def state_dict(state: LoopState, model: ComponentModel, batches: Any) -> dict[str, Any]:
+def state_dict(state: LoopState, model: ComponentModel, batches: Batches) -> dict[str, Any]:
     """The whole training state, independent of the number of workers."""
     assert state.noise.generator is not None and state.noise.pgd_generator is not None
     return {
@@ -96,7 +113,7 @@ def state_dict(state: LoopState, model: ComponentModel, batches: Any) -> dict[st
 
 
 def load_state(
-    state: LoopState, model: ComponentModel, batches: Any, saved: dict[str, Any]
+    state: LoopState, model: ComponentModel, batches: Batches, saved: dict[str, Any]
 ) -> None:
     model.load_state_dict(saved["model"], strict=False)
     state.optimizer.load_state_dict(saved["optimizer"])
@@ -104,7 +121,7 @@ def load_state(
     state.warmup_done = bool(saved["warmup_done"])
     assert state.noise.generator is not None and state.noise.pgd_generator is not None
     if "pgd_init_rng" not in saved:
-        raise ValueError(
+        raise InputError(
             "checkpoint has no 'pgd_init_rng': it predates the separate random streams "
             "(spd_ray.core.streams); start the run again with --fresh"
         )

@@ -22,7 +22,7 @@ from typing import Any
 from matplotlib.figure import Figure
 
 from spd_ray.config import Config
-from spd_ray.train.rundir import RunDir
+from spd_ray.runs import RunDir
 
 TB_SUBDIR = "tb"
 

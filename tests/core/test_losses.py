@@ -17,15 +17,14 @@ from torch import Tensor, nn
 
 from spd_ray import config as C
 from spd_ray.core.losses import (
-    StepInputs,
     faithfulness_loss,
     importance_minimality_loss,
     loss_term,
-    recon_loss,
     total_loss,
 )
 from spd_ray.core.masks import Noise
 from spd_ray.core.model import CIOutputs, ComponentModel
+from spd_ray.core.recon import StepInputs, recon_loss
 
 RTOL = 1e-5
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-import spd_ray.train.run as run_module
+import spd_ray.train.worker as run_module
 from spd_ray.config import load_config
 from spd_ray.core.masks import Noise
 from spd_ray.core.streams import STREAM_IDS, Stream, stream_generator, stream_seed

@@ -29,7 +29,7 @@ from multinode import (
 )
 from ray_head import stop_head
 
-from spd_ray.train.rundir import RunDir
+from spd_ray.runs import RunDir
 
 FAST = ["--set", "autocast_bf16=false", "--set", "compile_ci_fns=false", "--set", "n_eval_steps=2"]
 SHORT = [

@@ -21,7 +21,7 @@ import pytest
 import torch
 from ray_head import RayHead
 
-from spd_ray.train.rundir import RunDir
+from spd_ray.runs import RunDir
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = REPO / "tests" / "fixtures" / "tiny_resid_mlp.yaml"

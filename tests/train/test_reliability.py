@@ -24,10 +24,10 @@ import torch
 from harvest_fixtures import hold_lock
 
 import spd_ray
+from spd_ray import runs as rundir_module
 from spd_ray.config import load_config
 from spd_ray.io import Lock
-from spd_ray.train import rundir as rundir_module
-from spd_ray.train.rundir import CheckpointError, RunDir
+from spd_ray.runs import CheckpointError, RunDir
 
 TINY = Path(__file__).resolve().parents[1] / "fixtures" / "tiny_resid_mlp.yaml"
 # 200 steps, a checkpoint every 20, figures only at the end: long enough to be killed mid-way.

@@ -15,8 +15,8 @@ import torch
 
 import spd_ray
 from spd_ray.config import load_config
+from spd_ray.runs import RunDir
 from spd_ray.train import tracking
-from spd_ray.train.rundir import RunDir
 
 TINY = Path(__file__).resolve().parents[1] / "fixtures" / "tiny_resid_mlp.yaml"
 

@@ -30,6 +30,7 @@ import yaml
 from matplotlib.figure import Figure
 
 from spd_ray.config import Config, ConfigError, config_from_dict, save_config
+from spd_ray.errors import NotFoundError, UserError
 from spd_ray.io import (
     Lock,
     append_jsonl,
@@ -49,9 +50,11 @@ TARGET_COPY = "target.pt"
 TARGET_INFO = "target.json"
 LOCK = ".lock"
 RAY_SUBDIR = "ray"
+ERROR_FILE = "error.txt"  # why a run stopped for good (a non-finite loss)
+WORKERS_FILE = "workers.json"  # where each rank of the latest worker-group start ran
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
     """No checkpoint of a run could be read."""
 
 
@@ -79,6 +82,39 @@ def output_root(out: str | Path | None = None) -> Path:
         return Path(out).expanduser().resolve()
     env = os.environ.get("SPD_RAY_OUT")
     return Path(env).expanduser().resolve() if env else Path.home() / "spd_ray_out"
+
+
+def resolve_run_dir(run: str | Path, out: str | Path | None = None) -> Path:
+    """A run directory, or a run name under the output root. A run in object storage
+    (`s3://bucket/runs/r`, or a name under an object-store `out`) is its local staging folder,
+    brought up to date from the bucket first."""
+    from spd_ray.sync import open_run_root, run_uri
+
+    uri = run_uri(run, out)
+    if uri is not None:
+        local = open_run_root(uri)
+        if not (local / CONFIG).exists():
+            raise NotFoundError(f"no run at '{uri}' (it holds no {CONFIG})")
+        return local
+    path = Path(run).expanduser()
+    if (path / CONFIG).exists():
+        return path.resolve()
+    candidate = output_root(out) / str(run)
+    if (candidate / CONFIG).exists():
+        return candidate
+    raise NotFoundError(f"no run at '{run}' (looked for {CONFIG} there and in {candidate})")
+
+
+def assets_root(run_path: Path, out: str | Path | None) -> Path:
+    """The output root a run's `@tiny-lm/` names resolve against: `out`, else the nearest folder
+    above the run holding `assets/` (runs and sweep trials live under their output root), else
+    the default root."""
+    if out is not None:
+        return output_root(out)
+    for parent in run_path.parents:
+        if (parent / "assets").is_dir():
+            return parent
+    return output_root(None)
 
 
 def tune_malloc() -> None:
@@ -242,7 +278,7 @@ class RunDir:
     def load_checkpoint(self, map_location: str | torch.device = "cpu") -> dict[str, Any]:
         state = self.newest_state(map_location)
         if state is None:
-            raise FileNotFoundError(f"no checkpoint in {self.path} ({CHECKPOINT} missing)")
+            raise NotFoundError(f"no checkpoint in {self.path} ({CHECKPOINT} missing)")
         return state
 
     def copy_target(self, source: Path) -> None:

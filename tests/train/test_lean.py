@@ -1,10 +1,12 @@
-"""The TorchTrainer of our runs: Ray Train's default callbacks minus helper actors never needed."""
+"""The TorchTrainer of our runs: Ray Train's default callbacks minus helper actors never needed,
+and only on a Ray it was checked against."""
 
 from __future__ import annotations
 
+import ray
 import ray.train
 
-from spd_ray.train.ray_driver import _fixed_policy_without_coordinator, lean_trainer_class
+from spd_ray.train.lean import CHECKED_RAY, fixed_policy_without_coordinator, lean_trainer_class
 
 RAY_HELPERS = {"DatasetsCallback", "PlacementGroupCleanerCallback"}
 
@@ -21,6 +23,23 @@ def _plain_names() -> list[str]:
 
     trainer = TorchTrainer(lambda: None, scaling_config=ray.train.ScalingConfig(num_workers=1))
     return [type(cb).__name__ for cb in trainer._create_default_callbacks()]
+
+
+def test_the_installed_ray_is_one_the_lean_trainer_was_checked_against() -> None:
+    """Fails when Ray is upgraded: spd_ray/train/lean.py subclasses Ray Train's private classes,
+    so read them again for the new version (these tests show what must still hold) and add it
+    to CHECKED_RAY, or drop the module."""
+    assert ray.__version__.startswith(CHECKED_RAY), (
+        f"Ray {ray.__version__} is not in spd_ray.train.lean.CHECKED_RAY {CHECKED_RAY}"
+    )
+
+
+def test_another_ray_gets_the_plain_torch_trainer(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    from ray.train.torch import TorchTrainer
+
+    monkeypatch.setattr(ray, "__version__", "2.99.0")
+    assert lean_trainer_class(True) is TorchTrainer
+    assert lean_trainer_class(False) is TorchTrainer
 
 
 def test_a_run_on_its_own_ray_drops_the_dataset_manager_and_the_pg_cleaner() -> None:
@@ -46,8 +65,8 @@ def test_the_local_scaling_policy_decides_like_ray_s_fixed_one_without_a_coordin
     from ray.train.v2._internal.execution.scaling_policy import ResizeDecision
     from ray.train.v2._internal.execution.scaling_policy.fixed import FixedScalingPolicy
 
-    policy_cls = _fixed_policy_without_coordinator()
-    assert policy_cls is not None and issubclass(policy_cls, FixedScalingPolicy)
+    policy_cls = fixed_policy_without_coordinator()
+    assert issubclass(policy_cls, FixedScalingPolicy)
     config = ray.train.ScalingConfig(num_workers=3, resources_per_worker={"CPU": 2})
     policy = policy_cls(config)
     policy.after_controller_start(object())
