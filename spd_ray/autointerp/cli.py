@@ -8,6 +8,7 @@ import sys
 from typing import Any
 
 from spd_ray.argtypes import float_in, int_in, nonneg_float, positive_float, positive_int
+from spd_ray.errors import InputError
 
 
 def cmd_autointerp(args: argparse.Namespace) -> int:
@@ -22,7 +23,7 @@ def cmd_autointerp(args: argparse.Namespace) -> int:
         key = os.environ.get("OPENAI_API_KEY", "EMPTY")
     else:
         if args.api_key_env not in os.environ and not args.dry_run:
-            raise ValueError(f"--api-key-env {args.api_key_env}: that variable is not set")
+            raise InputError(f"--api-key-env {args.api_key_env}: that variable is not set")
         key = os.environ.get(args.api_key_env, "EMPTY")
     llm = LLMSettings.model_validate(
         {
@@ -60,8 +61,8 @@ def cmd_autointerp(args: argparse.Namespace) -> int:
 
 
 def cmd_labels(args: argparse.Namespace) -> int:
-    from spd_ray.api import resolve_run_dir
     from spd_ray.autointerp.table import labels_table
+    from spd_ray.runs import resolve_run_dir
 
     print(labels_table(resolve_run_dir(args.run, args.out), args.model, failed=args.failed))
     return 0

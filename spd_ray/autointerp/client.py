@@ -23,13 +23,14 @@ import email.utils
 import json
 import random
 import re
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import openai
 from openai.types.chat import ChatCompletion
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from spd_ray.autointerp.errors import BudgetExhausted, FatalLLMError, LLMError, Usage
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
@@ -64,48 +65,6 @@ class LLMSettings(BaseModel):
     temperature: float = Field(0.0, ge=0, description="Sampling temperature.")
     price_in_per_mtok: float = Field(0.0, ge=0, description="USD per million prompt tokens.")
     price_out_per_mtok: float = Field(0.0, ge=0, description="USD per million completion tokens.")
-
-
-@dataclass
-class Usage:
-    """Tokens, cost and HTTP requests (failed ones included) of one or more attempts."""
-
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    cost_usd: float = 0.0
-    requests: int = 0
-
-    def add(self, other: Usage) -> None:
-        self.prompt_tokens += other.prompt_tokens
-        self.completion_tokens += other.completion_tokens
-        self.cost_usd += other.cost_usd
-        self.requests += other.requests
-
-    def __add__(self, other: Usage) -> Usage:
-        total = Usage(**vars(self))
-        total.add(other)
-        return total
-
-
-class LLMError(Exception):
-    """A request that failed after its retries and re-asks; `usage` is what it cost anyway."""
-
-    def __init__(self, reason: str, usage: Usage | None = None):
-        super().__init__(reason)
-        self.reason = reason
-        self.usage = usage if usage is not None else Usage()
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        # Errors cross Ray process boundaries; keep the usage, not just the message.
-        return (type(self), (self.reason, self.usage))
-
-
-class FatalLLMError(LLMError):
-    """The endpoint is unusable (unreachable, bad key, unknown model or path, no credit)."""
-
-
-class BudgetExhausted(LLMError):
-    """The shared budget is spent; no request was sent."""
 
 
 def strip_fences(text: str) -> str:

@@ -24,7 +24,8 @@ from typing import Any, Protocol
 
 import ray
 
-from spd_ray.autointerp.client import BudgetExhausted
+from spd_ray.autointerp.errors import BudgetExhausted
+from spd_ray.errors import InputError
 
 WINDOW_S = 60.0
 
@@ -42,11 +43,11 @@ class LimiterCore:
         max_hold_s: float | None = None,
     ):
         if rpm is not None and rpm < 1:
-            raise ValueError(f"rpm must be >= 1 (grants per 60 s window) or None, got {rpm}")
+            raise InputError(f"rpm must be >= 1 (grants per 60 s window) or None, got {rpm}")
         if budget_usd is not None and budget_usd < 0:
-            raise ValueError(f"budget_usd must be >= 0 or None, got {budget_usd}")
+            raise InputError(f"budget_usd must be >= 0 or None, got {budget_usd}")
         if max_hold_s is not None and max_hold_s <= 0:
-            raise ValueError(f"max_hold_s must be > 0 or None, got {max_hold_s}")
+            raise InputError(f"max_hold_s must be > 0 or None, got {max_hold_s}")
         self.rpm = rpm
         self.budget_usd = budget_usd
         self.max_hold_s = max_hold_s
@@ -123,7 +124,7 @@ class LimiterCore:
         elif self._late > 0:  # a grant presumed lost was not: its slot was counted already
             self._late -= 1
         else:
-            raise ValueError("release() without a matching grant")
+            raise InputError("release() without a matching grant")
 
     def record(self) -> None:
         """A request sent without a grant (the endpoint check) that finished now."""
@@ -133,7 +134,7 @@ class LimiterCore:
 
     def spend(self, usd: float, prompt_tokens: int, completion_tokens: int) -> None:
         if usd < 0 or prompt_tokens < 0 or completion_tokens < 0:
-            raise ValueError(
+            raise InputError(
                 f"spend must be non-negative, got usd={usd}, prompt_tokens={prompt_tokens}, "
                 f"completion_tokens={completion_tokens}"
             )
@@ -285,7 +286,7 @@ def shared_limiter(
     ).remote(rpm, budget_usd, max_hold_s)
     existing = tuple(ray.get(actor.config.remote()))
     if existing != (rpm, budget_usd):
-        raise ValueError(
+        raise InputError(
             f"limiter {name!r} already exists with rpm={existing[0]}, budget_usd={existing[1]}; "
             f"asked for rpm={rpm}, budget_usd={budget_usd}"
         )

@@ -26,28 +26,38 @@ import json
 import random
 import time
 import uuid
-from dataclasses import dataclass
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
 from fnmatch import fnmatch
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
+from pydantic import TypeAdapter
 from tqdm import tqdm
 
-from spd_ray.autointerp.client import (
-    BudgetExhausted,
-    FatalLLMError,
-    LLMClient,
-    LLMError,
-    LLMSettings,
-    Usage,
-)
-from spd_ray.autointerp.prompt import LabelAnswer, PromptSettings, label_messages
+from spd_ray.autointerp.client import LLMClient, LLMSettings
+from spd_ray.autointerp.errors import FatalLLMError, LLMError, Usage
+from spd_ray.autointerp.prompt import PromptSettings, label_messages
+from spd_ray.autointerp.scoring import SCORE_KINDS, ScoreKind
 from spd_ray.autointerp.store import LabelStore
-from spd_ray.harvest.show import example_text
-from spd_ray.harvest.store import Example, Harvest
+from spd_ray.autointerp.tasks import (
+    LABEL_RESULT,
+    SCORE_RESULT,
+    LabelTask,
+    Result,
+    ScoreFailed,
+    ScoreTask,
+    row,
+)
+from spd_ray.autointerp.trials import score_trials
+from spd_ray.autointerp.worker import LLMWorker, WorkerPlace
+from spd_ray.errors import InputError
+from spd_ray.harvest.store import Harvest
 
-SCORE_KINDS = ("detection", "fuzzing", "intruder")
+if TYPE_CHECKING:
+    from spd_ray.autointerp.limits import RayLimiter
 
 
 class AutointerpFailedError(RuntimeError):
@@ -64,7 +74,7 @@ class AutointerpOptions:
     limit: int | None = None
     min_density: float = 0.0
     modules: tuple[str, ...] = ()  # fnmatch patterns of module paths; empty: all
-    scores: tuple[str, ...] = ()
+    scores: tuple[ScoreKind, ...] = ()
     dry_run: int = 0  # >0: print this many prompts and send nothing
     seed: int = 0
     prompt: PromptSettings = PromptSettings()
@@ -72,14 +82,14 @@ class AutointerpOptions:
 
     def __post_init__(self) -> None:
         if self.actors < 1:
-            raise ValueError(f"--actors must be at least 1, got {self.actors}")
+            raise InputError(f"--actors must be at least 1, got {self.actors}")
         if self.concurrency < 1:
-            raise ValueError(f"--concurrency must be at least 1, got {self.concurrency}")
+            raise InputError(f"--concurrency must be at least 1, got {self.concurrency}")
         if self.limit is not None and self.limit < 1:
-            raise ValueError(f"--limit must be at least 1, got {self.limit}")
+            raise InputError(f"--limit must be at least 1, got {self.limit}")
         unknown = [s for s in self.scores if s not in SCORE_KINDS]
         if unknown:
-            raise ValueError(f"--score {unknown[0]!r} is not one of {list(SCORE_KINDS)}")
+            raise InputError(f"--score {unknown[0]!r} is not one of {list(SCORE_KINDS)}")
 
 
 def select_components(h: Harvest, opts: AutointerpOptions) -> list[str]:
@@ -92,7 +102,7 @@ def select_components(h: Harvest, opts: AutointerpOptions) -> list[str]:
         known = {m["path"] for m in h.meta["modules"]}
         for pattern in opts.modules:
             if not any(fnmatch(m, pattern) for m in known):
-                raise ValueError(
+                raise InputError(
                     f"--modules {pattern!r} matches no module; modules: {sorted(known)}"
                 )
     order = sorted(range(len(keys)), key=lambda i: (-density[i], i))
@@ -106,211 +116,12 @@ def select_components(h: Harvest, opts: AutointerpOptions) -> list[str]:
     return chosen[: opts.limit] if opts.limit is not None else chosen
 
 
-# -- the worker ----------------------------------------------------------------------------------
-
-
-class LLMWorker:
-    """Ray Data async callable: a batch of tasks -> a batch of results, at most `concurrency`
-    requests in flight in this actor (Ray Data may run several batches of one actor at once; the
-    semaphore is shared by all of them)."""
-
-    def __init__(self, llm: LLMSettings, limiter_name: str | None, concurrency: int):
-        self.llm = llm
-        self.limiter_name = limiter_name
-        self.concurrency = concurrency
-        self._client: LLMClient | None = None
-        self._sem: asyncio.Semaphore | None = None
-        self._limiter: Any = None
-        self._where = ""
-
-    def _setup(self) -> tuple[LLMClient, asyncio.Semaphore]:
-        if self._client is None:
-            import ray
-
-            from spd_ray.autointerp.limits import RayLimiter
-            from spd_ray.ray_session import here
-
-            actor = ray.get_runtime_context().get_actor_id()
-            self._where = json.dumps({"actor": actor, **here()})
-            if self.limiter_name is not None:
-                self._limiter = RayLimiter(ray.get_actor(self.limiter_name), self.limiter_name)
-            self._client = LLMClient(self.llm, self._limiter)
-            self._sem = asyncio.Semaphore(self.concurrency)
-        assert self._sem is not None
-        return self._client, self._sem
-
-    async def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        client, sem = self._setup()
-        tasks = [json.loads(t) for t in batch["task"]]
-
-        async def one(task: dict[str, Any]) -> dict[str, Any]:
-            async with sem:
-                return await _run_task(client, task)
-
-        results = await asyncio.gather(*(one(t) for t in tasks))
-        return {
-            "result": np.array([json.dumps(r) for r in results], dtype=object),
-            "worker": np.array([self._where] * len(results), dtype=object),
-        }
-
-
-async def _run_task(client: LLMClient, task: dict[str, Any]) -> dict[str, Any]:
-    """One component's label, or one component's score over its trials; fatal errors propagate
-    (they end the pipeline), every other failure is a result with its reason."""
-    from spd_ray.autointerp.scoring import Picks, mean_score, trial_score
-
-    base = {"key": task["key"]}
-    if task["type"] == "score":
-        base["kind"] = task["kind"]
-    usage = Usage()
-    try:
-        if task["type"] == "label":
-            answer, usage, _ = await client.complete_json(task["messages"], LabelAnswer)
-            return {**base, "status": "ok", **answer.model_dump(), "usage": _usage(usage)}
-        answers, per_trial = [], []
-        for trial in task["trials"]:
-            picks, u, _ = await client.complete_json(trial["messages"], Picks)
-            usage.add(u)
-            answers.append(picks)
-            per_trial.append({"truth": trial["truth"], "selected": picks.selected})
-        scored = [_trial(t) for t in task["trials"]]
-        score = mean_score(scored, answers)
-        per = [trial_score(t, a) for t, a in zip(scored, answers, strict=True)]
-        for row, s in zip(per_trial, per, strict=True):
-            row["score"] = s
-        return {**base, "status": "ok", "score": score, "trials": per_trial, "usage": _usage(usage)}
-    except FatalLLMError:
-        raise
-    except BudgetExhausted as err:
-        usage.add(err.usage or Usage())
-        return {
-            **base,
-            "status": "failed",
-            "reason": f"budget: {err.reason}",
-            "usage": _usage(usage),
-        }
-    except LLMError as err:
-        usage.add(err.usage or Usage())
-        return {**base, "status": "failed", "reason": err.reason, "usage": _usage(usage)}
-
-
-def _trial(t: dict[str, Any]) -> Any:
-    from spd_ray.autointerp.scoring import Trial
-
-    return Trial(kind=t["kind"], messages=t["messages"], truth=tuple(t["truth"]))
-
-
-def _usage(u: Usage) -> dict[str, Any]:
-    return {
-        "prompt_tokens": u.prompt_tokens,
-        "completion_tokens": u.completion_tokens,
-        "cost_usd": u.cost_usd,
-        "requests": u.requests,
-    }
-
-
-# -- score trials ----------------------------------------------------------------------------
-
-
-def _render(h: Harvest, e: Example, position: int | None = None) -> str:
-    """An example with the firing token (or another `position` of the window) marked."""
-    if e.tokens is None:
-        return example_text(h, e)
-    if position is None:
-        return example_text(h, e, ("<<", ">>"))
-    moved = Example(**{**e.__dict__, "tokens": list(e.tokens)})
-    text = []
-    for j, tok in enumerate(moved.tokens or []):
-        if tok < 0:
-            continue
-        piece = example_text_token(h, tok)
-        text.append(f"<<{piece}>>" if j == position else piece)
-    return "".join(text).replace("\n", "\\n")
-
-
-def example_text_token(h: Harvest, tok: int) -> str:
-    from spd_ray.harvest.show import token_text
-
-    return token_text(h, tok)
-
-
-def score_trials(
-    h: Harvest, key: str, label: str, kind: str, rng: random.Random, threshold: float
-) -> list[dict[str, Any]]:
-    """The trials of one score for one component, as plain dicts (they travel as JSON)."""
-    from spd_ray.autointerp.scoring import detection_trials, fuzzing_trials, intruder_trials
-
-    i = h.index(key)
-    own = h.examples(key)
-    counts = h.firing_counts()
-    co = h.cofiring_row(i)
-    # Examples of subcomponents that never fire together with this one: at their firing token
-    # this one is certainly silent. Where every subcomponent co-fires with it (an undertrained
-    # decomposition), the ones that co-fire least.
-    alive = [j for j in np.flatnonzero(counts > 0).tolist() if j != i]
-    apart = [j for j in alive if co[j] == 0]
-    if len(apart) < 10:
-        rate = {j: co[j] / counts[j] for j in alive}
-        apart += sorted((j for j in alive if co[j] > 0), key=lambda j: (rate[j], j))[
-            : 10 - len(apart)
-        ]
-    seed = rng.randrange(1 << 30)
-    if kind == "detection":
-        others = _borrow(h, apart, rng, 20, own)
-        trials = detection_trials(label, [_render(h, e) for e in own], others, seed=seed)
-    elif kind == "fuzzing":
-        correct, wrong = [], []
-        for e in own:
-            correct.append(_render(h, e))
-            if e.tokens is not None and isinstance(e.ci, list):
-                quiet = [
-                    j
-                    for j, (t, c) in enumerate(zip(e.tokens, e.ci, strict=True))
-                    if t >= 0 and c <= threshold
-                ]
-                if quiet:
-                    wrong.append(_render(h, e, rng.choice(quiet)))
-        trials = fuzzing_trials(label, correct, wrong, seed=seed)
-    else:
-        density = counts / max(h.n_tokens, 1)
-        similar = sorted(apart, key=lambda j: abs(density[j] - density[i]))[:10]
-        trials = intruder_trials(
-            [_render(h, e) for e in own], _borrow(h, similar, rng, 10, own), seed=seed
-        )
-    return [{"kind": t.kind, "messages": t.messages, "truth": list(t.truth)} for t in trials]
-
-
-def _borrow(
-    h: Harvest, components: list[int], rng: random.Random, n: int, own: list[Example]
-) -> list[str]:
-    """Up to `n` examples of other subcomponents (one each), never a window this subcomponent
-    has among its own examples (the same firing position, or the same text)."""
-    own_uids = {(e.doc, e.offset) for e in own}
-    own_text = {_plain(_render(h, e)) for e in own}
-    out = []
-    for j in rng.sample(components, len(components)):
-        ex = [
-            e
-            for e in (h.examples(j, "reservoir") or h.examples(j))
-            if (e.doc, e.offset) not in own_uids and _plain(_render(h, e)) not in own_text
-        ]
-        if ex:
-            out.append(_render(h, rng.choice(ex)))
-        if len(out) == n:
-            break
-    return out
-
-
-def _plain(text: str) -> str:
-    return text.replace("<<", "").replace(">>", "")
-
-
 # -- the driver ----------------------------------------------------------------------------------
 
 
 def run_autointerp(run: str | Path, opts: AutointerpOptions, out: str | None = None) -> LabelStore:
-    from spd_ray.api import resolve_run_dir
     from spd_ray.autointerp.limits import LimiterCore
+    from spd_ray.runs import resolve_run_dir
     from spd_ray.sync import run_uri, sync_up
 
     uri = run_uri(run, out)  # a run in a bucket: labelled in its staging folder, then sent
@@ -331,10 +142,9 @@ def run_autointerp(run: str | Path, opts: AutointerpOptions, out: str | None = N
     return store
 
 
-def _label_tasks(h: Harvest, keys: list[str], opts: AutointerpOptions) -> list[dict[str, Any]]:
+def _label_tasks(h: Harvest, keys: list[str], opts: AutointerpOptions) -> list[LabelTask]:
     return [
-        {"type": "label", "key": k, "messages": label_messages(h, k, h.examples(k), opts.prompt)}
-        for k in keys
+        LabelTask(key=k, messages=label_messages(h, k, h.examples(k), opts.prompt)) for k in keys
     ]
 
 
@@ -346,10 +156,20 @@ def _todo(store: LabelStore, keys: list[str]) -> list[str]:
 def _dry_run(h: Harvest, store: LabelStore, keys: list[str], opts: AutointerpOptions) -> None:
     todo = _todo(store, keys)
     for t in _label_tasks(h, todo[: opts.dry_run], opts):
-        print(f"===== {t['key']} =====")
-        for m in t["messages"]:
+        print(f"===== {t.key} =====")
+        for m in t.messages:
             print(f"--- {m['role']} ---\n{m['content']}")
     print(f"(dry run: {len(todo)} subcomponents would be labelled; nothing sent)")
+
+
+@dataclass
+class _Pool:
+    """What the streams of one run share: the options, the limiter every worker asks, and how
+    many results each worker process returned."""
+
+    opts: AutointerpOptions
+    limiter: RayLimiter
+    workers: Counter[WorkerPlace] = field(default_factory=Counter)
 
 
 def _label_and_score(
@@ -358,19 +178,12 @@ def _label_and_score(
     """Label, then score, what the store lacks; under the store's lock."""
     import ray
 
-    from spd_ray.autointerp.limits import shared_limiter
     from spd_ray.ray_session import connect_ray, say
 
     todo = _todo(store, keys)
     tasks = _label_tasks(h, todo, opts)
-    # The budget covers every run of this store: what earlier runs spent is on its lines.
     before = store.spent()
-    left = None if opts.budget_usd is None else max(0.0, opts.budget_usd - before["usd"])
-    if opts.budget_usd is not None:
-        say(
-            f"[autointerp] budget ${opts.budget_usd:.4f}: ${before['usd']:.4f} spent by earlier "
-            f"runs of {store.dir}, ${left:.4f} left"
-        )
+    left = _budget_left(store, before, opts)
     checked = left is None or left > 0
     if checked:
         check = _check(opts.llm, store)
@@ -380,19 +193,63 @@ def _label_and_score(
         {"base_url": opts.llm.base_url, "model": opts.llm.model, "harvest": str(h.path)}
     )
     connect_ray()
-    limiter_name = f"spd-ray-autointerp-{uuid.uuid4().hex[:12]}"
+    pool = _Pool(opts, _start_limiter(opts, left, checked))
+    say(f"[autointerp] {len(todo)} of {len(keys)} subcomponents to label")
+    try:
+        with _stops_when_ray_loses_work(store):
+            _stream(tasks, LABEL_RESULT, store.add_label, "label", pool)
+            if opts.scores:
+                score_tasks = _score_tasks(h, store, keys, opts)
+                say(f"[autointerp] {len(score_tasks)} scores to compute")
+                _stream(score_tasks, SCORE_RESULT, store.add_score, "score", pool)
+    finally:
+        if pool.workers:
+            store.write_workers([{**asdict(w), "results": n} for w, n in pool.workers.items()])
+    _report(store, before, pool)
+    # On failure the limiter goes with the driver (it is not detached); a kill then could hide
+    # the error that stopped the run.
+    ray.kill(pool.limiter.actor)
+
+
+def _budget_left(
+    store: LabelStore, before: dict[str, float], opts: AutointerpOptions
+) -> float | None:
+    """What the budget leaves for this run (None: no budget). It covers every run of this store:
+    what earlier runs spent (`before`) is on its lines."""
+    from spd_ray.ray_session import say
+
+    if opts.budget_usd is None:
+        return None
+    left = max(0.0, opts.budget_usd - before["usd"])
+    say(
+        f"[autointerp] budget ${opts.budget_usd:.4f}: ${before['usd']:.4f} spent by earlier "
+        f"runs of {store.dir}, ${left:.4f} left"
+    )
+    return left
+
+
+def _start_limiter(opts: AutointerpOptions, left: float | None, checked: bool) -> RayLimiter:
+    """The run's named limiter actor, with the endpoint check (when one was sent) counted."""
+    import ray
+
+    from spd_ray.autointerp.limits import shared_limiter
+
+    name = f"spd-ray-autointerp-{uuid.uuid4().hex[:12]}"
     # No live request holds its grant this long (one HTTP attempt, bounded by the timeout per
     # phase): a grant still held then was lost with its worker's node.
     max_hold_s = 4 * opts.llm.timeout_s + 60
-    limiter = shared_limiter(limiter_name, opts.rpm, left, max_hold_s=max_hold_s)
+    limiter = shared_limiter(name, opts.rpm, left, max_hold_s=max_hold_s)
     if checked:
         ray.get(limiter.actor.record.remote())  # the endpoint check counts toward the rpm
-    say(f"[autointerp] {len(todo)} of {len(keys)} subcomponents to label")
-    workers: dict[tuple[str, int], dict[str, Any]] = {}
+    return limiter
+
+
+@contextmanager
+def _stops_when_ray_loses_work(store: LabelStore) -> Iterator[None]:
+    """Turn a node, worker or result that Ray lost into AutointerpFailedError: one line naming
+    the store that keeps every finished result, and what to rerun."""
     try:
-        _stream(tasks, "label", store.add_label, opts, limiter, limiter_name, workers)
-        if opts.scores:
-            _score(h, store, keys, opts, limiter, limiter_name, workers)
+        yield
     except Exception as err:
         lost = None if isinstance(err, LLMError) else _lost_in(err)
         if lost is None:
@@ -403,40 +260,36 @@ def _label_and_score(
             f"that came back is in {store.dir} - rerun the same `spd-ray autointerp` command to "
             "send only what is missing"
         ) from err
-    finally:
-        if workers:
-            store.write_workers(list(workers.values()))
-    stats = limiter.stats()
+
+
+def _report(store: LabelStore, before: dict[str, float], pool: _Pool) -> None:
+    """One line: what this run sent and spent, where it ran, and the store's totals."""
+    from spd_ray.ray_session import say
+
+    stats = pool.limiter.stats()
     total = store.spent()
+    nodes = {w.node_id for w in pool.workers}
     say(
         f"[autointerp] {total['requests'] - before['requests']} requests, "
         f"${total['usd'] - before['usd']:.4f}, "
         f"{total['prompt_tokens'] - before['prompt_tokens']}+"
         f"{total['completion_tokens'] - before['completion_tokens']} tokens, "
-        f"at most {stats['max_in_flight']} in flight on {len(workers)} worker(s) of "
-        f"{len({w['node_id'] for w in workers.values()})} node(s) -> {store.dir} "
+        f"at most {stats['max_in_flight']} in flight on {len(pool.workers)} worker(s) of "
+        f"{len(nodes)} node(s) -> {store.dir} "
         f"(all runs of this store: {total['requests']} requests, ${total['usd']:.4f})"
     )
-    ray.kill(limiter.actor)
 
 
-def _score(
-    h: Harvest,
-    store: LabelStore,
-    keys: list[str],
-    opts: AutointerpOptions,
-    limiter: Any,
-    limiter_name: str,
-    workers: dict[tuple[str, int], dict[str, Any]],
-) -> None:
-    """Score the labelled subcomponents whose scores the store lacks."""
-    from spd_ray.ray_session import say
-
+def _score_tasks(
+    h: Harvest, store: LabelStore, keys: list[str], opts: AutointerpOptions
+) -> list[ScoreTask]:
+    """The scores the store lacks, of the labelled subcomponents. A score whose trials cannot be
+    built (too few examples) is recorded as failed, not sent."""
     labels = store.labels()
     scores = store.scores()
     rng = random.Random(opts.seed)
     threshold = h.meta["settings"]["ci_threshold"]
-    score_tasks = []
+    tasks = []
     for k in keys:
         if labels.get(k, {}).get("status") != "ok":
             continue
@@ -445,13 +298,12 @@ def _score(
                 continue
             try:
                 trials = score_trials(h, k, labels[k]["label"], kind, rng, threshold)
-            except ValueError as err:  # too few examples for this score: recorded, not fatal
+            except ValueError as err:
                 reason = f"cannot build {kind} trials: {err}"
-                store.add_score({"key": k, "kind": kind, "status": "failed", "reason": reason})
+                store.add_score(row(ScoreFailed(key=k, kind=kind, reason=reason)))
                 continue
-            score_tasks.append({"type": "score", "key": k, "kind": kind, "trials": trials})
-    say(f"[autointerp] {len(score_tasks)} scores to compute")
-    _stream(score_tasks, "score", store.add_score, opts, limiter, limiter_name, workers)
+            tasks.append(ScoreTask(key=k, kind=kind, trials=trials))
+    return tasks
 
 
 def _check(llm: LLMSettings, store: LabelStore) -> Usage:
@@ -468,59 +320,42 @@ def _check(llm: LLMSettings, store: LabelStore) -> Usage:
         usage = asyncio.run(check())
     except LLMError as err:
         if err.usage.requests:
-            store.add_check(_usage(err.usage))
+            store.add_check(asdict(err.usage))
         raise
-    store.add_check(_usage(usage))
+    store.add_check(asdict(usage))
     return usage
 
 
 def _stream(
-    tasks: list[dict[str, Any]],
+    tasks: Sequence[LabelTask | ScoreTask],
+    results: TypeAdapter[Any],
+    write: Callable[[dict[str, Any]], None],
     what: str,
-    write: Any,
-    opts: AutointerpOptions,
-    limiter: Any,
-    limiter_name: str,
-    workers: dict[tuple[str, int], dict[str, Any]],
+    pool: _Pool,
 ) -> None:
-    """Run tasks through the actor pool, writing each result as it arrives; `workers` counts the
-    results of each worker process (a restarted actor is a new process)."""
+    """Run tasks through the actor pool, writing each result (parsed by `results`) as it
+    arrives, and counting each worker's results in `pool.workers`."""
     if not tasks:
         return
-    import ray.data
-
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = False
-    ds: Any = ray.data.from_items([{"task": json.dumps(t)} for t in tasks])
-    ds = ds.map_batches(
-        LLMWorker,
-        fn_constructor_args=(opts.llm, limiter_name, opts.concurrency),
-        batch_size=max(1, opts.concurrency),
-        batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(size=opts.actors),
-        num_cpus=0.1,
-    )
     done = failed = 0
     cost = 0.0
     last = 0.0
-    bar = tqdm(total=len(tasks), desc=what, unit="comp", disable=not opts.progress)
+    bar = tqdm(total=len(tasks), desc=what, unit="comp", disable=not pool.opts.progress)
     try:
-        for row in ds.iter_rows():
-            result = json.loads(row["result"])
-            write(result)
-            where = json.loads(row["worker"])
-            seen = workers.setdefault((where["actor"], where["pid"]), {**where, "results": 0})
-            seen["results"] += 1
-            done += result["status"] == "ok"
-            failed += result["status"] != "ok"
-            cost += result.get("usage", {}).get("cost_usd", 0.0)
+        for out in _dataset(tasks, pool).iter_rows():
+            result: Result = results.validate_json(out["result"])
+            write(row(result))
+            pool.workers[WorkerPlace(**json.loads(out["worker"]))] += 1
+            done += result.status == "ok"
+            failed += result.status != "ok"
+            cost += result.usage.cost_usd if result.usage is not None else 0.0
             bar.update(1)
             if time.monotonic() - last > 1.0:
                 last = time.monotonic()
                 bar.set_postfix(
                     ok=done,
                     failed=failed,
-                    in_flight=limiter.stats()["in_flight"],
+                    in_flight=pool.limiter.stats()["in_flight"],
                     cost=f"${cost:.4f}",
                 )
     except Exception as err:
@@ -531,6 +366,23 @@ def _stream(
     finally:
         bar.set_postfix(ok=done, failed=failed, cost=f"${cost:.4f}")
         bar.close()
+
+
+def _dataset(tasks: Sequence[LabelTask | ScoreTask], pool: _Pool) -> Any:
+    """The tasks as a Ray Data dataset mapped by an actor pool of `LLMWorker`s."""
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ds: Any = ray.data.from_items([{"task": t.model_dump_json()} for t in tasks])
+    return ds.map_batches(
+        LLMWorker,
+        fn_constructor_args=(pool.opts.llm, pool.limiter.name, pool.opts.concurrency),
+        batch_size=max(1, pool.opts.concurrency),
+        batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=pool.opts.actors),
+        num_cpus=0.1,
+    )
 
 
 def _lost_in(err: BaseException) -> BaseException | None:

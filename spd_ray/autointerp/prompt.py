@@ -1,6 +1,8 @@
-"""The labelling prompt for one subcomponent, built from its harvest (analysis.md section 2, in
-our words): what SPD subcomponents are, where this one sits, how often it fires, its input and
-output tokens with their measures, and its examples with the firing tokens marked `<<...>>`."""
+"""The labelling prompt for one subcomponent, built from its harvest: what SPD subcomponents are,
+where this one sits, how often it fires, its input and output tokens with their measures, and its
+examples with the firing tokens marked `<<...>>`. The order of these parts and the answer schema
+(a 3-10 word label, a confidence, 2-4 sentences of reasoning) follow the reference SPD library's
+autointerp prompt, reworded."""
 
 from __future__ import annotations
 

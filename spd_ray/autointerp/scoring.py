@@ -38,6 +38,8 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
+from spd_ray.errors import InputError
+
 ScoreKind = Literal["detection", "fuzzing", "intruder"]
 SCORE_KINDS: tuple[str, ...] = ("detection", "fuzzing", "intruder")
 
@@ -83,19 +85,19 @@ def _numbered(items: Sequence[str]) -> str:
 
 def _check_count(name: str, value: int, minimum: int = 1) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+        raise InputError(f"{name} must be an integer >= {minimum}, got {value!r}")
 
 
 def _check_pool(name: str, pool: Sequence[str], minimum: int = 1) -> None:
     if len(pool) < minimum:
-        raise ValueError(f"{name} needs at least {minimum} example(s), got {len(pool)}")
+        raise InputError(f"{name} needs at least {minimum} example(s), got {len(pool)}")
     if not all(isinstance(s, str) for s in pool):
-        raise ValueError(f"{name} must hold only strings")
+        raise InputError(f"{name} must hold only strings")
 
 
 def _check_label(label: str) -> None:
     if not isinstance(label, str) or not label.strip():
-        raise ValueError(f"label must be a non-empty string, got {label!r}")
+        raise InputError(f"label must be a non-empty string, got {label!r}")
 
 
 def _rng(kind: str, seed: int, index: int) -> random.Random:
@@ -168,7 +170,7 @@ def fuzzing_trials(
     for name, pool in (("correct", correct), ("wrong", wrong)):
         _check_pool(name, pool)
         if not all(_MARK.search(s) for s in pool):
-            raise ValueError(f"{name}: every example must mark a token as <<token>>")
+            raise InputError(f"{name}: every example must mark a token as <<token>>")
     for name, value in (("n_trials", n_trials), ("n_pos", n_pos), ("n_neg", n_neg)):
         _check_count(name, value)
     trials = []
@@ -217,7 +219,7 @@ def balanced_accuracy(truth: Sequence[bool], selected: Iterable[int]) -> float:
     truth = tuple(bool(t) for t in truth)
     n_pos = sum(truth)
     if n_pos == 0 or n_pos == len(truth):
-        raise ValueError("truth needs at least one positive and one negative item")
+        raise InputError("truth needs at least one positive and one negative item")
     chosen = {i for i in selected if isinstance(i, int) and 1 <= i <= len(truth)}
     tp = sum(1 for i in chosen if truth[i - 1])
     tn = sum(1 for i, t in enumerate(truth, 1) if not t and i not in chosen)
@@ -228,14 +230,14 @@ def trial_score(trial: Trial, answer: Picks) -> float:
     """Balanced accuracy of one answer. An intruder answer with several picks or none is scored
     the same way (e.g. all or none -> 0.5), so hedging earns nothing on average."""
     if not isinstance(answer, Picks):
-        raise ValueError(f"answer must be a Picks, got {type(answer).__name__}")
+        raise InputError(f"answer must be a Picks, got {type(answer).__name__}")
     return balanced_accuracy(trial.truth, answer.selected)
 
 
 def mean_score(trials: list[Trial], answers: list[Picks]) -> float:
     """Mean balanced accuracy over trials, answers[i] answering trials[i]."""
     if not trials:
-        raise ValueError("trials must not be empty")
+        raise InputError("trials must not be empty")
     if len(answers) != len(trials):
-        raise ValueError(f"answers has {len(answers)} entries, trials has {len(trials)}")
+        raise InputError(f"answers has {len(answers)} entries, trials has {len(trials)}")
     return sum(trial_score(t, a) for t, a in zip(trials, answers, strict=True)) / len(trials)

@@ -5,17 +5,18 @@ from __future__ import annotations
 from pathlib import Path
 
 from spd_ray.autointerp.store import LabelStore, stores_of
+from spd_ray.errors import NotFoundError
 
 
 def _store(run_dir: Path, model: str | None) -> LabelStore:
     if model is not None:
         store = LabelStore(run_dir, model)
         if not store.labels_path.exists():
-            raise FileNotFoundError(f"run {run_dir} has no labels by model {model!r}")
+            raise NotFoundError(f"run {run_dir} has no labels by model {model!r}")
         return store
     found = stores_of(run_dir)
     if not found:
-        raise FileNotFoundError(
+        raise NotFoundError(
             f"run {run_dir} has no labels; run `spd-ray autointerp {run_dir} --base-url ... "
             "--model ...`"
         )

@@ -29,6 +29,7 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from spd_ray.core.model import ComponentModel
+from spd_ray.errors import InputError
 from spd_ray.harvest.keep import KeepTable
 
 Kind = Literal["lm", "toy"]
@@ -52,7 +53,7 @@ class HarvestSettings:
         }
         for name, ok in checks.items():
             if not ok:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+                raise InputError(f"{name} must be >= 0, got {getattr(self, name)}")
 
 
 def component_keys(model: ComponentModel) -> list[str]:

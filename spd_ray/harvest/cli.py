@@ -52,7 +52,7 @@ def cmd_harvest_show(args: argparse.Namespace) -> int:
 
 
 def _run_path(run: str, out: str | None) -> Any:
-    from spd_ray.api import resolve_run_dir
+    from spd_ray.runs import resolve_run_dir
 
     return resolve_run_dir(run, out)
 

@@ -39,6 +39,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from spd_ray.errors import InputError
+
 PAIR_MEASURES: tuple[str, ...] = ("precision", "recall", "jaccard", "pmi", "lift")
 TOKEN_MEASURES: tuple[str, ...] = ("precision", "recall", "lift", "pmi")
 
@@ -56,35 +58,35 @@ def _vector(name: str, x: np.ndarray) -> np.ndarray:
     """A 1-D numeric, non-negative array [N] or a ValueError naming `name`."""
     arr = np.asarray(x)
     if arr.ndim != 1:
-        raise ValueError(f"{name} must be 1-D, got shape {arr.shape}")
+        raise InputError(f"{name} must be 1-D, got shape {arr.shape}")
     if arr.dtype.kind not in "biuf":
-        raise ValueError(f"{name} must be numeric, got dtype {arr.dtype}")
+        raise InputError(f"{name} must be numeric, got dtype {arr.dtype}")
     if arr.size and not (np.all(np.isfinite(arr)) and np.all(arr >= 0)):
-        raise ValueError(f"{name} must be finite and non-negative")
+        raise InputError(f"{name} must be finite and non-negative")
     return arr
 
 
 def _scalar(name: str, x: float, positive: bool) -> float:
     """A finite float scalar (> 0 if `positive`, else >= 0) or a ValueError naming `name`."""
     if np.ndim(x) != 0:
-        raise ValueError(f"{name} must be a scalar, got shape {np.shape(x)}")
+        raise InputError(f"{name} must be a scalar, got shape {np.shape(x)}")
     value = float(x)
     if not np.isfinite(value) or value < 0 or (positive and value == 0):
         bound = "> 0" if positive else ">= 0"
-        raise ValueError(f"{name} must be finite and {bound}, got {x!r}")
+        raise InputError(f"{name} must be finite and {bound}, got {x!r}")
     return value
 
 
 def _same_shape(name_a: str, a: np.ndarray, name_b: str, b: np.ndarray) -> None:
     """Raise a ValueError naming both arguments unless a and b have the same shape."""
     if a.shape != b.shape:
-        raise ValueError(f"{name_a} shape {a.shape} does not match {name_b} shape {b.shape}")
+        raise InputError(f"{name_a} shape {a.shape} does not match {name_b} shape {b.shape}")
 
 
 def _check_measure(measure: str, valid_names: tuple[str, ...]) -> None:
     """Raise a ValueError listing `valid_names` unless `measure` is one of them."""
     if measure not in valid_names:
-        raise ValueError(f"unknown measure {measure!r}; valid measures: {', '.join(valid_names)}")
+        raise InputError(f"unknown measure {measure!r}; valid measures: {', '.join(valid_names)}")
 
 
 def _spread(valid: np.ndarray, values: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -108,7 +110,7 @@ def pair_measures(
     t = _scalar("T", T, positive=True)
     n = c_ij.shape[0]
     if self_index is not None and not 0 <= self_index < n:
-        raise ValueError(f"self_index {self_index} out of range for {n} components")
+        raise InputError(f"self_index {self_index} out of range for {n} components")
 
     valid = (c_ij > 0) & (c_j > 0)
     if ci == 0:
@@ -163,20 +165,20 @@ def top_ranked(
     valid = np.asarray(valid)
     counts = np.asarray(counts)
     if values.ndim != 1:
-        raise ValueError(f"values must be 1-D, got shape {values.shape}")
+        raise InputError(f"values must be 1-D, got shape {values.shape}")
     if valid.dtype != np.bool_:
-        raise ValueError(f"valid must be a bool mask, got dtype {valid.dtype}")
+        raise InputError(f"valid must be a bool mask, got dtype {valid.dtype}")
     _same_shape("valid", valid, "values", values)
     _same_shape("counts", counts, "values", values)
     if counts.dtype.kind not in "biuf":
-        raise ValueError(f"counts must be numeric, got dtype {counts.dtype}")
+        raise InputError(f"counts must be numeric, got dtype {counts.dtype}")
     if isinstance(k, bool) or not isinstance(k, int | np.integer) or k < 0:
-        raise ValueError(f"k must be a non-negative int, got {k!r}")
+        raise InputError(f"k must be a non-negative int, got {k!r}")
 
     cand = np.flatnonzero(valid).astype(np.int64)
     vals = values[cand].astype(np.float64)
     if not np.all(np.isfinite(vals)):
-        raise ValueError("values must be finite wherever valid is True")
+        raise InputError("values must be finite wherever valid is True")
     cnts = counts[cand]
     cnt_key = cnts.astype(np.int64) if cnts.dtype.kind in "bu" else cnts
     primary = -vals if largest else vals

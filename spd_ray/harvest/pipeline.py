@@ -1,11 +1,13 @@
 """`spd-ray harvest`: one Ray Data pipeline over a dataset, K long-lived actors, an exact merge.
 
-Shape (analysis.md section 7): rows are produced by Ray Data (sources.py) and handed out with
-`Dataset.streaming_split(K)`, so every row reaches exactly one actor and no actor reads rows
-another one processes. Each `HarvestActor` holds the decomposed model and an `Accumulator` for the
-whole run. When the data is exhausted, the component range is cut into shards; one Ray task per
-shard pulls that range from every actor, sums it (exact for counts) and writes its rows of the
-memory-mapped matrices and its examples file. No process ever holds the full merged state.
+Rows are produced by Ray Data (sources.py) and handed out with `Dataset.streaming_split(K)`, so
+every row reaches exactly one actor and no actor reads rows another one processes. Each
+`HarvestActor` holds the decomposed model and an `Accumulator` for the whole run (long-lived
+actors, not a stateless `map_batches`: the statistics need a final merge, and per-batch partial
+states of [N, V] matrices would be far too large to pass around). When the data is exhausted, the
+component range is cut into shards; one Ray task per shard pulls that range from every actor, sums
+it (exact for counts) and writes its rows of the memory-mapped matrices and its examples file. No
+process ever holds the full merged state.
 
 The harvest is written into `harvest.partial/` and swapped in at the end; an interrupted harvest
 is removed and started over by the next run (the partial state of live actors cannot be resumed
@@ -23,18 +25,26 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 from tqdm import tqdm
 
 from spd_ray.config import LMTaskConfig
-from spd_ray.harvest.accumulate import HarvestSettings, merge_shards
+from spd_ray.errors import InputError, NotFoundError
+from spd_ray.harvest.accumulate import HarvestSettings
+from spd_ray.harvest.merge import Merged, merge_all
+from spd_ray.harvest.records import (
+    ActorProgress,
+    ActorSpan,
+    HarvestMeta,
+    ModelInfo,
+    ModuleInfo,
+    Placement,
+)
 from spd_ray.harvest.sources import (
     TOY_DATA_TYPES,
     LMSource,
@@ -45,17 +55,12 @@ from spd_ray.harvest.sources import (
 )
 from spd_ray.harvest.store import (
     FORMAT,
-    create_arrays,
-    example_table,
     finish_partial,
     harvest_lock,
     recover,
     start_partial,
-    write_examples,
-    write_rows,
 )
 
-MERGE_BYTES = 256 << 20  # target size of one merge shard (all actors' slices together)
 LOST_PROBE_S = 30.0  # how long a live actor may take to answer when another one was lost
 
 
@@ -79,15 +84,15 @@ class HarvestOptions:
 
     def __post_init__(self) -> None:
         if self.actors < 1:
-            raise ValueError(f"--actors must be at least 1, got {self.actors}")
+            raise InputError(f"--actors must be at least 1, got {self.actors}")
         if self.batch_size < 1:
-            raise ValueError(f"--batch-size must be at least 1, got {self.batch_size}")
+            raise InputError(f"--batch-size must be at least 1, got {self.batch_size}")
         if self.tokens is not None and self.batches is not None:
-            raise ValueError("give --tokens or --batches, not both")
+            raise InputError("give --tokens or --batches, not both")
         for name in ("tokens", "batches"):
             value = getattr(self, name)
             if value is not None and value < 1:
-                raise ValueError(f"--{name} must be at least 1, got {value}")
+                raise InputError(f"--{name} must be at least 1, got {value}")
 
 
 # -- the actor -----------------------------------------------------------------------------------
@@ -105,8 +110,8 @@ class HarvestActor:
         threads: int,
         device: str,
     ):
-        from spd_ray.api import load_run
         from spd_ray.harvest.accumulate import Accumulator, component_keys
+        from spd_ray.loaded_run import load_run
         from spd_ray.targets.hf import vocab_size
 
         torch.set_num_threads(threads)
@@ -121,28 +126,21 @@ class HarvestActor:
         self.acc = Accumulator(loaded.model, settings, self.kind, n_classes, index, device)  # type: ignore[arg-type]
         self.rows = 0
         self.keys = component_keys(loaded.model)
-        self.modules = [{"path": p, "C": loaded.model.C(p)} for p in loaded.model.module_paths]
+        self.modules = [ModuleInfo(p, loaded.model.C(p)) for p in loaded.model.module_paths]
         self.n_classes = n_classes
         self.step = loaded.step
         self.index = index
 
-    def placement(self) -> dict[str, Any]:
-        """Where this actor runs: {actor, node_id, hostname, node_ip, pid}."""
+    def placement(self) -> Placement:
         from spd_ray.ray_session import here
 
-        return {"actor": self.index, **here()}
+        return Placement(actor=self.index, **here())
 
-    def describe(self) -> dict[str, Any]:
-        return {
-            "keys": self.keys,
-            "modules": self.modules,
-            "n_classes": self.n_classes,
-            "step": self.step,
-        }
+    def describe(self) -> ModelInfo:
+        return ModelInfo(self.keys, self.modules, self.n_classes, self.step)
 
-    def consume(self, split: Any, batch_size: int) -> tuple[float, float, float]:
-        """Process this actor's rows; returns (wall time of its first batch, of its end, seconds
-        spent in the model and accumulators)."""
+    def consume(self, split: Any, batch_size: int) -> ActorSpan:
+        """Process this actor's rows."""
         first, busy = None, 0.0
         for batch in split.iter_batches(
             batch_size=batch_size, batch_format="numpy", prefetch_batches=2
@@ -160,47 +158,16 @@ class HarvestActor:
             self.rows += len(uid)
             busy += time.time() - t0
         now = time.time()
-        return (first if first is not None else now), now, busy
+        return ActorSpan(first if first is not None else now, now, busy)
 
-    def progress(self) -> tuple[int, int, int, int]:
-        """(rows, valid tokens, bytes of harvest state, peak resident bytes of this actor)."""
+    def progress(self) -> ActorProgress:
         import resource
 
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-        return self.rows, self.acc.n_tokens, self.acc.nbytes(), peak
+        return ActorProgress(self.rows, self.acc.n_tokens, self.acc.nbytes(), peak)
 
     def shard(self, lo: int, hi: int) -> dict[str, Any]:
         return self.acc.shard(lo, hi)
-
-
-def _merge_shard(
-    partial: str, shard: int, lo: int, hi: int, lm: bool, *parts: dict[str, Any]
-) -> dict[str, Any]:
-    """Sum one component range over all actors and write it; returns the per-component columns."""
-    merged = merge_shards(list(parts))
-    p = Path(partial)
-    write_rows(p, "cofiring", lo, merged["cofiring"].numpy())
-    write_rows(p, "input_counts", lo, merged["input_counts"].numpy())
-    if lm:
-        write_rows(p, "output_mass", lo, merged["output_mass"].numpy())
-    write_examples(
-        p,
-        shard,
-        [
-            example_table(merged["top"], "top", lo),
-            example_table(merged["reservoir"], "reservoir", lo),
-        ],
-    )
-    return {
-        "firing_counts": merged["firing_counts"].numpy(),
-        "ci_sums": merged["ci_sums"].numpy(),
-        "act_sums": merged["act_sums"].numpy(),
-        "n_top": merged["top"].counts().numpy(),
-        "n_reservoir": merged["reservoir"].counts().numpy(),
-        "n_tokens": merged["n_tokens"],
-        "input_totals": merged["input_totals"].numpy(),
-        "output_totals": merged["output_totals"].numpy(),
-    }
 
 
 # -- the driver ----------------------------------------------------------------------------------
@@ -208,19 +175,18 @@ def _merge_shard(
 
 def make_source(run_dir: Path, opts: HarvestOptions) -> tuple[Source, int | None]:
     """The data source and the number of rows to read (None: all), validated before Ray starts."""
-    from spd_ray.api import _root_for
-    from spd_ray.train.rundir import RunDir
+    from spd_ray.runs import RunDir, assets_root
 
     rd = RunDir(run_dir)
     if not rd.checkpoint_path.exists():
-        raise FileNotFoundError(
+        raise NotFoundError(
             f"run {run_dir} has no checkpoint ({rd.checkpoint_path.name} missing): harvest a run "
             "that has saved one"
         )
     config = rd.read_config()
     task = config.task_config
     if isinstance(task, LMTaskConfig):
-        root = _root_for(run_dir, opts.out)
+        root = assets_root(run_dir, opts.out)
         src: Source = lm_source(config, task, root, opts.dataset, opts.split, opts.column)
         n_rows = None
         if opts.tokens is not None:
@@ -229,18 +195,18 @@ def make_source(run_dir: Path, opts: HarvestOptions) -> tuple[Source, int | None
             n_rows = opts.batches * opts.batch_size
         return src, n_rows
     if task.task_name not in ("tms", "resid_mlp"):
-        raise ValueError(
+        raise InputError(
             f"harvest supports language-model and tms/resid_mlp runs, not {task.task_name!r}"
         )
     for name in ("split", "column"):
         if getattr(opts, name) is not None:
-            raise ValueError(
+            raise InputError(
                 f"--{name} applies to language-model runs only (this is a {task.task_name} run)"
             )
     task_dict = task.model_dump()
     if opts.dataset is not None:
         if opts.dataset not in TOY_DATA_TYPES:
-            raise ValueError(
+            raise InputError(
                 "--dataset for a toy run names a data_generation_type: one of "
                 f"{list(TOY_DATA_TYPES)}, got {opts.dataset!r}"
             )
@@ -271,15 +237,11 @@ def _plan_resources(opts: HarvestOptions) -> tuple[float, float, int]:
     return per_actor, reader, threads
 
 
-def _shards(N: int, per_component_bytes: int, actors: int) -> list[tuple[int, int]]:
-    size = max(1, MERGE_BYTES // max(1, per_component_bytes * actors))
-    return [(lo, min(N, lo + size)) for lo in range(0, N, size)]
-
-
 def run_harvest(run: str | Path, opts: HarvestOptions) -> Path:
     """Harvest a run; returns the harvest directory."""
-    from spd_ray.api import resolve_run_dir
-    from spd_ray.ray_session import connect_ray, require_gpus
+    from spd_ray.capacity import require_gpus
+    from spd_ray.ray_session import connect_ray
+    from spd_ray.runs import resolve_run_dir
     from spd_ray.storage import check_shared_root
     from spd_ray.sync import run_uri, sync_up
 
@@ -299,128 +261,183 @@ def run_harvest(run: str | Path, opts: HarvestOptions) -> Path:
 
 
 def _harvest(run_dir: Path, source: Source, n_rows: int | None, opts: HarvestOptions) -> Path:
-    """The harvest itself, under the run's harvest lock and on a connected Ray."""
+    """The harvest itself, under the run's harvest lock and on a connected Ray. However it ends,
+    its actors are killed; an unfinished harvest leaves `harvest.partial/`, which the next
+    harvest removes before it starts over."""
     import ray
 
     from spd_ray.ray_session import say
 
     per_actor, reader_cpus, threads = _plan_resources(opts)
+    partial = _fresh_partial(run_dir)
+    actors = _start_actors(run_dir, opts, per_actor, threads)
+    t0 = time.perf_counter()
+    placements: Sequence[Placement | None] = [None] * len(actors)  # None: not started yet
+    try:
+        placements = placed = _placements(actors)
+        info: ModelInfo = ray.get(actors[0].describe.remote())
+        streamed = _stream_rows(actors, source, n_rows, reader_cpus, opts, t0)
+        merged = merge_all(actors, info, source, partial, opts.settings)
+    except ray.exceptions.RayError as err:
+        lost = _lost_actors(actors, placements)
+        if lost:
+            raise HarvestFailedError(_lost_message(run_dir, lost, err)) from err
+        raise
+    finally:
+        for a in actors:
+            ray.kill(a)
+    meta = _meta(run_dir, source, n_rows, opts, info, placed, streamed, merged)
+    final = finish_partial(run_dir, meta.to_json())
+    say(
+        f"[harvest] {merged.n_tokens} tokens in {streamed.elapsed_s:.1f} s "
+        f"({meta.tokens_per_s} tokens/s; {meta.streaming_tokens_per_s} tokens/s once streaming) "
+        f"-> {final}"
+    )
+    return final
+
+
+def _fresh_partial(run_dir: Path) -> Path:
+    """An empty `harvest.partial/`, after putting back a complete harvest that an interrupted
+    swap left aside and removing an unfinished one."""
+    from spd_ray.ray_session import say
+
     restored = recover(run_dir)
     if restored is not None:
         say(f"[harvest] put back the complete harvest that an interrupted swap left in {restored}")
     partial, stale = start_partial(run_dir)
     if stale:
         say(f"[harvest] removed an unfinished harvest in {run_dir}; starting over")
+    return partial
+
+
+def _start_actors(run_dir: Path, opts: HarvestOptions, cpus: float, threads: int) -> list[Any]:
+    import ray
+
     actor_cls: Any = ray.remote(HarvestActor)
     device = "cuda" if opts.gpu else "cpu"
-    actors: list[Any] = [
-        actor_cls.options(
-            num_cpus=per_actor, num_gpus=1 if opts.gpu else 0, max_concurrency=2
-        ).remote(str(run_dir), opts.out, opts.settings, i, threads, device)
+    return [
+        actor_cls.options(num_cpus=cpus, num_gpus=1 if opts.gpu else 0, max_concurrency=2).remote(
+            str(run_dir), opts.out, opts.settings, i, threads, device
+        )
         for i in range(opts.actors)
     ]
-    t0 = time.perf_counter()
-    placements: list[dict[str, Any]] = [{"actor": i} for i in range(opts.actors)]
-    try:
-        placements = ray.get([a.placement.remote() for a in actors])
-        nodes = sorted({p["node_id"] for p in placements})
-        say(
-            f"[harvest] {opts.actors} actor(s) on {len(nodes)} node(s): "
-            + ", ".join(f"{p['actor']}@{p['node_id'][:12]} ({p['hostname']})" for p in placements)
-        )
-        info: dict[str, Any] = ray.get(actors[0].describe.remote())
-        ds = build_dataset(source, n_rows, reader_cpus)
-        splits = ds.streaming_split(opts.actors, equal=False)
-        running = [
-            a.consume.remote(s, opts.batch_size) for a, s in zip(actors, splits, strict=True)
-        ]
-        _watch(actors, running, n_rows, source, opts.progress)
-        elapsed = time.perf_counter() - t0
-        spans = ray.get(running)
-        final_stats = ray.get([a.progress.remote() for a in actors])
-        streaming_s = max(e for _, e, _ in spans) - min(f for f, _, _ in spans)
-        n_tokens, shards = _merge_all(actors, info, source, partial, opts)
-    except ray.exceptions.RayError as err:
-        lost = _lost_actors(actors, placements)
-        for a in actors:
-            ray.kill(a)
-        if lost:
-            raise HarvestFailedError(_lost_message(run_dir, lost, err)) from err
-        raise
-    except BaseException:
-        for a in actors:
-            ray.kill(a)
-        raise
-    for a in actors:
-        ray.kill(a)
-    meta = {
-        "format": FORMAT,
-        "kind": source.kind,
-        "run": str(run_dir),
-        "run_step": info["step"],
-        "source": _describe(source),
-        "rows_limit": n_rows,
-        "batch_size": opts.batch_size,
-        "actors": opts.actors,
-        "gpu": opts.gpu,
-        "settings": asdict(opts.settings),
-        "n_tokens": n_tokens,
-        "seconds": round(elapsed, 3),
-        "tokens_per_s": round(n_tokens / max(elapsed, 1e-9), 1),
-        # From the first batch any actor started to the last one finished: without the start-up.
-        "streaming_seconds": round(streaming_s, 3),
-        "streaming_tokens_per_s": round(n_tokens / max(streaming_s, 1e-9), 1),
-        "actor_busy_seconds": [round(b, 3) for _, _, b in spans],
-        "actor_state_mb": [round(st[2] / 2**20, 1) for st in final_stats],
-        "actor_peak_rss_mb": [round(st[3] / 2**20, 1) for st in final_stats],
-        "actor_nodes": placements,
-        "component_keys": info["keys"],
-        "modules": info["modules"],
-        "n_classes": info["n_classes"],
-        "shards": shards,
-    }
-    final = finish_partial(run_dir, meta)
+
+
+def _placements(actors: list[Any]) -> list[Placement]:
+    """Where each actor runs, once all have started (their constructors load the model)."""
+    import ray
+
+    from spd_ray.ray_session import say
+
+    placements: list[Placement] = ray.get([a.placement.remote() for a in actors])
+    nodes = sorted({p.node_id for p in placements})
     say(
-        f"[harvest] {n_tokens} tokens in {elapsed:.1f} s ({meta['tokens_per_s']} tokens/s; "
-        f"{meta['streaming_tokens_per_s']} tokens/s once streaming) -> {final}"
+        f"[harvest] {len(actors)} actor(s) on {len(nodes)} node(s): "
+        + ", ".join(f"{p.actor}@{p.node_id[:12]} ({p.hostname})" for p in placements)
     )
-    return final
+    return placements
 
 
-def _lost_actors(actors: list[Any], placements: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The placements of the actors that are gone: their node left the cluster, or their process
-    died (not an actor whose constructor failed: that error is the one to show)."""
+@dataclass(frozen=True)
+class _Streamed:
+    """What streaming the rows measured: seconds from the actors' start to the last row, and
+    each actor's span and final counts."""
+
+    elapsed_s: float
+    spans: list[ActorSpan]
+    final: list[ActorProgress]
+
+    @property
+    def streaming_s(self) -> float:
+        """From the first batch any actor started to the last one finished: no start-up."""
+        return max(s.end for s in self.spans) - min(s.first_batch for s in self.spans)
+
+
+def _stream_rows(
+    actors: list[Any],
+    source: Source,
+    n_rows: int | None,
+    reader_cpus: float,
+    opts: HarvestOptions,
+    started: float,
+) -> _Streamed:
+    """Split the rows among the actors and wait until they have consumed them all."""
+    import ray
+
+    ds = build_dataset(source, n_rows, reader_cpus)
+    splits = ds.streaming_split(len(actors), equal=False)
+    running = [a.consume.remote(s, opts.batch_size) for a, s in zip(actors, splits, strict=True)]
+    _watch(actors, running, n_rows, source, opts.progress)
+    elapsed = time.perf_counter() - started
+    return _Streamed(elapsed, ray.get(running), ray.get([a.progress.remote() for a in actors]))
+
+
+def _meta(
+    run_dir: Path,
+    source: Source,
+    n_rows: int | None,
+    opts: HarvestOptions,
+    info: ModelInfo,
+    placements: list[Placement],
+    streamed: _Streamed,
+    merged: Merged,
+) -> HarvestMeta:
+    n_tokens, elapsed, streaming_s = merged.n_tokens, streamed.elapsed_s, streamed.streaming_s
+    return HarvestMeta(
+        format=FORMAT,
+        kind=source.kind,
+        run=str(run_dir),
+        run_step=info.step,
+        source=_describe(source),
+        rows_limit=n_rows,
+        batch_size=opts.batch_size,
+        actors=opts.actors,
+        gpu=opts.gpu,
+        settings=opts.settings,
+        n_tokens=n_tokens,
+        seconds=round(elapsed, 3),
+        tokens_per_s=round(n_tokens / max(elapsed, 1e-9), 1),
+        streaming_seconds=round(streaming_s, 3),
+        streaming_tokens_per_s=round(n_tokens / max(streaming_s, 1e-9), 1),
+        actor_busy_seconds=[round(s.busy_s, 3) for s in streamed.spans],
+        actor_state_mb=[round(p.state_bytes / 2**20, 1) for p in streamed.final],
+        actor_peak_rss_mb=[round(p.peak_rss_bytes / 2**20, 1) for p in streamed.final],
+        actor_nodes=placements,
+        component_keys=info.keys,
+        modules=info.modules,
+        n_classes=info.n_classes,
+        shards=merged.shards,
+    )
+
+
+def _lost_actors(actors: list[Any], placements: Sequence[Placement | None]) -> list[str]:
+    """The actors that are gone, described: their node left the cluster, or their process died
+    (not an actor whose constructor failed: that error is the one to show)."""
     import ray
 
     from spd_ray.ray_session import alive_nodes
 
     alive = {n["NodeID"] for n in alive_nodes()}
     lost = []
-    for actor, where in zip(actors, placements, strict=True):
-        if "node_id" in where and where["node_id"] not in alive:
-            lost.append(where)
+    for i, (actor, where) in enumerate(zip(actors, placements, strict=True)):
+        who = where.describe() if where is not None else f"actor {i} (before it started)"
+        if where is not None and where.node_id not in alive:
+            lost.append(who)
             continue
         try:
             ray.get(actor.progress.remote(), timeout=LOST_PROBE_S)
         except ray.exceptions.RayActorError as dead:
             if not dead.actor_init_failed:
-                lost.append(where)
+                lost.append(who)
         except ray.exceptions.GetTimeoutError:
             pass  # alive but busy: not lost
     return lost
 
 
-def _lost_message(run_dir: Path, lost: list[dict[str, Any]], err: BaseException) -> str:
-    def where(p: dict[str, Any]) -> str:
-        if "node_id" not in p:
-            return f"actor {p['actor']} (before it started)"
-        return (
-            f"actor {p['actor']} (node {p['node_id'][:12]}, host {p['hostname']}, pid {p['pid']})"
-        )
-
+def _lost_message(run_dir: Path, lost: list[str], err: BaseException) -> str:
     first = next((line for line in str(err).splitlines() if line.strip()), type(err).__name__)
     return (
-        f"the harvest of {run_dir} lost {', '.join(where(p) for p in lost)}: its node left the "
+        f"the harvest of {run_dir} lost {', '.join(lost)}: its node left the "
         f"Ray cluster or its process died ({first.strip()[:200]}); its rows cannot be redone "
         f"alone, so nothing was written - rerun `spd-ray harvest {run_dir}` with the same "
         "options to harvest again from the start"
@@ -463,65 +480,12 @@ def _watch(
             done, pending = ray.wait(pending, num_returns=len(pending), timeout=1.0)
             for ref in done:
                 ray.get(ref)  # raises the actor's error
-            stats = ray.get([a.progress.remote() for a in actors])
-            rows = sum(s[0] for s in stats)
-            bar.n = rows * seq
+            stats: list[ActorProgress] = ray.get([a.progress.remote() for a in actors])
+            bar.n = sum(s.rows for s in stats) * seq
             bar.set_postfix(
-                valid_tokens=sum(s[1] for s in stats), mem_mb=max(s[2] for s in stats) >> 20
+                valid_tokens=sum(s.valid_tokens for s in stats),
+                mem_mb=max(s.state_bytes for s in stats) >> 20,
             )
             bar.refresh()
     finally:
         bar.close()
-
-
-def _merge_all(
-    actors: list[Any], info: dict[str, Any], source: Source, partial: Path, opts: HarvestOptions
-) -> tuple[int, list[tuple[int, int]]]:
-    import ray
-
-    lm = isinstance(source, LMSource)
-    N, V = len(info["keys"]), info["n_classes"]
-    s = opts.settings
-    window = (
-        2 * s.context + 1 if lm else (source.n_features if isinstance(source, ToySource) else 1)
-    )
-    per_component = 8 * (N + V * (2 if lm else 1)) + (s.top_k + s.reservoir) * (24 + 12 * window)
-    shards = _shards(N, per_component, len(actors))
-    create_arrays(partial, N, V, lm)
-    merge = ray.remote(num_cpus=0)(_merge_shard)
-    results: list[dict[str, Any]] = []
-    in_flight: list[Any] = []
-    for j, (lo, hi) in enumerate(shards):
-        parts = [a.shard.remote(lo, hi) for a in actors]
-        in_flight.append(merge.remote(str(partial), j, lo, hi, lm, *parts))
-        if len(in_flight) >= 2:  # bound the memory of merges in flight
-            results.append(ray.get(in_flight.pop(0)))
-    results.extend(ray.get(in_flight))
-    cols = {
-        k: np.concatenate([r[k] for r in results])
-        for k in ("firing_counts", "ci_sums", "act_sums", "n_top", "n_reservoir")
-    }
-    T = results[0]["n_tokens"]
-    np.save(partial / "input_totals.npy", results[0]["input_totals"])
-    if lm:
-        np.save(partial / "output_totals.npy", results[0]["output_totals"])
-    fc = cols["firing_counts"]
-    keys = info["keys"]
-    table = pa.table(
-        {
-            "index": pa.array(np.arange(N, dtype=np.int32)),
-            "key": pa.array(keys),
-            "module": pa.array([k.rpartition(":")[0] for k in keys]),
-            "c": pa.array([int(k.rpartition(":")[2]) for k in keys], pa.int32()),
-            "firing_count": pa.array(fc),
-            "firing_density": pa.array(fc / max(T, 1)),
-            "mean_ci": pa.array(cols["ci_sums"] / max(T, 1)),
-            "mean_abs_act_firing": pa.array(
-                np.where(fc > 0, cols["act_sums"] / np.maximum(fc, 1), 0.0)
-            ),
-            "n_top": pa.array(cols["n_top"]),
-            "n_reservoir": pa.array(cols["n_reservoir"]),
-        }
-    )
-    pq.write_table(table, partial / "components.parquet")
-    return int(T), shards

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from spd_ray.config import Config, LMTaskConfig
+from spd_ray.errors import InputError
 
 ROWS_PER_TOY_BLOCK = 1024
 DOCS_PER_READ = 64
@@ -80,16 +81,16 @@ def lm_source(
         ds = load_lm_dataset(name, split, streaming=False)
     except ValueError as err:
         if "split" in str(err).lower():
-            raise ValueError(f"--split {split!r}: not in dataset {name!r} ({err})") from None
+            raise InputError(f"--split {split!r}: not in dataset {name!r} ({err})") from None
         raise
     _check_column(ds, column, name)
     tokenizer = None
     if not task.is_tokenized:
         if config.tokenizer_name is None:
-            raise ValueError("the run's config has no tokenizer_name to read a text dataset with")
+            raise InputError("the run's config has no tokenizer_name to read a text dataset with")
         tokenizer = resolve_name(config.tokenizer_name, "tokenizer_name", out_root)
     if len(ds) == 0:
-        raise ValueError(f"dataset {name!r} split {split!r} is empty")
+        raise InputError(f"dataset {name!r} split {split!r} is empty")
     return LMSource(name, split, column, tokenizer, task.max_seq_len, len(ds))
 
 

@@ -33,6 +33,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from spd_ray.errors import InputError, NotFoundError
 from spd_ray.harvest.keep import KeepTable
 from spd_ray.harvest.measures import Ranked, top_correlated, top_tokens
 from spd_ray.io import Lock, fsync_path, replace_dir, write_json
@@ -175,7 +176,7 @@ class Harvest:
     are read from its shard file alone."""
 
     def __init__(self, run_dir: str | Path):
-        from spd_ray.api import resolve_run_dir
+        from spd_ray.runs import resolve_run_dir
 
         self.run_dir = resolve_run_dir(run_dir)
         self.path = harvest_dir(self.run_dir)
@@ -191,7 +192,7 @@ class Harvest:
                 if (self.run_dir / PARTIAL_DIR).exists()
                 else ""
             )
-            raise FileNotFoundError(
+            raise NotFoundError(
                 f"run {self.run_dir} has no harvest{hint}; run `spd-ray harvest {self.run_dir}`"
             )
         self.meta: dict[str, Any] = json.loads(meta_path.read_text())
@@ -212,14 +213,14 @@ class Harvest:
     def index(self, key: str | int) -> int:
         if isinstance(key, int):
             if not 0 <= key < len(self.keys):
-                raise ValueError(f"component index {key} is out of range (0..{len(self.keys) - 1})")
+                raise InputError(f"component index {key} is out of range (0..{len(self.keys) - 1})")
             return key
         if key not in self._index:
             module = key.rpartition(":")[0]
             modules = [m["path"] for m in self.meta["modules"]]
             if module not in modules:
-                raise ValueError(f"no module {module!r} in this harvest; modules: {modules}")
-            raise ValueError(f"no component {key!r}; {module} has {self.C(module)} subcomponents")
+                raise InputError(f"no module {module!r} in this harvest; modules: {modules}")
+            raise InputError(f"no component {key!r}; {module} has {self.C(module)} subcomponents")
         return self._index[key]
 
     def C(self, module: str) -> int:
@@ -299,9 +300,9 @@ class Harvest:
             totals = self._array("input_totals")
         elif side == "output":
             if self.kind != "lm":
-                raise ValueError("output-token measures exist only for language-model harvests")
+                raise InputError("output-token measures exist only for language-model harvests")
             counts = np.asarray(self._array("output_mass")[i])
             totals = self._array("output_totals")
         else:
-            raise ValueError(f"side must be 'input' or 'output', got {side!r}")
+            raise InputError(f"side must be 'input' or 'output', got {side!r}")
         return top_tokens(counts, n_fire, np.asarray(totals), self.n_tokens, measure, k, largest)

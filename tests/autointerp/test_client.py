@@ -7,21 +7,16 @@ from __future__ import annotations
 import asyncio
 import pickle
 import socket
-import sys
 import time
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
-from pathlib import Path
 from typing import Any, Literal
 
 import pytest
+from llm_server import Label, LLMServer, stub_from_schema
 from pydantic import BaseModel, Field
 
-sys.path.insert(0, str(Path(__file__).parent))
-
-from llm_server import Label, LLMServer, stub_from_schema  # noqa: E402
-
-from spd_ray.autointerp.client import (  # noqa: E402
+from spd_ray.autointerp.client import (
     FatalLLMError,
     LLMClient,
     LLMError,

@@ -4,27 +4,23 @@ limiter in front of a real HTTP server, and one Ray test where two actors share 
 from __future__ import annotations
 
 import asyncio
-import sys
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import pytest
+import ray
+from llm_server import Label, LLMServer
+from ray_head import RayHead
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-
-import ray  # noqa: E402
-from llm_server import Label, LLMServer  # noqa: E402
-from ray_head import RayHead  # noqa: E402
-
-from spd_ray.autointerp.client import BudgetExhausted, LLMClient, LLMSettings  # noqa: E402
-from spd_ray.autointerp.limits import (  # noqa: E402
+from spd_ray.autointerp.client import BudgetExhausted, LLMClient, LLMSettings
+from spd_ray.autointerp.limits import (
     LimiterCore,
     LocalLimiter,
     shared_limiter,
 )
 
+HERE = Path(__file__).resolve().parent  # Ray workers import llm_server from here
 MESSAGES = [{"role": "user", "content": "label this"}]
 
 
