@@ -9,10 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from ray_head import RAY_TEST_ENV, RayHead, start_head, stop_head  # noqa: E402
+from ray_head import RAY_TEST_ENV, RayHead, start_head, stop_head
 
 for _key, _value in RAY_TEST_ENV.items():
     os.environ.setdefault(_key, _value)
@@ -38,6 +35,9 @@ def shared_out(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("out")
 
 
-# Language-model fixtures (tiny-LM assets built once per session): see lm_conftest_fixtures.py.
+# Session fixtures kept in their own modules, offered to every test from here: the tiny-LM assets
+# (lm_conftest_fixtures.py) and a decomposed tiny Llama run (harvest_fixtures.py). Plain helpers
+# (ray_head, multinode, s3_server, harvest_fixtures' functions) are imported by name: tests/ is
+# on sys.path (pyproject's pytest `pythonpath`).
 from harvest_fixtures import lm_run  # noqa: E402, F401
 from lm_conftest_fixtures import hf_datasets_cache, tiny_lm_assets  # noqa: E402, F401

@@ -15,7 +15,7 @@ from optuna.distributions import CategoricalDistribution, FloatDistribution, Int
 from optuna.samplers import RandomSampler
 
 from spd_ray.config import ConfigError
-from spd_ray.registry import load_experiment
+from spd_ray.registry import load_experiment, registry
 from spd_ray.sweep import (
     Choice,
     IntRange,
@@ -331,6 +331,20 @@ def test_shipped_sweep_files(name, experiment, n_params):
 
 def test_every_sweep_file_is_covered():
     assert {p.name for p in SWEEPS.glob("*.yaml")} == {name for name, _, _ in SHIPPED}
+
+
+@pytest.mark.parametrize("path", sorted(SWEEPS.glob("*.yaml")), ids=lambda p: p.stem)
+def test_shipped_sweep_file_is_valid_for_every_experiment_it_covers(path: Path):
+    """Each block of the file on its experiment, and a `global` block on every registry
+    experiment, gives a space whose every probe is a valid trial config."""
+    data = yaml.safe_load(path.read_text())
+    assert path.read_text().startswith("#") and isinstance(data, dict)
+    covered = set(registry()) if "global" in data else set(data)
+    assert covered, path
+    for experiment in sorted(covered):
+        space = load_space(path, experiment)
+        assert space.params, (path, experiment)
+        validate_space(load_experiment(experiment, [])[1], space)
 
 
 # ---------------------------------------------------------------------------------------------

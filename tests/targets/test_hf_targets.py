@@ -3,12 +3,13 @@ embedding decomposition, and exactness of the component model on the tiny Llama 
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 import spd_ray.targets.tiny_lm as tiny_lm
 from spd_ray.config import Config, config_from_dict
@@ -272,6 +273,11 @@ def test_frozen_target_is_required(tiny_lm_assets: TinyLMAssets, tmp_path: Path)
     config = lm_config(str(tiny_lm_assets.llama))
     target = load_target(config, tmp_path)
     target.lm_head.weight.requires_grad_(True)
-    with pytest.raises(ValueError, match="requires grad"):
+    (thawed,) = [name for name, p in target.named_parameters() if p.requires_grad]
+    with pytest.raises(ValueError, match=rf"target parameter '{re.escape(thawed)}' requires grad"):
         build_component_model(config, target)
-    assert isinstance(target, nn.Module)
+    target.lm_head.weight.requires_grad_(False)
+    model = build_component_model(config, target)  # frozen again: builds
+    assert model.module_paths == [
+        f"model.layers.{i}.mlp.{p}_proj" for i in range(2) for p in ("gate", "up", "down")
+    ]
