@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -401,9 +402,44 @@ class IHTargetConfig(BaseConfig):
     weight_decay: float = Field(0.01, ge=0.0, description="AdamW weight decay.")
 
 
-TargetModelConfig = Annotated[
-    TMSTargetConfig | ResidMLPTargetConfig | IHTargetConfig, Field(discriminator="model_type")
-]
+ToyTargetConfig = TMSTargetConfig | ResidMLPTargetConfig | IHTargetConfig
+TargetModelConfig = Annotated[ToyTargetConfig, Field(discriminator="model_type")]
+
+# The model classes of the toy targets (a toy config needs no `pretrained_model_class`)
+TOY_CLASSES = {
+    "tms": "spd_ray.targets.tms.TMSModel",
+    "resid_mlp": "spd_ray.targets.resid_mlp.ResidMLP",
+    "ih": "spd_ray.targets.ih.InductionTransformer",
+}
+
+
+@dataclass(frozen=True)
+class ToyTarget:
+    """A toy model trained from its config, cached under the output root by config hash."""
+
+    model: ToyTargetConfig
+    model_class: str
+
+
+@dataclass(frozen=True)
+class FileTarget:
+    """A target saved with `spd_ray.targets.save_target` (a toy model's file)."""
+
+    path: str
+    model_class: str | None  # checked against the loaded model when given
+
+
+@dataclass(frozen=True)
+class HubTarget:
+    """A Hugging Face model: `model_class.from_pretrained(name)`, read through `output_attr`."""
+
+    name: str
+    model_class: str
+    output_attr: str
+
+
+# Where a config's target comes from: exactly one kind, resolved from the flat fields
+TargetSource = ToyTarget | FileTarget | HubTarget
 
 
 # ---------------------------------------------------------------------------------------------
@@ -474,7 +510,11 @@ class Config(BaseConfig):
     ci_alive_threshold: float = Field(0.0, ge=0.0, description="CI above this counts as active.")
 
     # Target
-    pretrained_model_class: str = Field(description="Dotted import path of the target class.")
+    pretrained_model_class: str | None = Field(
+        None,
+        description="Dotted import path of the target class (required for a Hugging Face "
+        "target; a toy target's own class by default).",
+    )
     pretrained_model_path: str | None = Field(None, description="Saved target file (toy models).")
     pretrained_model_name: str | None = Field(
         None,
@@ -512,10 +552,34 @@ class Config(BaseConfig):
             raise InputError(
                 "one of pretrained_model_path, pretrained_model_name or target_model is required"
             )
+        if isinstance(self.target, HubTarget) and self.pretrained_model_output_attr is None:
+            raise InputError(
+                "pretrained_model_output_attr is required for a Hugging Face target (e.g. 'logits')"
+            )
         classes = [m.classname for m in self.loss_metric_configs]
         if len(set(classes)) != len(classes):
             raise InputError(f"loss_metric_configs: a classname appears twice in {classes}")
         return self
+
+    @property
+    def target(self) -> TargetSource:
+        """The target's source. When several are given, a saved file wins over a toy config,
+        and a toy config over a hub name."""
+        if self.pretrained_model_path is not None:
+            return FileTarget(self.pretrained_model_path, self.pretrained_model_class)
+        if self.target_model is not None:
+            model_class = self.pretrained_model_class or TOY_CLASSES[self.target_model.model_type]
+            return ToyTarget(self.target_model, model_class)
+        if self.pretrained_model_name is None or self.pretrained_model_class is None:
+            raise InputError(
+                "pretrained_model_class is required with pretrained_model_name (the class whose "
+                "from_pretrained loads it, e.g. transformers.AutoModelForCausalLM)"
+            )
+        return HubTarget(
+            self.pretrained_model_name,
+            self.pretrained_model_class,
+            self.pretrained_model_output_attr or "",
+        )
 
     @property
     def all_module_info(self) -> list[ModulePatternInfo]:

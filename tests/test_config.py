@@ -177,3 +177,51 @@ def test_all_module_info_adds_identity_paths():
     pats = [(m.module_pattern, m.C) for m in cfg.all_module_info]
     assert pats[-1] == ("linear2.pre_identity", 3)
     assert pats[:-1] == [(m["module_pattern"], m["C"]) for m in data["module_info"]]
+
+
+# -- the target: one kind, resolved from the flat (reference-compatible) fields -----------------
+
+
+def _target_config(**fields: Any) -> C.Config:
+    data = {k: v for k, v in _base().items() if not k.startswith("pretrained_model")}
+    data.pop("target_model", None)
+    return C.config_from_dict({**data, **fields})
+
+
+TMS = {"model_type": "tms", "n_features": 5, "n_hidden": 2}
+
+
+def test_a_toy_target_needs_no_model_class() -> None:
+    target = _target_config(target_model=TMS).target
+    assert isinstance(target, C.ToyTarget)
+    assert target.model_class == "spd_ray.targets.tms.TMSModel"
+    assert (target.model.n_features, target.model.n_hidden) == (5, 2)
+
+
+def test_a_saved_file_wins_over_a_toy_config_and_a_toy_over_a_hub_name() -> None:
+    both = _target_config(target_model=TMS, pretrained_model_path="/x/target.pt")
+    assert both.target == C.FileTarget("/x/target.pt", None)
+    toy_and_hub = _target_config(
+        target_model=TMS,
+        pretrained_model_name="gpt2",
+        pretrained_model_class="transformers.GPT2LMHeadModel",
+    )
+    assert isinstance(toy_and_hub.target, C.ToyTarget)
+    assert toy_and_hub.target.model_class == "transformers.GPT2LMHeadModel"
+
+
+def test_a_hub_target_needs_its_class_and_output_attr() -> None:
+    hub = _target_config(
+        pretrained_model_name="gpt2",
+        pretrained_model_class="transformers.GPT2LMHeadModel",
+        pretrained_model_output_attr="logits",
+    )
+    assert hub.target == C.HubTarget("gpt2", "transformers.GPT2LMHeadModel", "logits")
+    with pytest.raises(ConfigError, match="pretrained_model_class is required"):
+        _target_config(pretrained_model_name="gpt2", pretrained_model_output_attr="logits")
+    with pytest.raises(ConfigError, match="pretrained_model_output_attr is required"):
+        _target_config(
+            pretrained_model_name="gpt2", pretrained_model_class="transformers.GPT2LMHeadModel"
+        )
+    with pytest.raises(ConfigError, match="one of pretrained_model_path, pretrained_model_name"):
+        _target_config()

@@ -17,7 +17,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from spd_ray.config import Config
+from spd_ray.config import Config, ToyTarget
 from spd_ray.objstore import exists, is_uri, join, read_bytes
 from spd_ray.sync import staging_dir, sync_down, sync_up
 
@@ -99,9 +99,9 @@ class SweepPlace:
         root; None for a sweep on a filesystem or a target that is not a cached toy."""
         from spd_ray.targets import cached_target_path
 
-        if not is_uri(self.root) or config.target_model is None:
+        if not is_uri(self.root) or not isinstance(config.target, ToyTarget):
             return None
-        path = cached_target_path(config.target_model, self.local_root)
+        path = cached_target_path(config.target.model, self.local_root)
         return path, join(self.root, *path.parent.relative_to(self.local_root).parts)
 
     def fetch_target(self, config: Config) -> None:

@@ -14,7 +14,7 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, assert_never
 
 import torch
 import yaml
@@ -23,10 +23,13 @@ from torch import nn
 
 from spd_ray.config import (
     Config,
+    FileTarget,
+    HubTarget,
     IHTargetConfig,
     ResidMLPTargetConfig,
     TargetModelConfig,
     TMSTargetConfig,
+    ToyTarget,
     config_hash,
 )
 from spd_ray.errors import InputError, NotFoundError
@@ -176,12 +179,15 @@ def load_or_train_toy(
 
 def describe_target(config: Config) -> str:
     """The target in a few words: its hub name or file, else the toy config's kind and hash."""
-    if config.pretrained_model_name is not None:
-        return config.pretrained_model_name
-    if config.pretrained_model_path is not None:
-        return config.pretrained_model_path
-    assert config.target_model is not None
-    return f"{type(config.target_model).__name__} {config_hash(config.target_model)}"
+    match config.target:
+        case HubTarget(name=name):
+            return name
+        case FileTarget(path=path):
+            return path
+        case ToyTarget(model=toy):
+            return f"{type(toy).__name__} {config_hash(toy)}"
+        case _:
+            assert_never(config.target)
 
 
 def import_class(dotted: str) -> type:
@@ -200,31 +206,25 @@ def import_class(dotted: str) -> type:
 
 
 def load_target(config: Config, out_root: Path, progress: bool = True) -> nn.Module:
-    """The target of `config`, frozen (eval mode, no parameter requires grad).
+    """The target of `config` (see `Config.target`), frozen (eval mode, no parameter requires
+    grad): a saved file, a toy trained once and cached under `out_root`, or a Hugging Face
+    `from_pretrained` (`spd_ray.targets.hf`). A saved or toy target must be an instance of its
+    model class; for a Hugging Face Auto class, whatever it builds."""
+    match config.target:
+        case HubTarget(name=name, model_class=cls_path):
+            return load_hf_model(import_class(cls_path), cls_path, name, out_root, progress)
+        case FileTarget(path=path, model_class=cls_path):
+            return _checked(load_target_file(path), cls_path)
+        case ToyTarget(model=toy, model_class=cls_path):
+            return _checked(load_or_train_toy(toy, out_root, progress), cls_path)
+        case _:
+            assert_never(config.target)
 
-    Precedence: `pretrained_model_path` (a saved target file), then `target_model` (a toy target
-    trained once and cached under `out_root`), then `pretrained_model_name` (Hugging Face
-    `from_pretrained`, see `spd_ray.targets.hf`). The result must be an instance of the class
-    `pretrained_model_class` names (for a Hugging Face Auto class: whatever it builds).
-    """
-    expected = import_class(config.pretrained_model_class)
-    if config.pretrained_model_path is None and config.target_model is None:
-        assert config.pretrained_model_name is not None  # the config validator ensures a source
-        if config.pretrained_model_output_attr is None:
-            raise InputError(
-                "pretrained_model_output_attr is required for a Hugging Face target (e.g. 'logits')"
-            )
-        name, cls_path = config.pretrained_model_name, config.pretrained_model_class
-        return load_hf_model(expected, cls_path, name, out_root, progress)
-    model: nn.Module
-    if config.pretrained_model_path is not None:
-        model = load_target_file(config.pretrained_model_path)
-    else:
-        assert config.target_model is not None
-        model = load_or_train_toy(config.target_model, out_root, progress)
-    if not isinstance(model, expected):
+
+def _checked(model: nn.Module, cls_path: str | None) -> nn.Module:
+    if cls_path is not None and not isinstance(model, import_class(cls_path)):
         raise TypeError(
-            f"pretrained_model_class is {config.pretrained_model_class!r}, but the target is a "
+            f"pretrained_model_class is {cls_path!r}, but the target is a "
             f"{type(model).__module__}.{type(model).__qualname__}"
         )
     return model  # frozen by load_target_file

@@ -21,7 +21,7 @@ from typing import Any, Protocol
 import torch
 
 from spd_ray.argtypes import MAX_FAILURES_LIMIT
-from spd_ray.config import Config, ResidMLPTargetConfig, TMSTargetConfig
+from spd_ray.config import Config, FileTarget, ResidMLPTargetConfig, TMSTargetConfig, ToyTarget
 from spd_ray.core.step import build_component_model
 from spd_ray.errors import InputError
 from spd_ray.io import write_text
@@ -116,10 +116,11 @@ def open_run(config: Config, run_dir: RunDir, root: Path, fingerprint: str, fres
 
 def copy_target_file(config: Config, root: Path, run_dir: RunDir) -> None:
     """Keep the toy target's file beside the run so the run directory loads on its own."""
-    if config.pretrained_model_path is not None:
-        run_dir.copy_target(Path(config.pretrained_model_path))
-    elif isinstance(config.target_model, TMSTargetConfig | ResidMLPTargetConfig):
-        run_dir.copy_target(cached_target_path(config.target_model, root))
+    match config.target:
+        case FileTarget(path=path):
+            run_dir.copy_target(Path(path))
+        case ToyTarget(model=TMSTargetConfig() | ResidMLPTargetConfig() as toy):
+            run_dir.copy_target(cached_target_path(toy, root))
 
 
 def prepare_ray_run(config: Config, run_dir: RunDir, root: Path, fresh: bool) -> Outcome:

@@ -13,14 +13,7 @@ import torch
 from matplotlib.figure import Figure
 from torch import Tensor, nn
 
-from spd_ray.config import (
-    Config,
-    IHTargetConfig,
-    IHTaskConfig,
-    LMTaskConfig,
-    ResidMLPTargetConfig,
-    TMSTargetConfig,
-)
+from spd_ray.config import Config, IHTaskConfig, LMTaskConfig, ToyTarget
 from spd_ray.core.masks import Noise
 from spd_ray.core.model import ComponentModel
 from spd_ray.core.step import build_component_model
@@ -211,6 +204,6 @@ def preflight(config: Config) -> None:
     """Check the config against an untrained copy of its toy target before any training, so a bad
     module pattern or metric fails at once instead of after the target has been trained."""
     check_eval_metrics(config)
-    if isinstance(config.target_model, TMSTargetConfig | ResidMLPTargetConfig | IHTargetConfig):
-        skeleton = build_toy(config.target_model).requires_grad_(False)
+    if isinstance(config.target, ToyTarget):
+        skeleton = build_toy(config.target.model).requires_grad_(False)
         build_component_model(config, skeleton)

@@ -138,10 +138,10 @@ def test_unreachable_hub_id_fails_at_once_naming_field_and_id(tmp_path: Path):
     assert time.perf_counter() - start < 30
 
 
-def test_hf_target_needs_an_output_attr(tiny_lm_assets: TinyLMAssets, tmp_path: Path):
-    config = lm_config(str(tiny_lm_assets.llama), pretrained_model_output_attr=None)
+def test_hf_target_needs_an_output_attr(tiny_lm_assets: TinyLMAssets):
+    """Refused when the config is read, before any model is loaded."""
     with pytest.raises(ValueError, match="pretrained_model_output_attr is required"):
-        load_target(config, tmp_path)
+        lm_config(str(tiny_lm_assets.llama), pretrained_model_output_attr=None)
 
 
 # -- module types -----------------------------------------------------------------------------
