@@ -74,20 +74,34 @@ def importance_minimality_loss(
     all-reduce), so the loss and, after gradient averaging, its gradient equal a 1-worker run on the
     global batch exactly (the reference approximates the global S_c by local S_c * world_size).
     """
-    first = next(iter(ci_upper.values()))
-    n_positions = first.numel() // first.shape[-1] * world_size
-    total: Tensor | float = 0.0
-    for g in ci_upper.values():
-        S = ((g.float() + eps) ** pnorm).flatten(0, -2).sum(0)
-        if world_size > 1:
-            S = all_reduce_sum(S)
-        m = S / n_positions
-        layer = m.sum()
-        if beta:
-            layer = layer + beta * (m * torch.log2(1 + S)).sum()
-        total = total + layer
+    S, n_positions = importance_sums(ci_upper, pnorm, eps)
+    if world_size > 1:
+        S = {path: all_reduce_sum(s) for path, s in S.items()}
     # Each worker's gradient gets a factor world_size from the all-reduce backward; averaging the
     # gradients over workers removes it again.
+    return importance_minimality_from_sums(S, n_positions * world_size, beta)
+
+
+def importance_sums(
+    ci_upper: dict[str, Tensor], pnorm: float, eps: float
+) -> tuple[dict[str, Tensor], int]:
+    """Per layer S_c = sum over positions of (g_c + eps)^p (fp32), and N, the number of
+    positions (the first layer's)."""
+    first = next(iter(ci_upper.values()))
+    n_positions = first.numel() // first.shape[-1]
+    S = {path: ((g.float() + eps) ** pnorm).flatten(0, -2).sum(0) for path, g in ci_upper.items()}
+    return S, n_positions
+
+
+def importance_minimality_from_sums(S: dict[str, Tensor], n_positions: int, beta: float) -> Tensor:
+    """sum_layers sum_c [m_c + beta m_c log2(1 + S_c)] with m_c = S_c / N."""
+    total: Tensor | float = 0.0
+    for s in S.values():
+        m = s / n_positions
+        layer = m.sum()
+        if beta:
+            layer = layer + beta * (m * torch.log2(1 + s)).sum()
+        total = total + layer
     return total  # type: ignore[return-value]
 
 

@@ -23,16 +23,18 @@ from spd_ray.core.recon import StepInputs, masked_recon
 
 
 def _init_source(
-    shape: tuple[int, ...], init: str, like: Tensor, noise: Noise, shared: bool
+    shape: tuple[int, ...], init: str, device: torch.device, noise: Noise, shared: bool
 ) -> Tensor:
+    """A source in fp32 whatever the CI's dtype (bf16 under autocast): the signed-gradient steps
+    of size step_size would round away in bf16 (the reference keeps its sources in fp32)."""
     match init:
         case "random":
             draw = noise.rand_unbatched if shared else noise.rand
-            src = draw(shape, like.device, like.dtype)
+            src = draw(shape, device, torch.float32)
         case "ones":
-            src = torch.ones(shape, device=like.device, dtype=like.dtype)
+            src = torch.ones(shape, device=device, dtype=torch.float32)
         case _:
-            src = torch.zeros(shape, device=like.device, dtype=like.dtype)
+            src = torch.zeros(shape, device=device, dtype=torch.float32)
     return src
 
 
@@ -50,7 +52,7 @@ def pgd_recon_loss(inp: StepInputs, cfg: schema._PGD, routes_per_copy: list[Rout
             ci = inp.ci.lower[path]
             n = ci.shape[-1] + (1 if delta else 0)
             shape = (*([1] * (ci.dim() - 1)), n) if shared else (*ci.shape[:-1], n)
-            src = _init_source(shape, cfg.init, ci, inp.noise.pgd_init(), shared)
+            src = _init_source(shape, cfg.init, ci.device, inp.noise.pgd_init(), shared)
             if shared and _distributed():
                 dist.broadcast(src, src=0)
             copy_src[path] = src

@@ -20,9 +20,10 @@ from matplotlib.figure import Figure
 from torch import Tensor
 
 from spd_ray import config as schema
-from spd_ray.core.losses import loss_term
+from spd_ray.core.losses import importance_minimality_from_sums, importance_sums, loss_term
 from spd_ray.core.masks import Noise
 from spd_ray.core.model import ComponentModel
+from spd_ray.core.schedule import annealed_p
 from spd_ray.core.step import autocast, step_inputs
 from spd_ray.errors import InputError
 from spd_ray.evals import figures as draw
@@ -77,6 +78,40 @@ def check_eval_metrics(config: schema.Config) -> None:
             )
 
 
+class PooledImportanceMinimality:
+    """Eval importance minimality as the reference defines it: S_c and N summed over every eval
+    batch (and worker) before the loss is formed. Equal to the mean of per-batch values when
+    beta = 0 and batches are equal; with beta > 0 the log term sees the pooled S_c."""
+
+    def __init__(self, cfg: schema.ImportanceMinimalityLoss, step_frac: float) -> None:
+        self.cfg = cfg
+        self.p = annealed_p(
+            step_frac,
+            cfg.pnorm,
+            cfg.p_anneal_final_p,
+            cfg.p_anneal_start_frac,
+            cfg.p_anneal_end_frac,
+        )
+        self.S: dict[str, Tensor] = {}
+        self.n_positions = 0
+
+    def update(self, ci_upper: dict[str, Tensor]) -> None:
+        S, n = importance_sums(ci_upper, self.p, self.cfg.eps)
+        for path, s in S.items():
+            self.S[path] = self.S[path] + s if path in self.S else s
+        self.n_positions += n
+
+    def compute(self, world_size: int) -> Tensor:
+        S, n = self.S, self.n_positions
+        if world_size > 1:
+            import torch.distributed as dist
+
+            for s in S.values():
+                dist.all_reduce(s)
+            n *= world_size  # every worker evaluates batches of the same size
+        return importance_minimality_from_sums(S, n, self.cfg.beta).detach().float()
+
+
 def _matching(paths: list[str], patterns: list[str]) -> list[str]:
     return [p for p in paths if any(fnmatch.fnmatch(p, pat) for pat in patterns)]
 
@@ -93,8 +128,14 @@ def evaluate(
     world_size: int = 1,
 ) -> tuple[dict[str, Tensor], dict[str, Figure]]:
     metrics = eval_metric_list(config)
-    loss_cfgs = [m for m in metrics if m.classname in schema.LOSS_CLASSNAMES]
     by_type = {type(m): m for m in metrics}
+    im_cfg = by_type.get(schema.ImportanceMinimalityLoss)
+    pooled_im = (
+        PooledImportanceMinimality(im_cfg, step / config.steps)
+        if isinstance(im_cfg, schema.ImportanceMinimalityLoss)
+        else None
+    )
+    loss_cfgs = [m for m in metrics if m.classname in schema.LOSS_CLASSNAMES and m is not im_cfg]
     l0_cfg = by_type.get(schema.CI_L0)
     stats = CIStats(config.ci_alive_threshold, l0_cfg.groups if l0_cfg else None)  # type: ignore[union-attr]
     hist_cfg = by_type.get(schema.CIHistograms)
@@ -118,6 +159,8 @@ def evaluate(
         with autocast(config, device, evaluating=True):
             inp = step_inputs(config, model, batch, noise, step / config.steps, world_size)
             values = {f"loss/{c.classname}": loss_term(c, inp).detach().float() for c in loss_cfgs}  # type: ignore[arg-type]
+            if pooled_im is not None:
+                pooled_im.update(inp.ci.upper)
             if ce_kl is not None:
                 ce_kl.update(inp)
             if subset_ce_kl is not None:
@@ -132,6 +175,8 @@ def evaluate(
         n_batches += 1
     assert n_batches > 0, "evaluate needs at least one batch"
     scalars = {k: v / n_batches for k, v in sums.items()}
+    if pooled_im is not None:
+        scalars["loss/ImportanceMinimalityLoss"] = pooled_im.compute(world_size)
     ci_stats = stats.compute()
     if l0_cfg is not None:
         scalars.update(ci_stats.l0)

@@ -461,6 +461,18 @@ def test_pgd_ascent_increases_loss(scope):
         close(loss_term(cfg, inp), (2 * m - 1) ** 2 * mean_x2)
 
 
+def test_pgd_sources_stay_fp32_when_the_ci_is_bf16():
+    # Under autocast the CI is bf16, whose spacing just below 1 is 2^-8: a source stepping down
+    # from 1 by 0.001 would round back to 1 and never move. In fp32 it moves: component weight
+    # 0.5, CI 0.75, m = 0.75 + 0.25 s, error (0.5 m - 1)^2 x^2 falls as s grows, so ascent lowers s.
+    model = decomposed([torch.tensor([[1.0]])], [(torch.tensor([[1.0]]), torch.tensor([[0.5]]))])
+    x = torch.tensor([[1.0], [2.0]])
+    inp = inputs(model, x, {"l1": torch.full((2, 1), 0.75, dtype=torch.bfloat16)})
+    cfg = _pgd(C.PGDReconLoss, "ones", 3, step_size=0.001)
+    m = 0.75 + 0.25 * (1 - 3 * 0.001)
+    assert loss_term(cfg, inp).item() == pytest.approx((0.5 * m - 1) ** 2 * 2.5, rel=1e-6)
+
+
 def test_pgd_final_forward_is_differentiable():
     model = two_layer()
     ci = {k: v.clone().requires_grad_(True) for k, v in CI2.items()}

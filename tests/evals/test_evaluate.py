@@ -51,3 +51,40 @@ def test_a_language_model_metric_on_a_toy_is_refused_up_front() -> None:
 def test_the_shipped_toys_pass() -> None:
     for name in ("tms_5-2", "resid_mlp1", "ih"):
         check_eval_metrics(load_experiment(name)[1])
+
+
+def test_eval_importance_minimality_pools_every_batch_before_the_log_term() -> None:
+    """The reference's eval definition: S_c and N summed over all eval batches, then
+    sum_c [S_c/N + beta (S_c/N) log2(1 + S_c)]; with beta > 0 that differs from the mean of the
+    per-batch losses, with beta = 0 it equals it."""
+    import math
+
+    import torch
+
+    from spd_ray.core.losses import importance_minimality_loss
+    from spd_ray.evals.evaluate import PooledImportanceMinimality
+
+    g = torch.Generator().manual_seed(0)
+    batches = [
+        {"a": torch.rand(4, 3, generator=g), "b": torch.rand(4, 2, generator=g)} for _ in "xy"
+    ]
+    cfg = schema.ImportanceMinimalityLoss(coeff=1.0, pnorm=2.0, beta=0.5, eps=1e-12)
+    pooled = PooledImportanceMinimality(cfg, step_frac=0.0)
+    for ci in batches:
+        pooled.update(ci)
+    expected = 0.0
+    for path in ("a", "b"):
+        both = torch.cat([ci[path] for ci in batches]).double()
+        for c in range(both.shape[1]):
+            S = float(((both[:, c] + 1e-12) ** 2).sum())
+            m = S / 8
+            expected += m + 0.5 * m * math.log2(1 + S)
+    assert pooled.compute(world_size=1).item() == pytest.approx(expected, rel=1e-6)
+    per_batch = [importance_minimality_loss(ci, 2.0, 0.5, 1e-12).item() for ci in batches]
+    assert abs(sum(per_batch) / 2 - expected) > 1e-3 * expected
+
+    flat = PooledImportanceMinimality(cfg.model_copy(update={"beta": 0.0}), step_frac=0.0)
+    for ci in batches:
+        flat.update(ci)
+    per_batch = [importance_minimality_loss(ci, 2.0, 0.0, 1e-12).item() for ci in batches]
+    assert flat.compute(world_size=1).item() == pytest.approx(sum(per_batch) / 2, rel=1e-6)
