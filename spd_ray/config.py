@@ -298,20 +298,49 @@ EvalMetricConfig = Annotated[LossConfig | EvalOnlyConfig, Field(discriminator="c
 # ---------------------------------------------------------------------------------------------
 
 
-class TMSTaskConfig(BaseConfig):
-    task_name: Literal["tms"] = "tms"
+# at_least_zero_active: each feature active independently with feature_probability;
+# exactly_<n>_active: n distinct features per row
+DataGenerationType = Literal[
+    "at_least_zero_active",
+    "exactly_one_active",
+    "exactly_two_active",
+    "exactly_three_active",
+    "exactly_four_active",
+    "exactly_five_active",
+]
+
+
+class _ToyTaskConfig(BaseConfig):
     feature_probability: float = Field(gt=0.0, le=1.0, description="P(feature active).")
-    data_generation_type: Literal["exactly_one_active", "at_least_zero_active"] = Field(
+    data_generation_type: DataGenerationType = Field(
         "at_least_zero_active", description="How sparse inputs are drawn."
     )
+    synced_inputs: list[list[int]] | None = Field(
+        None,
+        description="Feature groups that fire together: when one feature of a group is active, "
+        "every feature of the group is (each with its own value).",
+    )
+
+    @model_validator(mode="after")
+    def _check_groups(self) -> _ToyTaskConfig:
+        seen: set[int] = set()
+        for group in self.synced_inputs or []:
+            if len(group) < 2 or len(set(group)) != len(group) or min(group) < 0:
+                raise InputError(f"synced_inputs group {group}: two or more distinct features >= 0")
+            if seen & set(group):
+                raise InputError(
+                    f"synced_inputs: feature(s) {sorted(seen & set(group))} in two groups"
+                )
+            seen |= set(group)
+        return self
 
 
-class ResidMLPTaskConfig(BaseConfig):
+class TMSTaskConfig(_ToyTaskConfig):
+    task_name: Literal["tms"] = "tms"
+
+
+class ResidMLPTaskConfig(_ToyTaskConfig):
     task_name: Literal["resid_mlp"] = "resid_mlp"
-    feature_probability: float = Field(gt=0.0, le=1.0, description="P(feature active).")
-    data_generation_type: Literal[
-        "exactly_one_active", "exactly_two_active", "at_least_zero_active"
-    ] = Field("at_least_zero_active", description="How sparse inputs are drawn.")
 
 
 class IHTaskConfig(BaseConfig):

@@ -15,6 +15,7 @@ Only this module (and the CLI) writes files for a run, and it keeps these promis
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import json
 import os
@@ -187,6 +188,10 @@ class RunDir:
         """Create the folder and config.yaml, or check that an existing run has the same config."""
         if self.exists():
             old = yaml.safe_load((self.path / CONFIG).read_text())
+            # Read through today's schema, so a field added since takes its default; a config the
+            # schema refuses is compared as written (the first difference names what changed).
+            with contextlib.suppress(ConfigError):
+                old = config_from_dict(old).model_dump(mode="json")
             new = config.model_dump(mode="json")
             key = _first_difference(old, new)
             if key is not None:

@@ -6,26 +6,32 @@ described by its generator state and can be saved and resumed exactly (`ToyBatch
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from jaxtyping import Float
 from torch import Tensor, nn
 
-from spd_ray.config import ResidMLPTaskConfig, TMSTaskConfig
+from spd_ray.config import DataGenerationType, ResidMLPTaskConfig, TMSTaskConfig
 from spd_ray.errors import InputError
 
-DataGenerationType = Literal["at_least_zero_active", "exactly_one_active", "exactly_two_active"]
-
-_N_ACTIVE: dict[str, int] = {"exactly_one_active": 1, "exactly_two_active": 2}
+_N_ACTIVE: dict[str, int] = {
+    "exactly_one_active": 1,
+    "exactly_two_active": 2,
+    "exactly_three_active": 3,
+    "exactly_four_active": 4,
+    "exactly_five_active": 5,
+}
 
 
 class SparseFeatureDataset:
     """Batches of `n_features` sparse features with values drawn uniformly from `value_range`.
 
     - `at_least_zero_active`: each feature is active independently with `feature_probability`.
-    - `exactly_one_active` / `exactly_two_active`: that many distinct features are active per row
+    - `exactly_<n>_active` (n = one .. five): n distinct features are active per row
       (`feature_probability` is not used).
+    - `synced_inputs`: groups of features that fire together - in a row where any feature of a
+      group is active, its inactive features get values too (drawn after the row's own).
     """
 
     def __init__(
@@ -34,6 +40,7 @@ class SparseFeatureDataset:
         feature_probability: float,
         data_generation_type: DataGenerationType,
         value_range: tuple[float, float],
+        synced_inputs: list[list[int]] | None = None,
     ):
         assert n_features > 0, f"n_features must be positive, got {n_features}"
         assert 0.0 < feature_probability <= 1.0, f"feature_probability {feature_probability}"
@@ -47,6 +54,12 @@ class SparseFeatureDataset:
         self.feature_probability = feature_probability
         self.data_generation_type = data_generation_type
         self.value_range = value_range
+        for group in synced_inputs or []:
+            if max(group) >= n_features:
+                raise InputError(
+                    f"synced_inputs group {group} names a feature >= n_features {n_features}"
+                )
+        self.synced_inputs = [list(g) for g in synced_inputs or []]
 
     def _values(self, shape: tuple[int, ...], generator: torch.Generator) -> Tensor:
         lo, hi = self.value_range
@@ -75,6 +88,10 @@ class SparseFeatureDataset:
             idx = scores.topk(n_active, dim=1).indices
             values = self._values((batch_size, n_active), generator)
             x = torch.zeros(shape, device=generator.device).scatter_(1, idx, values)
+        for group in self.synced_inputs:
+            fired = (x[:, group] != 0).any(dim=1, keepdim=True)
+            fill = self._values((batch_size, len(group)), generator)
+            x[:, group] = torch.where(fired & (x[:, group] == 0), fill, x[:, group])
         return x.to(device)
 
 
@@ -169,4 +186,5 @@ def make_toy_dataset(
         feature_probability=task_config.feature_probability,
         data_generation_type=task_config.data_generation_type,
         value_range=value_range,
+        synced_inputs=task_config.synced_inputs,
     )

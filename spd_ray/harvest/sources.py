@@ -17,6 +17,7 @@ piece of work that makes rows holds only the reader's fraction of a CPU.
 
 from __future__ import annotations
 
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from spd_ray.config import Config, LMTaskConfig
+from spd_ray.config import Config, DataGenerationType, LMTaskConfig
 from spd_ray.errors import InputError
 
 ROWS_PER_TOY_BLOCK = 1024
@@ -58,7 +59,7 @@ class ToySource:
 
 Source = LMSource | ToySource
 
-TOY_DATA_TYPES = ("at_least_zero_active", "exactly_one_active", "exactly_two_active")
+TOY_DATA_TYPES: tuple[str, ...] = typing.get_args(DataGenerationType)
 
 
 def lm_source(
@@ -154,7 +155,11 @@ def toy_block(source: ToySource, block: int) -> np.ndarray:
     t = source.task
     value_range = (0.0, 1.0) if t["task_name"] == "tms" else (-1.0, 1.0)
     data = SparseFeatureDataset(
-        source.n_features, t["feature_probability"], t["data_generation_type"], value_range
+        source.n_features,
+        t["feature_probability"],
+        t["data_generation_type"],
+        value_range,
+        t.get("synced_inputs"),
     )
     gen = torch.Generator().manual_seed(
         int(np.random.SeedSequence([source.seed, block]).generate_state(1)[0])

@@ -21,7 +21,16 @@ def test_at_least_zero_active_fraction_and_range():
     assert (x < 0).any() and (x > 0).any()
 
 
-@pytest.mark.parametrize(("kind", "n"), [("exactly_one_active", 1), ("exactly_two_active", 2)])
+@pytest.mark.parametrize(
+    ("kind", "n"),
+    [
+        ("exactly_one_active", 1),
+        ("exactly_two_active", 2),
+        ("exactly_three_active", 3),
+        ("exactly_four_active", 4),
+        ("exactly_five_active", 5),
+    ],
+)
 def test_exactly_n_active(kind: str, n: int):
     ds = SparseFeatureDataset(7, 0.5, kind, value_range=(0.0, 1.0))  # type: ignore[arg-type]
     x = ds.generate_batch(5_000, gen(1))
@@ -30,6 +39,39 @@ def test_exactly_n_active(kind: str, n: int):
     # Every feature gets picked about equally often.
     counts = (x != 0).sum(dim=0).float()
     assert (counts / counts.mean() - 1).abs().max() < 0.1
+
+
+def test_synced_inputs_fire_together_and_leave_other_features_alone():
+    groups = [[0, 3], [1, 4, 5]]
+    ds = SparseFeatureDataset(8, 0.2, "at_least_zero_active", (0.0, 1.0), synced_inputs=groups)
+    plain = SparseFeatureDataset(8, 0.2, "at_least_zero_active", (0.0, 1.0))
+    x, base = ds.generate_batch(4_000, gen(2)), plain.generate_batch(4_000, gen(2))
+    active = x != 0
+    for group in groups:
+        # all or none of a group, in every row
+        assert (active[:, group].all(dim=1) | ~active[:, group].any(dim=1)).all()
+        # a group fires where any of its features fired in the unsynced draw, and keeps those values
+        fired = (base[:, group] != 0).any(dim=1)
+        assert torch.equal(active[:, group].any(dim=1), fired)
+        kept = base[:, group] != 0
+        assert torch.equal(x[:, group][kept], base[:, group][kept])
+    # features outside the groups are the unsynced draw exactly; filled values are in range
+    assert torch.equal(x[:, [2, 6, 7]], base[:, [2, 6, 7]])
+    assert x.min() >= 0.0 and x.max() < 1.0
+    # P(group of 2 fires) = 1 - 0.8^2 = 0.36; of 3: 1 - 0.8^3 = 0.488
+    assert abs(active[:, 0].float().mean().item() - 0.36) < 0.03
+    assert abs(active[:, 1].float().mean().item() - 0.488) < 0.03
+
+
+def test_synced_inputs_are_checked():
+    with pytest.raises(
+        ValueError, match=r"synced_inputs group \[1, 9\] names a feature >= n_features 8"
+    ):
+        SparseFeatureDataset(8, 0.2, "at_least_zero_active", (0.0, 1.0), synced_inputs=[[1, 9]])
+    with pytest.raises(ValueError, match=r"feature\(s\) \[2\] in two groups"):
+        TMSTaskConfig(feature_probability=0.1, synced_inputs=[[1, 2], [2, 3]])
+    with pytest.raises(ValueError, match="two or more distinct features"):
+        TMSTaskConfig(feature_probability=0.1, synced_inputs=[[1]])
 
 
 def test_generate_batch_uses_only_the_given_generator():
