@@ -520,7 +520,7 @@ def _repo_path(name: str) -> Path:
 def check_command(argv: list[str]) -> str | None:
     """Why spd-ray would reject the command before doing any work, or None."""
     from spd_ray.cli import build_parser, load_target_config
-    from spd_ray.config import USER_ERRORS
+    from spd_ray.errors import user_errors
     from spd_ray.registry import registry
 
     stderr = io.StringIO()
@@ -541,7 +541,7 @@ def check_command(argv: list[str]) -> str | None:
             name = str(_repo_path(target)) if is_file else target
             try:
                 _, config = load_target_config(name, args.overrides, args.steps)
-            except USER_ERRORS as err:
+            except user_errors() as err:
                 return f"{target}: {' '.join(str(err).split())}"
             if config.batch_size % workers:
                 return (
