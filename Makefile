@@ -13,7 +13,7 @@ install:
 	$(BIN)/python -m pip install -q -e ".[dev]"
 
 test:
-	$(BIN)/python -m pytest -q -m "not slow" tests
+	$(BIN)/python -m pytest -q -m "not slow" --durations=25 tests
 
 test-all:
 	$(BIN)/python -m pytest -q tests

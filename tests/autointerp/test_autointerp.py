@@ -94,6 +94,7 @@ def _label_answer(request: dict[str, Any]) -> str:
     return json.dumps({"label": label, "confidence": "medium", "reasoning": "From the examples."})
 
 
+@pytest.mark.slow
 def test_faults_lose_nothing_and_in_flight_stays_bounded(
     harvested: tuple[Path, dict[str, str]],
 ) -> None:
@@ -259,6 +260,7 @@ def _scores(run: Path) -> dict[str, list[float]]:
     return out
 
 
+@pytest.mark.slow
 def test_scores_oracle_near_one_random_near_half(harvested: tuple[Path, dict[str, str]]) -> None:
     run, env = harvested
     h = Harvest(run)
@@ -298,6 +300,7 @@ def test_scores_oracle_near_one_random_near_half(harvested: tuple[Path, dict[str
     assert "detection" in table.stdout and "intruder" in table.stdout
 
 
+@pytest.mark.slow
 def test_zero_budget_sends_nothing_and_bad_endpoints_fail_fast(
     harvested: tuple[Path, dict[str, str]], tmp_path: Path
 ) -> None:

@@ -171,6 +171,7 @@ def test_bad_input_fails_at_once(lm_run: tuple[Path, dict[str, str]], tmp_path: 
     assert res.returncode == 2 and "has no harvest" in res.stderr
 
 
+@pytest.mark.slow
 def test_locked_or_gpu_less_harvest_stops_at_once_and_a_killed_holder_frees_the_run(
     ray_head: RayHead, tmp_path: Path
 ) -> None:

@@ -134,6 +134,7 @@ def test_reference_grid_runs_the_cartesian_product_on_two_worker_trials(
         assert json.loads((Path(r["run_dir"]) / "summary.json").read_text())["workers"] == 2
 
 
+@pytest.mark.slow
 def test_two_objective_sweep_resumes_after_kill_and_returns_a_pareto_front(
     ray_head: RayHead, shared_out: Path, tmp_path: Path
 ) -> None:

@@ -14,6 +14,7 @@ from ray_head import RayHead
 from spd_ray.targets.tiny_lm import TinyLMAssets
 
 
+@pytest.mark.slow
 def test_tiny_llama_two_workers_match_one_worker(
     ray_head: RayHead, tiny_lm_assets: TinyLMAssets, hf_datasets_cache: Path, shared_out: Path
 ) -> None:

@@ -213,7 +213,14 @@ def test_bad_input_fails_before_training(
     assert not (out / "bad" / "metrics.jsonl").exists()
 
 
-@pytest.mark.parametrize("name", ["tiny_llama", "tiny_gpt2", "tiny_llama_1L"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "tiny_llama",
+        pytest.param("tiny_gpt2", marks=pytest.mark.slow),
+        pytest.param("tiny_llama_1L", marks=pytest.mark.slow),
+    ],
+)
 def test_tiny_registry_entries_run(
     name: str, tiny_lm_assets: TinyLMAssets, hf_datasets_cache: Path, tmp_path: Path
 ):

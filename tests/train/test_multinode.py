@@ -128,6 +128,7 @@ def test_two_ranks_on_two_nodes_match_one_worker(two_nodes: Any, tmp_path: Path)
     )
 
 
+@pytest.mark.slow
 def test_requests_the_cluster_can_never_hold_fail_before_training(
     two_nodes: Any, tmp_path: Path
 ) -> None:
@@ -156,6 +157,7 @@ def test_requests_the_cluster_can_never_hold_fail_before_training(
     assert wall < 60, f"the refusal took {wall:.0f} s"
 
 
+@pytest.mark.slow
 def test_a_local_out_that_a_node_cannot_see_is_refused(two_nodes: Any, tmp_path: Path) -> None:
     """A third node in its own mount namespace, where the output folder is an empty tmpfs - the
     situation of a node-local disk on a cloud cluster."""

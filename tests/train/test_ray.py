@@ -158,6 +158,7 @@ def test_two_workers_match_one_worker(ray_head: RayHead, shared_out: Path) -> No
     assert [e.value for e in loss] == pytest.approx([m["train/loss/total"] for m in logged])
 
 
+@pytest.mark.slow
 def test_sigkilled_driver_resumes_and_matches_uninterrupted(
     ray_head: RayHead, shared_out: Path, tms_reference: dict[str, float]
 ) -> None:
@@ -261,6 +262,7 @@ def test_secrets_stay_out_of_the_runtime_env(ray_head: RayHead, tmp_path: Path) 
     assert len(warnings) == 1 and "HF_TOKEN, WANDB_API_KEY" in warnings[0], res.stderr[-3000:]
 
 
+@pytest.mark.slow
 def test_ray_job_submit_runs_a_decomposition(ray_head: RayHead, tmp_path: Path) -> None:
     env_vars = {"SPD_RAY_THREADS": "1", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2"}
     res = subprocess.run(
@@ -295,6 +297,7 @@ def test_ray_job_submit_runs_a_decomposition(ray_head: RayHead, tmp_path: Path) 
     assert (tmp_path / "job" / "checkpoint.pt").exists()
 
 
+@pytest.mark.slow
 def test_local_ray_uses_all_cpus_and_matches_in_process(tmp_path: Path) -> None:
     """Without a cluster, `spd-ray run` starts a local Ray sized to the machine; its one worker
     gets every CPU as torch threads and reproduces the in-process run. Ray Train's helper actors

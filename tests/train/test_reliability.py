@@ -161,6 +161,7 @@ def test_ten_kills_at_random_moments(tmp_path: Path, reference: tuple[Path, floa
     _assert_like_reference(reference[0], run)
 
 
+@pytest.mark.slow
 def test_kill_before_the_first_checkpoint_logs_nothing_twice(
     tmp_path: Path, reference: tuple[Path, float]
 ) -> None:
@@ -210,6 +211,7 @@ def _stopped_run(out: Path, name: str, at_step: int) -> Path:
     return out / name
 
 
+@pytest.mark.slow
 def test_torn_last_line_of_metrics_is_skipped_and_cut(
     tmp_path: Path, reference: tuple[Path, float]
 ) -> None:
@@ -224,6 +226,7 @@ def test_torn_last_line_of_metrics_is_skipped_and_cut(
     _assert_like_reference(reference[0], run)
 
 
+@pytest.mark.slow
 def test_truncated_newest_checkpoint_falls_back_to_the_previous(
     tmp_path: Path, reference: tuple[Path, float]
 ) -> None:
@@ -284,6 +287,7 @@ def test_crafted_checkpoint_runs_no_code(tmp_path: Path) -> None:
         assert not marker.exists(), argv
 
 
+@pytest.mark.slow
 def test_disk_full_during_a_checkpoint_keeps_the_last_good_one(
     tmp_path: Path, reference: tuple[Path, float], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -312,6 +316,7 @@ def test_disk_full_during_a_checkpoint_keeps_the_last_good_one(
     _assert_like_reference(reference[0], run)
 
 
+@pytest.mark.slow
 def test_crash_between_final_checkpoint_and_summary(
     tmp_path: Path, reference: tuple[Path, float], monkeypatch: pytest.MonkeyPatch
 ) -> None:

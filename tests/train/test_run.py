@@ -195,6 +195,7 @@ def test_decompose_and_load_run_api(tmp_path: Path) -> None:
     assert run.step == 20
 
 
+@pytest.mark.slow
 def test_tensorboard_and_offline_wandb_tracking(tmp_path: Path) -> None:
     """Rank 0 logs every metric to TensorBoard and, with wandb_project set and no API key, to an
     offline wandb run inside the run directory (figures included)."""
