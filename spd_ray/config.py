@@ -682,7 +682,9 @@ def save_config(config: Config, path: Path) -> None:
 
 
 def config_hash(model: BaseModel) -> str:
-    blob = json.dumps(model.model_dump(mode="json"), sort_keys=True)
+    """A short hash of the config's non-default values (the toy-target cache key): a field added
+    later with a default leaves every existing key, and so every cached target, as it was."""
+    blob = json.dumps(model.model_dump(mode="json", exclude_defaults=True), sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 

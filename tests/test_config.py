@@ -225,3 +225,17 @@ def test_a_hub_target_needs_its_class_and_output_attr() -> None:
         )
     with pytest.raises(ConfigError, match="one of pretrained_model_path, pretrained_model_name"):
         _target_config()
+
+
+def test_config_hash_ignores_defaults_stated_or_added() -> None:
+    plain = C.TMSTargetConfig(n_features=5, n_hidden=2)
+    stated = C.TMSTargetConfig(n_features=5, n_hidden=2, tied_weights=False, seed=0)
+    assert C.config_hash(plain) == C.config_hash(stated)
+    assert C.config_hash(plain) != C.config_hash(
+        C.TMSTargetConfig(n_features=5, n_hidden=2, seed=1)
+    )
+
+    class WithNewField(C.TMSTargetConfig):
+        new_option: bool = False
+
+    assert C.config_hash(WithNewField(n_features=5, n_hidden=2)) == C.config_hash(plain)
