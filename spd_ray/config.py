@@ -388,6 +388,9 @@ class TMSTargetConfig(BaseConfig):
     n_hidden_layers: int = Field(0, ge=0, description="Hidden n_hidden x n_hidden layers.")
     tied_weights: bool = Field(False, description="linear2.weight = linear1.weight^T.")
     fix_hidden_identity: bool = Field(False, description="Hidden layers frozen at the identity.")
+    fixed_random_hidden_layers: bool = Field(
+        False, description="Hidden layers frozen at their random init (the reference's option)."
+    )
     init_bias_to_zero: bool = Field(False, description="Start linear2's bias at zero.")
     seed: int = Field(0, description="Seed of the target's training.")
     steps: int = Field(10_000, gt=0, description="Training steps.")
@@ -395,6 +398,15 @@ class TMSTargetConfig(BaseConfig):
     lr: float = Field(5e-3, gt=0.0, description="Constant AdamW learning rate.")
     weight_decay: float = Field(0.01, ge=0.0, description="AdamW weight decay.")
     feature_probability: float = Field(0.05, gt=0.0, le=1.0, description="P(feature active).")
+
+    @model_validator(mode="after")
+    def _check_hidden(self) -> TMSTargetConfig:
+        if self.fix_hidden_identity and self.fixed_random_hidden_layers:
+            raise InputError(
+                "fix_hidden_identity and fixed_random_hidden_layers exclude each other: the hidden "
+                "layers are frozen at the identity or at their random init"
+            )
+        return self
 
 
 class ResidMLPTargetConfig(BaseConfig):

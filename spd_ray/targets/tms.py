@@ -70,6 +70,8 @@ class TMSModel(nn.Module):
             if config.fix_hidden_identity:
                 for layer in self.hidden_layers_at_init():
                     layer.weight.copy_(torch.eye(n_h))
+            if config.fix_hidden_identity or config.fixed_random_hidden_layers:
+                for layer in self.hidden_layers_at_init():
                     layer.weight.requires_grad_(False)
 
         self.tied_module_pairs: list[tuple[str, str]] = (

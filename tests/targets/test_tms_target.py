@@ -95,3 +95,22 @@ def test_decomposed_hidden_layer_still_runs_in_the_forward() -> None:
     out, cache = model.clean_forward(x)
     assert list(cache.inputs) == ["linear1", "hidden_layers.0", "linear2"]
     torch.testing.assert_close(out, expected)
+
+
+def test_fixed_random_hidden_layers_stay_at_their_init_while_the_rest_trains() -> None:
+    from spd_ray.targets.tms import _train_once
+
+    cfg = TMSTargetConfig(
+        n_features=5, n_hidden=3, n_hidden_layers=2, fixed_random_hidden_layers=True, steps=30
+    )
+    init = TMSModel(cfg, generator=torch.Generator().manual_seed(4))
+    trained = _train_once(cfg, seed=4, progress=False)
+    for before, after in zip(init.hidden_layers, trained.hidden_layers, strict=True):
+        assert torch.equal(before.weight, after.weight)
+        assert not after.weight.requires_grad
+        assert not torch.equal(before.weight, torch.eye(3))  # random, not the identity
+    assert not torch.equal(init.linear1.weight, trained.linear1.weight)
+    with pytest.raises(ValueError, match="exclude each other"):
+        TMSTargetConfig(
+            n_features=5, n_hidden=2, fix_hidden_identity=True, fixed_random_hidden_layers=True
+        )
