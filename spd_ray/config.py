@@ -440,7 +440,20 @@ class IHTargetConfig(BaseConfig):
     batch_size: int = Field(1024, gt=0, description="Training batch size.")
     lr: float = Field(1e-3, gt=0.0, description="AdamW learning rate.")
     lr_warmup_steps: int = Field(1000, ge=0, description="Linear warmup steps.")
+    lr_schedule: Literal["constant", "cosine", "linear"] = Field(
+        "constant", description="After warmup: constant, or cosine / linear decay to 0 at `steps`."
+    )
     weight_decay: float = Field(0.01, ge=0.0, description="AdamW weight decay.")
+    use_mlp: bool = Field(
+        False, description="An MLP (d_model -> d_mlp -> d_model, GELU) in every block."
+    )
+    d_mlp: int = Field(64, gt=0, description="MLP width (with use_mlp).")
+    use_layer_norm: bool = Field(
+        False, description="Pre-LayerNorm before attention (and MLP) and before the unembedding."
+    )
+    use_positional_encoding: bool = Field(
+        True, description="Add the sinusoidal encoding to queries and keys (off: no position info)."
+    )
 
 
 ToyTargetConfig = TMSTargetConfig | ResidMLPTargetConfig | IHTargetConfig

@@ -46,11 +46,12 @@ def sinusoidal_encoding(seq_len: int, d_model: int) -> Float[Tensor, "seq_len d_
 class ShortformerAttention(nn.Module):
     """Causal multi-head self-attention with the positional encoding added to Q and K only."""
 
-    def __init__(self, d_model: int, n_heads: int, seq_len: int):
+    def __init__(self, d_model: int, n_heads: int, seq_len: int, positional: bool = True):
         super().__init__()
         if d_model % n_heads:
             raise InputError(f"d_model {d_model} is not divisible by n_heads {n_heads}")
         self.n_heads = n_heads
+        self.positional = positional
         self.q_proj = nn.Linear(d_model, d_model, bias=False)
         self.k_proj = nn.Linear(d_model, d_model, bias=False)
         self.v_proj = nn.Linear(d_model, d_model, bias=False)
@@ -60,9 +61,10 @@ class ShortformerAttention(nn.Module):
 
     def forward(self, x: Float[Tensor, "batch seq d_model"]) -> Float[Tensor, "batch seq d_model"]:
         b, s, d = x.shape
-        pe = self.pe[:s].to(x.dtype)
-        q = self.q_proj(x) + pe
-        k = self.k_proj(x) + pe
+        q, k = self.q_proj(x), self.k_proj(x)
+        if self.positional:
+            pe = self.pe[:s].to(x.dtype)
+            q, k = q + pe, k + pe
         v = self.v_proj(x)
         # [b, s, d] -> [b, heads, s, d_head]
         q, k, v = (t.view(b, s, self.n_heads, d // self.n_heads).transpose(1, 2) for t in (q, k, v))
@@ -72,13 +74,34 @@ class ShortformerAttention(nn.Module):
         return self.out_proj(ctx.transpose(1, 2).reshape(b, s, d))
 
 
-class IHBlock(nn.Module):
-    def __init__(self, cfg: IHTargetConfig):
+class IHMLP(nn.Module):
+    def __init__(self, d_model: int, d_mlp: int):
         super().__init__()
-        self.attn = ShortformerAttention(cfg.d_model, cfg.n_heads, cfg.seq_len)
+        self.up = nn.Linear(d_model, d_mlp)
+        self.down = nn.Linear(d_mlp, d_model)
 
     def forward(self, x: Float[Tensor, "batch seq d_model"]) -> Float[Tensor, "batch seq d_model"]:
-        return x + self.attn(x)
+        return self.down(F.gelu(self.up(x)))
+
+
+class IHBlock(nn.Module):
+    """x += attn(ln1(x)); with use_mlp, x += mlp(ln2(x)) (LayerNorms only with use_layer_norm).
+    Absent options register no module, so the default block is exactly the attention-only one."""
+
+    def __init__(self, cfg: IHTargetConfig):
+        super().__init__()
+        self.attn = ShortformerAttention(
+            cfg.d_model, cfg.n_heads, cfg.seq_len, cfg.use_positional_encoding
+        )
+        self.ln1 = nn.LayerNorm(cfg.d_model) if cfg.use_layer_norm else None
+        self.mlp = IHMLP(cfg.d_model, cfg.d_mlp) if cfg.use_mlp else None
+        self.ln2 = nn.LayerNorm(cfg.d_model) if cfg.use_layer_norm and cfg.use_mlp else None
+
+    def forward(self, x: Float[Tensor, "batch seq d_model"]) -> Float[Tensor, "batch seq d_model"]:
+        x = x + self.attn(self.ln1(x) if self.ln1 is not None else x)
+        if self.mlp is not None:
+            x = x + self.mlp(self.ln2(x) if self.ln2 is not None else x)
+        return x
 
 
 class InductionTransformer(nn.Module):
@@ -92,6 +115,7 @@ class InductionTransformer(nn.Module):
         n_tokens = config.vocab_size + 2  # + BOS and the induction token
         self.token_embed = nn.Embedding(n_tokens, config.d_model)
         self.blocks = nn.ModuleList([IHBlock(config) for _ in range(config.n_layers)])
+        self.ln_final = nn.LayerNorm(config.d_model) if config.use_layer_norm else None
         self.unembed = nn.Linear(config.d_model, n_tokens, bias=False)
         gen = generator if generator is not None else torch.Generator().manual_seed(config.seed)
         with torch.no_grad():  # torch's default inits, drawn from an explicit generator
@@ -100,6 +124,8 @@ class InductionTransformer(nn.Module):
                 if isinstance(module, nn.Linear):
                     bound = 1.0 / math.sqrt(module.in_features)
                     module.weight.uniform_(-bound, bound, generator=gen)
+                    if module.bias is not None:  # the MLP's (the attention is bias-free)
+                        module.bias.uniform_(-bound, bound, generator=gen)
 
     def residual(self, tokens: Int[Tensor, "batch seq"]) -> Float[Tensor, "batch seq d_model"]:
         assert tokens.dim() == 2, f"expected (batch, seq) tokens, got {tuple(tokens.shape)}"
@@ -107,7 +133,7 @@ class InductionTransformer(nn.Module):
         x = self.token_embed(tokens)
         for block in self.blocks:
             x = block(x)
-        return x
+        return self.ln_final(x) if self.ln_final is not None else x
 
     def forward(self, tokens: Int[Tensor, "batch seq"]) -> Float[Tensor, "batch seq n_tokens"]:
         """Logits at every position."""
@@ -125,6 +151,19 @@ def ih_accuracy(
     """Fraction of a drawn batch whose last-position argmax is the induction label."""
     tokens, labels = task.generate_batch(batch_size, generator)
     return float((model.last_logits(tokens).argmax(-1) == labels).float().mean())
+
+
+def ih_lr(cfg: IHTargetConfig, step: int) -> float:
+    """The target trainer's learning rate at 0-based `step`: linear warmup to cfg.lr over
+    lr_warmup_steps, then constant, or a cosine / linear decay reaching 0 at the last step."""
+    warm = min(1.0, (step + 1) / max(cfg.lr_warmup_steps, 1))
+    if cfg.lr_schedule == "constant" or step < cfg.lr_warmup_steps:
+        return cfg.lr * warm
+    span = max(cfg.steps - 1 - cfg.lr_warmup_steps, 1)
+    progress = min(1.0, (step - cfg.lr_warmup_steps) / span)
+    if cfg.lr_schedule == "cosine":
+        return cfg.lr * 0.5 * (1 + math.cos(math.pi * progress))
+    return cfg.lr * (1 - progress)
 
 
 def train_ih(cfg: IHTargetConfig, progress: bool = False) -> InductionTransformer:
@@ -145,7 +184,7 @@ def train_ih(cfg: IHTargetConfig, progress: bool = False) -> InductionTransforme
     bar = tqdm(range(cfg.steps), desc=f"ih seed {cfg.seed}", disable=not progress)
     for step in bar:
         for group in opt.param_groups:
-            group["lr"] = cfg.lr * min(1.0, (step + 1) / max(cfg.lr_warmup_steps, 1))
+            group["lr"] = ih_lr(cfg, step)
         tokens, labels = task.generate_batch(cfg.batch_size, gen)
         loss = F.cross_entropy(model.last_logits(tokens), labels)
         opt.zero_grad(set_to_none=True)

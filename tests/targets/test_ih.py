@@ -264,3 +264,83 @@ def test_output_positions_option_reaches_the_component_model():
         target = InductionTransformer(config.target_model).requires_grad_(False)  # type: ignore[arg-type]
         assert build_component_model(config, target)(tokens).shape == shape
     assert IHTaskConfig().output_positions == "all"
+
+
+def _manual_logits(model: InductionTransformer, tokens: torch.Tensor) -> torch.Tensor:
+    """The forward written out by hand for one head: pre-LN attention without positions, pre-LN
+    GELU MLP, final LN, unembed."""
+    import math
+
+    import torch.nn.functional as F
+
+    x = model.token_embed.weight[tokens]
+    for block in model.blocks:
+        ln1, ln2 = block.ln1, block.ln2
+        h = F.layer_norm(x, x.shape[-1:], ln1.weight, ln1.bias, ln1.eps)
+        a = block.attn
+        q, k, v = h @ a.q_proj.weight.T, h @ a.k_proj.weight.T, h @ a.v_proj.weight.T
+        scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
+        s = tokens.shape[1]
+        scores = scores.masked_fill(torch.triu(torch.ones(s, s, dtype=torch.bool), 1), -math.inf)
+        x = x + (scores.softmax(-1) @ v) @ a.out_proj.weight.T
+        h = F.layer_norm(x, x.shape[-1:], ln2.weight, ln2.bias, ln2.eps)
+        up = h @ block.mlp.up.weight.T + block.mlp.up.bias
+        x = x + F.gelu(up) @ block.mlp.down.weight.T + block.mlp.down.bias
+    f = model.ln_final
+    x = F.layer_norm(x, x.shape[-1:], f.weight, f.bias, f.eps)
+    return x @ model.unembed.weight.T
+
+
+def test_mlp_layer_norm_and_no_positions_match_a_hand_written_forward() -> None:
+    cfg = IHTargetConfig(
+        vocab_size=6,
+        seq_len=5,
+        d_model=8,
+        n_layers=2,
+        use_mlp=True,
+        d_mlp=12,
+        use_layer_norm=True,
+        use_positional_encoding=False,
+    )
+    model = InductionTransformer(cfg)
+    with torch.no_grad():  # LayerNorm's affine parameters away from 1 and 0, so they count
+        for name, p in model.named_parameters():
+            if ".ln" in name or name.startswith("ln_final"):
+                p.uniform_(0.5, 1.5)
+    tokens = torch.tensor([[0, 3, 5, 1, 3], [0, 2, 2, 6, 4]])
+    with torch.no_grad():
+        torch.testing.assert_close(
+            model(tokens), _manual_logits(model, tokens), rtol=1e-5, atol=1e-5
+        )
+    # Without positions, one attention layer cannot tell where a token sits: swapping two earlier
+    # tokens leaves the last position's logits unchanged (with positions it does not).
+    one_layer = cfg.model_copy(update={"n_layers": 1})
+    swapped = tokens[:, [0, 2, 1, 3, 4]]
+    with torch.no_grad():
+        blind = InductionTransformer(one_layer)
+        torch.testing.assert_close(
+            blind(tokens)[:, -1], blind(swapped)[:, -1], rtol=1e-5, atol=1e-6
+        )
+        with_positions = one_layer.model_copy(update={"use_positional_encoding": True})
+        seeing = InductionTransformer(with_positions)
+        assert not torch.allclose(seeing(tokens)[:, -1], seeing(swapped)[:, -1])
+
+
+def test_target_trainer_lr_schedules_by_hand() -> None:
+    import math
+
+    from spd_ray.targets.ih import ih_lr
+
+    base = IHTargetConfig(lr=1e-3, lr_warmup_steps=10, steps=110)
+    assert ih_lr(base, 0) == pytest.approx(1e-4)
+    assert ih_lr(base, 9) == pytest.approx(1e-3)
+    assert ih_lr(base, 109) == pytest.approx(1e-3)
+    cos = base.model_copy(update={"lr_schedule": "cosine"})
+    lin = base.model_copy(update={"lr_schedule": "linear"})
+    # after warmup: progress (step - 10) / 99, reaching 0 at the last step (109)
+    for step in (10, 40, 109):
+        p = (step - 10) / 99
+        assert ih_lr(cos, step) == pytest.approx(1e-3 * 0.5 * (1 + math.cos(math.pi * p)))
+        assert ih_lr(lin, step) == pytest.approx(1e-3 * (1 - p), abs=1e-12)
+    assert ih_lr(cos, 5) == ih_lr(lin, 5) == pytest.approx(6e-4)
+    assert ih_lr(cos, 109) == pytest.approx(0.0, abs=1e-12)
