@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 from ray_head import RAY_TEST_ENV, RayHead, start_head, stop_head
+from s3_server import BUCKET, S3Server, s3_server
 
 for _key, _value in RAY_TEST_ENV.items():
     os.environ.setdefault(_key, _value)
@@ -27,6 +28,13 @@ def ray_head() -> Iterator[RayHead]:
         yield head
     finally:
         stop_head(head)
+
+
+@pytest.fixture(scope="module")
+def s3() -> Iterator[S3Server]:
+    """A moto S3 server on loopback with the bucket `BUCKET`, for one test module."""
+    with s3_server((BUCKET,)) as server:
+        yield server
 
 
 @pytest.fixture(scope="session")

@@ -23,6 +23,9 @@ ACCESS_KEY = "spd-ray-test-access-key"
 SECRET_KEY = "spd-ray-test-secret-key-not-real"  # tests assert it never appears in a message
 
 
+BUCKET = "bucket"  # the bucket of the `s3` fixture (tests/conftest.py)
+
+
 @dataclass(frozen=True)
 class S3Server:
     endpoint: str  # http://127.0.0.1:<port>

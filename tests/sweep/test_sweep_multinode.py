@@ -16,24 +16,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from cli_args import fast
 from multinode import cluster_env, node_cluster, node_of, wait_until
 
 from spd_ray.sweep.results import make_row, read_table, write_table
 
-FAST = [
-    "--set",
-    "autocast_bf16=false",
-    "--set",
-    "compile_ci_fns=false",
-    "--set",
-    "n_eval_steps=2",
-    "--set",
-    "faithfulness_warmup_steps=20",
-    "--set",
-    "train_log_freq=20",
-    "--set",
-    "batch_size=1024",
-]
+FAST = fast(train_log_freq=20, batch_size=1024)
 SPACE = (
     "tms_5-2:\n"
     "  loss_metric_configs.ImportanceMinimalityLoss.coeff: "

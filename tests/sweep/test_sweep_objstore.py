@@ -15,32 +15,20 @@ import re
 import shutil
 import signal
 import subprocess
-import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from s3_server import S3Server, s3_server
+from cli_args import fast, spd_ray_cmd
+from s3_server import BUCKET, S3Server
 
-BUCKET = "bucket"
 PREFIX = "sweeps"
-FAST = [
-    "--set",
-    "autocast_bf16=false",
-    "--set",
-    "compile_ci_fns=false",
-    "--set",
-    "n_eval_steps=2",
-    "--set",
-    "faithfulness_warmup_steps=10",
-    "--set",
-    "train_log_freq=10",
-    "--set",
-    "batch_size=1024",
-    "--set",
-    "slow_eval_on_first_step=false",
-]
+FAST = fast(
+    faithfulness_warmup_steps=10,
+    train_log_freq=10,
+    batch_size=1024,
+    slow_eval_on_first_step="false",
+)
 SPACE = (
     "tms_5-2:\n"
     "  loss_metric_configs.ImportanceMinimalityLoss.coeff: {loguniform: [1.0e-4, 1.0e-1]}\n"
@@ -49,22 +37,12 @@ OBJECTIVES = ("eval/loss/StochasticReconLoss", "eval/l0/total")  # the default p
 TRIAL_FILES = {"config.yaml", "metrics.jsonl", "summary.json", "workers.json", "checkpoint.pt"}
 
 
-@pytest.fixture(scope="module")
-def s3() -> Iterator[S3Server]:
-    with s3_server((BUCKET,)) as server:
-        yield server
-
-
-def _cmd(*args: str) -> list[str]:
-    return [sys.executable, "-m", "spd_ray.cli", *args]
-
-
 def _sweep_args(
     tmp_path: Path, name: str, trials: int, steps: int, *extra: str, concurrent: int = 1
 ) -> list[str]:
     space = tmp_path / "space.yaml"
     space.write_text(SPACE)
-    return _cmd(
+    return spd_ray_cmd(
         "sweep",
         "tms_5-2",
         "--space",

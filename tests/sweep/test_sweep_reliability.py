@@ -7,13 +7,13 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 import threading
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
 import pytest
+from cli_args import spd_ray_cmd
 from harvest_fixtures import hold_lock
 from ray_head import RayHead
 
@@ -36,12 +36,8 @@ SPACE = f"tms_5-2:\n  {COEFF}: {{loguniform: [1.0e-4, 1.0e-1]}}\n"
 TWO = [("eval/loss/StochasticReconLoss", "min"), ("eval/l0/total", "min")]
 
 
-def _cmd(*args: str) -> list[str]:
-    return [sys.executable, "-m", "spd_ray.cli", *args]
-
-
 def _cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(_cmd(*args), capture_output=True, text=True, env=env, timeout=300)
+    return subprocess.run(spd_ray_cmd(*args), capture_output=True, text=True, env=env, timeout=300)
 
 
 def _env(out: Path, **extra: str) -> dict[str, str]:

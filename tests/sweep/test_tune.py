@@ -8,31 +8,14 @@ import json
 import math
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
+from cli_args import fast, spd_ray_cmd
 from ray_head import RayHead
 
-FAST = [
-    "--set",
-    "autocast_bf16=false",
-    "--set",
-    "compile_ci_fns=false",
-    "--set",
-    "n_eval_steps=2",
-    "--set",
-    "faithfulness_warmup_steps=20",
-    "--set",
-    "train_log_freq=20",
-    "--set",
-    "batch_size=1024",
-]
-
-
-def _cmd(*args: str) -> list[str]:
-    return [sys.executable, "-m", "spd_ray.cli", *args]
+FAST = fast(train_log_freq=20, batch_size=1024)
 
 
 def _env(head: RayHead, out: Path) -> dict[str, str]:
@@ -41,7 +24,11 @@ def _env(head: RayHead, out: Path) -> dict[str, str]:
 
 def _sweep(head: RayHead, out: Path, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        _cmd("sweep", *args), capture_output=True, text=True, env=_env(head, out), timeout=900
+        spd_ray_cmd("sweep", *args),
+        capture_output=True,
+        text=True,
+        env=_env(head, out),
+        timeout=900,
     )
 
 
@@ -93,7 +80,7 @@ def test_tpe_with_asha_finds_a_best_config_that_reruns(
     finished = [r for r in rows if r["status"] == "finished"]
     best = min(finished, key=lambda r: float(r[f"metric/{objective}"]))
     rerun = subprocess.run(
-        _cmd("run", str(sweep_dir / "best.yaml"), "--in-process", "--name", "best-rerun"),
+        spd_ray_cmd("run", str(sweep_dir / "best.yaml"), "--in-process", "--name", "best-rerun"),
         capture_output=True,
         text=True,
         env=_env(ray_head, shared_out),
@@ -147,7 +134,7 @@ def test_two_objective_sweep_resumes_after_kill_and_returns_a_pareto_front(
     args += ["--steps", "150", *FAST, "--set", "eval_freq=50", "--name", "pareto"]
     sweep_dir = shared_out / "pareto"
     proc = subprocess.Popen(
-        _cmd("sweep", *args),
+        spd_ray_cmd("sweep", *args),
         env=_env(ray_head, shared_out),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -189,7 +176,7 @@ def test_two_objective_sweep_resumes_after_kill_and_returns_a_pareto_front(
     pareto_files = sorted(sweep_dir.glob("pareto_*.yaml"))
     assert len(pareto_files) == len(front) >= 1
     status = subprocess.run(
-        _cmd("sweep-status", "pareto"), capture_output=True, text=True,
+        spd_ray_cmd("sweep-status", "pareto"), capture_output=True, text=True,
         env=_env(ray_head, shared_out), timeout=120,
     )  # fmt: skip
     assert status.returncode == 0 and all(t in status.stdout for t in points)

@@ -10,7 +10,6 @@ import json
 import os
 import re
 import subprocess
-import sys
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -18,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from cli_args import fast, spd_ray_cmd
 from multinode import (
     blind_node,
     cluster_env,
@@ -31,7 +31,7 @@ from ray_head import stop_head
 
 from spd_ray.runs import RunDir
 
-FAST = ["--set", "autocast_bf16=false", "--set", "compile_ci_fns=false", "--set", "n_eval_steps=2"]
+FAST = fast(faithfulness_warmup_steps=None)
 SHORT = [
     "tms_5-2",
     "--steps",
@@ -66,12 +66,10 @@ LONG = [
 ]
 
 
-def _cmd(*args: str) -> list[str]:
-    return [sys.executable, "-m", "spd_ray.cli", *args]
-
-
 def _run(*args: str, env: dict[str, str], timeout: float = 600) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(_cmd(*args), capture_output=True, text=True, env=env, timeout=timeout)
+    return subprocess.run(
+        spd_ray_cmd(*args), capture_output=True, text=True, env=env, timeout=timeout
+    )
 
 
 def _env(address: str | None, out: Path) -> dict[str, str]:
@@ -186,7 +184,7 @@ def test_a_run_survives_losing_the_node_of_a_rank(tmp_path: Path) -> None:
         run_dir = tmp_path / "lossy"
         args = ["run", *LONG, "--name", "lossy", "--workers", "2", "--max-failures", "2"]
         proc = subprocess.Popen(
-            _cmd(*args),
+            spd_ray_cmd(*args),
             env=_env(cluster.address, tmp_path),
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,

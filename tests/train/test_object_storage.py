@@ -12,46 +12,27 @@ import re
 import shutil
 import signal
 import subprocess
-import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from s3_server import S3Server, s3_server
+from cli_args import fast, spd_ray_cmd
+from s3_server import BUCKET, S3Server
 
-BUCKET = "bucket"
 STEPS, SAVE = 600, 100
 ARGS = [
     "tms_5-2",
     "--steps",
     str(STEPS),
-    "--set",
-    "autocast_bf16=false",
-    "--set",
-    "compile_ci_fns=false",
-    "--set",
-    "n_eval_steps=2",
-    "--set",
-    f"save_freq={SAVE}",
-    "--set",
-    "eval_freq=300",
-    "--set",
-    f"slow_eval_freq={STEPS}",
-    "--set",
-    "train_log_freq=50",
+    *fast(
+        faithfulness_warmup_steps=None,
+        save_freq=SAVE,
+        eval_freq=300,
+        slow_eval_freq=STEPS,
+        train_log_freq=50,
+    ),
 ]
-
-
-@pytest.fixture(scope="module")
-def s3() -> Iterator[S3Server]:
-    with s3_server((BUCKET,)) as server:
-        yield server
-
-
-def _cmd(*args: str) -> list[str]:
-    return [sys.executable, "-m", "spd_ray.cli", *args]
 
 
 def _keys(s3: S3Server, prefix: str) -> set[str]:
@@ -80,7 +61,9 @@ def test_a_run_in_a_bucket_resumes_from_the_bucket(
     s3: S3Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     ref = subprocess.run(
-        _cmd("run", *ARGS, "--name", "ref", "--in-process", "--out", str(tmp_path / "local")),
+        spd_ray_cmd(
+            "run", *ARGS, "--name", "ref", "--in-process", "--out", str(tmp_path / "local")
+        ),
         env={**os.environ, "SPD_RAY_THREADS": "1"},
         capture_output=True,
         text=True,
@@ -90,7 +73,7 @@ def test_a_run_in_a_bucket_resumes_from_the_bucket(
     reference = json.loads((tmp_path / "local" / "ref" / "summary.json").read_text())
 
     staging = tmp_path / "staging"
-    args = _cmd("run", *ARGS, "--out", f"s3://{BUCKET}/runs", "--name", "r")
+    args = spd_ray_cmd("run", *ARGS, "--out", f"s3://{BUCKET}/runs", "--name", "r")
     proc = subprocess.Popen(
         args,
         env=s3.driver_env(staging),
@@ -146,7 +129,7 @@ def _harvest_and_show(s3: S3Server, tmp_path: Path) -> None:
     uri = f"s3://{BUCKET}/runs/r"
     env = s3.driver_env(tmp_path / "harvester")
     res = subprocess.run(
-        _cmd(
+        spd_ray_cmd(
             "harvest", uri, "--batches", "4", "--batch-size", "64", "--actors", "1", "--no-progress"
         ),
         env=env,
@@ -158,7 +141,7 @@ def _harvest_and_show(s3: S3Server, tmp_path: Path) -> None:
     harvested = {k for k in _keys(s3, "runs/r/") if k.startswith("harvest/")}
     assert "harvest/meta.json" in harvested, sorted(harvested)
     show = subprocess.run(
-        _cmd("harvest-show", uri, "linear1:0"),
+        spd_ray_cmd("harvest-show", uri, "linear1:0"),
         env=s3.driver_env(tmp_path / "viewer"),
         capture_output=True,
         text=True,
@@ -190,7 +173,7 @@ def test_a_bucket_that_cannot_be_reached_fails_before_any_work(
         out = f"s3://{BUCKET}/runs"
     t0 = time.monotonic()
     res = subprocess.run(
-        _cmd("run", *ARGS, "--out", out, "--name", "never"),
+        spd_ray_cmd("run", *ARGS, "--out", out, "--name", "never"),
         env=s3.driver_env(tmp_path / "staging", **extra),
         capture_output=True,
         text=True,
@@ -209,7 +192,9 @@ def test_a_bucket_that_cannot_be_reached_fails_before_any_work(
 def test_several_runs_in_one_command_land_in_the_bucket(s3: S3Server, tmp_path: Path) -> None:
     short = ["--steps", "20", "--set", "autocast_bf16=false", "--set", "n_eval_steps=2"]
     res = subprocess.run(
-        _cmd("run", "tms_5-2,resid_mlp1", *short, "--out", f"s3://{BUCKET}/many", "--name", "m"),
+        spd_ray_cmd(
+            "run", "tms_5-2,resid_mlp1", *short, "--out", f"s3://{BUCKET}/many", "--name", "m"
+        ),
         env=s3.driver_env(tmp_path / "staging"),
         capture_output=True,
         text=True,

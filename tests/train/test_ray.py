@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from cli_args import fast, spd_ray_cmd
 from ray_head import RayHead
 
 from spd_ray.runs import RunDir
@@ -27,16 +28,7 @@ REPO = Path(__file__).resolve().parents[2]
 TINY = REPO / "tests" / "fixtures" / "tiny_resid_mlp.yaml"
 
 # Short, deterministic (fp32) versions of the registry runs.
-FAST = [
-    "--set",
-    "autocast_bf16=false",
-    "--set",
-    "compile_ci_fns=false",
-    "--set",
-    "n_eval_steps=2",
-    "--set",
-    "faithfulness_warmup_steps=20",
-]
+FAST = fast()
 # The tms_5-2 run killed and resumed below, and its uninterrupted reference.
 TMS_STEPS, TMS_SAVE = 1500, 300
 TMS = [
@@ -57,17 +49,13 @@ TMS = [
 ]
 
 
-def _cmd(*args: str) -> list[str]:
-    return [sys.executable, "-m", "spd_ray.cli", *args]
-
-
 def _env(head: RayHead | None, out: Path, **extra: str) -> dict[str, str]:
     env = head.env() if head is not None else dict(os.environ)
     return {**env, "SPD_RAY_OUT": str(out), "SPD_RAY_THREADS": "1", **extra}
 
 
 def _run(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(_cmd(*args), capture_output=True, text=True, env=env, timeout=600)
+    return subprocess.run(spd_ray_cmd(*args), capture_output=True, text=True, env=env, timeout=600)
 
 
 def _summary(run_dir: Path) -> dict:
@@ -165,7 +153,9 @@ def test_sigkilled_driver_resumes_and_matches_uninterrupted(
     args = ["run", *TMS, "--name", "tms-killed", "--cpus-per-worker", "1"]
     env = _env(ray_head, shared_out)
     run_dir = shared_out / "tms-killed"
-    proc = subprocess.Popen(_cmd(*args), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        spd_ray_cmd(*args), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
     deadline = time.time() + 300
     step = 0
     while time.time() < deadline and proc.poll() is None:
@@ -198,7 +188,7 @@ def test_killed_worker_is_restarted_and_the_run_completes(
     args += ["--max-failures", "2"]
     run_dir = shared_out / "tms-worker-killed"
     proc = subprocess.Popen(
-        _cmd(*args),
+        spd_ray_cmd(*args),
         env=_env(ray_head, shared_out),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -237,7 +227,7 @@ def test_secrets_stay_out_of_the_runtime_env(ray_head: RayHead, tmp_path: Path) 
     secrets = {"WANDB_API_KEY": "wandb-secret-5f3a9c", "HF_TOKEN": "hf_secret_81d2e7"}
     env = _env(ray_head, tmp_path, SPD_RAY_TEST_SETTING="forwarded-7c1b", **secrets)
     proc = subprocess.Popen(
-        _cmd("run", str(TINY), "--name", "sec"),
+        spd_ray_cmd("run", str(TINY), "--name", "sec"),
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
