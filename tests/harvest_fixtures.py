@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
+from cli_args import spd_ray_cmd
 
 if TYPE_CHECKING:
     from spd_ray.targets.tiny_lm import TinyLMAssets
@@ -21,7 +22,7 @@ def spd_ray_cli(
 ) -> subprocess.CompletedProcess[str]:
     """`spd-ray ARGS` in a fresh process, as a user runs it."""
     return subprocess.run(
-        [sys.executable, "-m", "spd_ray.cli", *args],
+        spd_ray_cmd(*args),
         capture_output=True,
         text=True,
         env=env,

@@ -9,11 +9,11 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
+from cli_args import spd_ray_cmd
 from harvest_fixtures import short_tms_run, spd_ray_cli
 from llm_server import LLMServer
 from multinode import cluster_env, node_cluster, wait_until
@@ -136,7 +136,7 @@ def test_a_worker_lost_with_its_node_is_redone_elsewhere(tms_run: Path, tmp_path
             res = _cli(env, "harvest", str(tms_run), "--no-progress", *args)
             assert res.returncode == 0, res.stderr[-4000:]
         with LLMServer(api_key="sk-test", latency_s=1.0) as server:
-            cmd = [sys.executable, "-m", "spd_ray.cli", "autointerp", str(tms_run)]
+            cmd = spd_ray_cmd("autointerp", str(tms_run))
             cmd += ["--base-url", server.base_url, "--model", "test-model"]
             cmd += ["--api-key-env", "TEST_LLM_KEY", "--no-progress", "--limit", str(limit)]
             cmd += ["--actors", "2", "--concurrency", "1"]

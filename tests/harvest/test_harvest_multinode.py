@@ -10,13 +10,13 @@ import json
 import re
 import shutil
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from cli_args import spd_ray_cmd
 from harvest_fixtures import short_tms_run, spd_ray_cli
 from multinode import blind_node, cluster_env, node_cluster, wait_until
 
@@ -87,7 +87,7 @@ def test_an_actor_lost_with_its_node_fails_in_one_line_and_writes_nothing(
     log = tmp_path / "harvest.log"
     with node_cluster(head_cpus=0, nodes=(1, 1)) as cluster:
         env = cluster_env(cluster.address, OMP_NUM_THREADS="1")
-        cmd = [sys.executable, "-m", "spd_ray.cli", "harvest", str(tms_run), "--no-progress"]
+        cmd = spd_ray_cmd("harvest", str(tms_run), "--no-progress")
         with log.open("w") as sink:
             proc = subprocess.Popen(
                 [*cmd, *args, "--actors", "2"], stdout=sink, stderr=subprocess.STDOUT, env=env

@@ -10,13 +10,12 @@ import csv
 import json
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
-from cli_args import fast
+from cli_args import fast, spd_ray_cmd
 from multinode import cluster_env, node_cluster, node_of, wait_until
 
 from spd_ray.sweep.results import make_row, read_table, write_table
@@ -33,7 +32,7 @@ def _sweep_args(tmp_path: Path, name: str, steps: int, *extra: str) -> list[str]
     space = tmp_path / "space.yaml"
     space.write_text(SPACE)
     args = ["sweep", "tms_5-2", "--space", str(space), "--steps", str(steps), *FAST]
-    return [sys.executable, "-m", "spd_ray.cli", *args, "--name", name, *extra]
+    return spd_ray_cmd(*args, "--name", name, *extra)
 
 
 def _env(address: str, out: Path) -> dict[str, str]:

@@ -5,11 +5,11 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from cli_args import spd_ray_cmd
 
 from spd_ray.config import Config, IHTargetConfig, IHTaskConfig
 from spd_ray.core.losses import StepInputs, ci_masked_recon_loss
@@ -158,7 +158,7 @@ def test_cli_run_ih_in_process(tmp_path):
     for item in overrides:
         args += ["--set", item]
     res = subprocess.run(
-        [sys.executable, "-m", "spd_ray.cli", *args],
+        spd_ray_cmd(*args),
         capture_output=True,
         text=True,
         env=env,

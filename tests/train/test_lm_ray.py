@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from cli_args import spd_ray_cmd
 from ray_head import RayHead
 
 from spd_ray.targets.tiny_lm import TinyLMAssets
@@ -35,7 +35,7 @@ def test_tiny_llama_two_workers_match_one_worker(
     for workers in (1, 2):
         name = f"lm-w{workers}"
         res = subprocess.run(
-            [sys.executable, "-m", "spd_ray.cli", *args, "--workers", str(workers), "--name", name],
+            spd_ray_cmd(*args, "--workers", str(workers), "--name", name),
             capture_output=True,
             text=True,
             env=env,

@@ -12,12 +12,12 @@ import json
 import math
 import os
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+from cli_args import spd_ray_cmd
 
 from spd_ray.targets.tiny_lm import CORPUS, LLAMA, TOKENIZER, TinyLMAssets
 
@@ -36,7 +36,7 @@ def _cli(*args: str, out: Path, cache: Path) -> subprocess.CompletedProcess[str]
         "HF_DATASETS_CACHE": str(cache),
     }
     return subprocess.run(
-        [sys.executable, "-m", "spd_ray.cli", *args, "--in-process"],
+        spd_ray_cmd(*args, "--in-process"),
         capture_output=True,
         text=True,
         env=env,

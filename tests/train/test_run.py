@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from cli_args import spd_ray_cmd
 
 import spd_ray
 from spd_ray.config import load_config
@@ -29,7 +30,7 @@ def _cli(
         args = (*args, "--in-process")
     args = tuple(a for a in args if a != "--ray")
     return subprocess.run(
-        [sys.executable, "-m", "spd_ray.cli", *args],
+        spd_ray_cmd(*args),
         capture_output=True,
         text=True,
         env=env,
