@@ -286,12 +286,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sweep(sub)  # sweep, sweep-status
 
     from spd_ray.autointerp.cli import add_cli as add_autointerp_cli
+    from spd_ray.clustering.cli import add_cli as add_clustering_cli
     from spd_ray.harvest.cli import add_cli as add_harvest_cli
     from spd_ray.targets.tiny_lm import add_cli as add_tiny_lm_cli
 
     add_tiny_lm_cli(sub)  # make-tiny-lm, pretrain
     add_harvest_cli(sub)  # harvest, harvest-show
     add_autointerp_cli(sub)  # autointerp, labels
+    add_clustering_cli(sub)  # clustering, cluster-mapping
     _add_list(sub)
     _add_bench(sub)
     return parser
