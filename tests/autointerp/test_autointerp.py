@@ -432,6 +432,7 @@ HOLD_STORE_LOCK = (
 )
 
 
+@pytest.mark.slow  # CI keeps the same refusal for train and harvest
 def test_a_second_autointerp_on_a_store_exits_at_once_until_the_holder_is_killed(
     harvested: tuple[Path, dict[str, str]],
 ) -> None:
