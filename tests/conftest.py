@@ -49,3 +49,13 @@ def shared_out(tmp_path_factory: pytest.TempPathFactory) -> Path:
 # on sys.path (pyproject's pytest `pythonpath`).
 from harvest_fixtures import lm_run  # noqa: E402, F401
 from lm_conftest_fixtures import hf_datasets_cache, tiny_lm_assets  # noqa: E402, F401
+
+
+@pytest.fixture(scope="session")
+def short_tms(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 100-step tms_5-2 decomposition (in-process) that analyses read: a checkpoint, not a good
+    one. Tests write only their own files beside it (clustering/<name>, comparison.json,
+    figures/component-activations)."""
+    from harvest_fixtures import short_tms_run
+
+    return short_tms_run(tmp_path_factory.mktemp("short-tms"), steps=100)

@@ -25,6 +25,8 @@ FORBIDDEN: dict[str, tuple[str, ...]] = {
     "spd_ray.autointerp.pipeline": ("spd_ray.train", "spd_ray.api", "spd_ray.sweep"),
     "spd_ray.loaded_run": ("spd_ray.train", "spd_ray.api", "ray"),
     "spd_ray.analysis.batches": ("spd_ray.train", "spd_ray.api", "spd_ray.sweep", "ray"),
+    "spd_ray.analysis.compare": ("spd_ray.train", "spd_ray.api", "spd_ray.sweep", "ray"),
+    "spd_ray.analysis.activation_plots": ("spd_ray.train", "spd_ray.api", "spd_ray.sweep", "ray"),
     "spd_ray.clustering.merge": ("spd_ray.core", "spd_ray.train", "spd_ray.api", "ray"),
     "spd_ray.clustering.ensemble": ("spd_ray.train", "spd_ray.api", "spd_ray.sweep"),
     "spd_ray.clustering.mapping": ("spd_ray.core", "spd_ray.train", "spd_ray.api", "ray"),

@@ -61,25 +61,35 @@ def check_methods(methods: Sequence[str]) -> list[str]:
     return list(dict.fromkeys(methods))
 
 
+def on_union(history: MergeHistory, row: int, union: list[str]) -> np.ndarray:
+    """The grouping at `row` of a member, over the union's columns: a subcomponent the member
+    does not have (dropped as dead) is a group of its own."""
+    col = {lab: i for i, lab in enumerate(union)}
+    cols = np.array([col[lab] for lab in history.labels], dtype=np.int64)
+    out = np.empty(len(union), dtype=np.int32)
+    ids = history.group_idxs[row]
+    out[cols] = ids
+    missing = np.setdiff1d(np.arange(len(union)), cols)
+    out[missing] = int(ids.max()) + 1 + np.arange(missing.size)
+    return out
+
+
+def union_labels(histories: Sequence[MergeHistory]) -> list[str]:
+    """Every member's subcomponents, sorted by module path, then index."""
+    return sorted({lab for h in histories for lab in h.labels}, key=label_order)
+
+
 def ensemble_array(histories: Sequence[MergeHistory]) -> tuple[np.ndarray, list[str]]:
-    """[members, T + 1, n] group ids over the union of the members' subcomponents, and the union's
-    labels (sorted by module path, then index). A subcomponent a member dropped as dead is a
-    singleton there at every row; rows are cut to the shortest member."""
+    """[members, T + 1, n] group ids over the union of the members' subcomponents (`on_union`),
+    and the union's labels; rows are cut to the shortest member."""
     if not histories:
         raise InputError("no ensemble members to align")
-    union = sorted({lab for h in histories for lab in h.labels}, key=label_order)
-    col = {lab: i for i, lab in enumerate(union)}
-    n = len(union)
+    union = union_labels(histories)
     rows = min(h.group_idxs.shape[0] for h in histories)
-    out = np.empty((len(histories), rows, n), dtype=np.int32)
+    out = np.empty((len(histories), rows, len(union)), dtype=np.int32)
     for m, h in enumerate(histories):
-        cols = np.array([col[lab] for lab in h.labels], dtype=np.int64)
-        missing = np.setdiff1d(np.arange(n), cols)
-        base = h.group_idxs[:rows]
-        # Missing subcomponents get group ids above every real group: singletons.
-        out[m][:, cols] = base
-        top = base.max(axis=1, keepdims=True) + 1
-        out[m][:, missing] = top + np.arange(missing.size)[None, :]
+        for t in range(rows):
+            out[m, t] = on_union(h, t, union)
     return out, union
 
 

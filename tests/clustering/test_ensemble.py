@@ -6,26 +6,30 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 from cli_args import spd_ray_cmd
-from harvest_fixtures import short_tms_run, spd_ray_cli
+from harvest_fixtures import spd_ray_cli
 from ray_head import RayHead
 
 from spd_ray.clustering import store
-from spd_ray.clustering.ensemble import ClusteringOptions, run_member
+from spd_ray.clustering.ensemble import ClusteringOptions, run_clustering, run_member
 from spd_ray.clustering.merge import MergeSettings
+from spd_ray.errors import InputError, NotFoundError
 
 ARGS = ["--runs", "4", "--batch-size", "256", "--no-progress"]
 
 
 @pytest.fixture(scope="module")
-def tms_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return short_tms_run(tmp_path_factory.mktemp("clustering"), steps=100)
+def tms_run(short_tms: Path) -> Path:
+    """A short tms_5-2 decomposition (a checkpoint, not a good one), shared by the session."""
+    return short_tms
 
 
 def _histories(root: Path, n: int) -> list[np.ndarray]:
@@ -93,13 +97,6 @@ def test_members_run_as_ray_tasks_resume_after_a_kill_and_match_in_process(
         assert np.array_equal(z["distances"], w["distances"], equal_nan=True)
     assert (root / "plots" / "mdl.png").read_bytes()[:4] == b"\x89PNG"
 
-    # A rerun of a finished clustering runs no member; other settings under the name are refused.
-    res = spd_ray_cli(env, "clustering", str(tms_run), *ARGS, "--name", "killed")
-    assert (
-        res.returncode == 0
-        and json.loads((root / "meta.json").read_text())["members_run_now"] == []
-    )
-
     # The mapping of member 1 at k = 6: six groups over the alive subcomponents.
     res = spd_ray_cli(env, "cluster-mapping", str(root), "--k", "6", "--member", "1")
     assert res.returncode == 0, res.stderr
@@ -120,22 +117,37 @@ def test_members_run_as_ray_tasks_resume_after_a_kill_and_match_in_process(
 
 
 def test_bad_input_fails_before_anything_is_written(tms_run: Path) -> None:
-    env = {**os.environ, "RAY_ADDRESS": "127.0.0.1:1"}  # never reached: input is checked first
-    cases = [
-        (["--modules", "nope*"], "matches none"),
-        (["--distances", "euclid"], "perm_invariant_hamming"),
-        (["--name", "../x"], "--name"),
+    # In this process, with no Ray: every check comes before Ray is started or a file written.
+    cases: list[tuple[dict[str, Any], str]] = [
+        ({"modules": "nope*"}, "matches none"),
+        ({"distances": ("euclid",)}, "perm_invariant_hamming"),
+        ({"name": "../x"}, "--name"),
+        ({"runs": 0}, "--runs"),
     ]
-    for extra, message in cases:
-        res = spd_ray_cli(env, "clustering", str(tms_run), *ARGS, *extra, timeout=120)
-        assert res.returncode == 2 and message in res.stderr, (extra, res.stderr[-2000:])
+    for changes, message in cases:
+        with pytest.raises(InputError, match=re.escape(message)):
+            run_clustering(tms_run, replace_opts(changes))
+    with pytest.raises(InputError, match="iters"):
+        MergeSettings(iters=0)
     assert not (tms_run / "clustering" / "default").exists()
-    # Other settings under a finished clustering's name are refused, naming what changed.
+    with pytest.raises(NotFoundError):
+        run_clustering(tms_run.parent / "missing", ClusteringOptions())
+    # Other settings under an existing clustering's name are refused, naming what changed; the
+    # clustering is left as it was.
     (tms_run / "clustering" / "other").mkdir(parents=True)
     meta = {"run": str(tms_run), "name": "other", "identity": {"batch_size": 256}}
     (tms_run / "clustering" / "other" / "meta.json").write_text(json.dumps(meta))
-    res = spd_ray_cli(env, "clustering", str(tms_run), *ARGS, "--name", "other", timeout=120)
-    assert res.returncode == 2 and "seed" in res.stderr and "--fresh" in res.stderr
+    with pytest.raises(InputError, match=r"seed.*--fresh"):
+        run_clustering(tms_run, ClusteringOptions(name="other", batch_size=256))
     assert json.loads((tms_run / "clustering" / "other" / "meta.json").read_text()) == meta
-    res = spd_ray_cli(env, "clustering", str(tms_run.parent / "missing"), timeout=120)
-    assert res.returncode == 2
+    assert not (tms_run / "clustering" / "default").exists()
+    # The command line says it in one line, exit 2.
+    env = {**os.environ, "RAY_ADDRESS": "127.0.0.1:1"}  # never reached
+    res = spd_ray_cli(env, "clustering", str(tms_run), "--modules", "nope*", timeout=120)
+    assert res.returncode == 2 and "matches none" in res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1
+
+
+def replace_opts(changes: dict[str, Any]) -> ClusteringOptions:
+    """ClusteringOptions with `changes`; raises as the constructor does."""
+    return ClusteringOptions(**{"batch_size": 256, **changes})
