@@ -59,10 +59,13 @@ class CheckpointError(UserError, ValueError):
     """No checkpoint of a run could be read."""
 
 
-def load_state_file(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+def load_state_file(
+    path: Path, map_location: str | torch.device = "cpu", mmap: bool = False
+) -> dict[str, Any]:
     """A checkpoint file's state: tensors and plain containers only (`weights_only=True`), so a
-    crafted file cannot run code."""
-    state = torch.load(path, map_location=map_location, weights_only=True)
+    crafted file cannot run code. With `mmap`, tensors stay on disk until read (a cheap check
+    that the file loads)."""
+    state = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     if not isinstance(state, dict) or "step" not in state:
         raise CheckpointError(f"{path} is not a spd-ray checkpoint (no step)")
     return state  # type: ignore[no-any-return]
@@ -263,14 +266,16 @@ class RunDir:
     def has_checkpoint(self) -> bool:
         return bool(self.checkpoint_files())
 
-    def newest_state(self, map_location: str | torch.device = "cpu") -> dict[str, Any] | None:
+    def newest_state(
+        self, map_location: str | torch.device = "cpu", mmap: bool = False
+    ) -> dict[str, Any] | None:
         """The newest readable checkpoint's state, None when the run has none. An unreadable file
         (truncated, corrupt, not a checkpoint) is skipped with a one-line warning; when every file
         is unreadable, a CheckpointError names them."""
         failures = []
         for path in self.checkpoint_files():
             try:
-                state = load_state_file(path, map_location)
+                state = load_state_file(path, map_location, mmap=mmap)
             except Exception as err:  # noqa: BLE001 - any unreadable file: try the next one
                 failures.append(f"{path}: {_one_line(err)}")
                 warn(f"skipping unreadable checkpoint {path} ({_one_line(err)})")

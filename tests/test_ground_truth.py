@@ -19,3 +19,28 @@ def test_tms_5_2_recovers_its_features(tmp_path: Path) -> None:
     assert 0.95 <= m["eval/ml2r/linear1"] <= 1.05
     assert m["eval/target_solution_error/linear1"] == 0
     assert m["eval/target_solution_error/linear2"] == 0
+    # Clustered down to k = 5, every group is one feature's linear1 subcomponent (input direction
+    # V[:, c] on that feature) with the same feature's linear2 one (output direction U[c, :]).
+    from spd_ray.clustering import store
+    from spd_ray.clustering.ensemble import ClusteringOptions, run_member
+
+    model = spd_ray.load_run(result.run_dir).model
+    feature = {
+        f"linear1:{c}": int(model.comps("linear1").get_V()[:, c].abs().argmax()) for c in range(20)
+    }
+    feature |= {
+        f"linear2:{c}": int(model.comps("linear2").get_U()[c].abs().argmax()) for c in range(20)
+    }
+    root = tmp_path / "clustering"
+    (root / "members").mkdir(parents=True)
+    for member in range(4):
+        run_member(str(result.run_dir), None, ClusteringOptions(), member, str(root))
+        history, _ = store.load_member(store.member_path(root, member))
+        assert history.n == 10  # one live subcomponent per feature and layer
+        ids = history.group_idxs[history.row_for_k(5)]
+        groups: dict[int, list[str]] = {}
+        for label, g in zip(history.labels, ids.tolist(), strict=True):
+            groups.setdefault(g, []).append(label)
+        for members in groups.values():
+            assert sorted(x.split(":")[0] for x in members) == ["linear1", "linear2"], groups
+            assert len({feature[x] for x in members}) == 1, groups

@@ -54,9 +54,22 @@ def _below(name: str, prefixes: tuple[str, ...]) -> list[str]:
     return [p for p in prefixes if name == p or name.startswith(p + ".")]
 
 
+@pytest.fixture(scope="module")
+def loaded_alone() -> dict[str, list[str]]:
+    """What importing each layer alone loads: one fresh interpreter per layer, two at a time
+    (each waits on its own process; the machine has 2 cores)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    modules = sorted(FORBIDDEN)
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        return dict(zip(modules, pool.map(_loaded_after_import, modules), strict=True))
+
+
 @pytest.mark.parametrize("module", sorted(FORBIDDEN))
-def test_a_layer_imports_alone_without_the_layers_above(module: str) -> None:
-    loaded = _loaded_after_import(module)
+def test_a_layer_imports_alone_without_the_layers_above(
+    module: str, loaded_alone: dict[str, list[str]]
+) -> None:
+    loaded = loaded_alone[module]
     assert module in loaded
     above = sorted(m for m in loaded if _below(m, FORBIDDEN[module]))
     assert not above, f"importing {module} loads {above}"

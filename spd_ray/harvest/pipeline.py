@@ -178,7 +178,9 @@ def make_source(run_dir: Path, opts: HarvestOptions) -> tuple[Source, int | None
     from spd_ray.runs import RunDir, assets_root
 
     rd = RunDir(run_dir)
-    if not rd.checkpoint_path.exists():
+    # Read (memory-mapped, tensors only) before Ray starts: a missing, torn or crafted checkpoint
+    # fails here in one line instead of in every actor.
+    if rd.newest_state(mmap=True) is None:
         raise NotFoundError(
             f"run {run_dir} has no checkpoint ({rd.checkpoint_path.name} missing): harvest a run "
             "that has saved one"

@@ -93,6 +93,7 @@ def test_plot_writes_pngs_under_the_run(tms_run: Path) -> None:
     assert sorted(p.name for p in folder.iterdir()) == sorted(p.name for p in paths)  # no temps
 
 
+@pytest.mark.slow  # CI keeps the compare CLI test
 def test_cli_prints_the_png_paths(tms_run: Path) -> None:
     folder = tms_run / FIGURES_SUBDIR
     for old in folder.glob("*.png"):

@@ -151,6 +151,7 @@ def test_make_ih_task_needs_an_ih_target():
         make_ih_task(IHTaskConfig(), torch.nn.Linear(2, 2))
 
 
+@pytest.mark.slow  # CI keeps the in-process CLI run of tests/train/test_run.py
 def test_cli_run_ih_in_process(tmp_path):
     env = {**os.environ, "SPD_RAY_OUT": str(tmp_path), "SPD_RAY_THREADS": "1"}
     overrides = ["n_eval_steps=1", "slow_eval_on_first_step=false", "faithfulness_warmup_steps=10"]

@@ -243,6 +243,7 @@ def test_truncated_newest_checkpoint_falls_back_to_the_previous(
     _assert_like_reference(reference[0], run)
 
 
+@pytest.mark.slow  # CI keeps the crafted-checkpoint case of the same reader
 def test_no_readable_checkpoint_fails_in_one_line_naming_the_files(tmp_path: Path) -> None:
     run = _stopped_run(tmp_path, "d", 40)
     for path in (run / "checkpoint.pt", run / "checkpoint.prev.pt"):
@@ -467,6 +468,7 @@ def test_gpu_without_gpus_fails_before_anything(tmp_path: Path, ray: bool) -> No
     assert not any(tmp_path.iterdir())  # no target trained either
 
 
+@pytest.mark.slow  # CI time: a targeted case
 def test_a_changed_target_is_refused_naming_both_fingerprints(tmp_path: Path) -> None:
     torch.set_num_threads(1)
     config = load_config(TINY, ["steps=20", "save_freq=10"])
