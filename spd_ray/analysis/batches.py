@@ -39,21 +39,14 @@ def run_batches(
         tokenizer = None
         if config.tokenizer_name is not None:
             tokenizer = load_tokenizer(resolve_name(config.tokenizer_name, "tokenizer_name", root))
-        return LMBatches(
+        return LMBatches.for_task(
+            task,
             resolve_name(task.dataset_name, "task_config.dataset_name", root),
             split or task.train_data_split,
-            task.column_name,
             tokenizer,
-            task.max_seq_len,
             batch_size,
             seed,
-            0,
-            1,
-            device,
-            is_tokenized=task.is_tokenized,
-            streaming=task.streaming,
-            buffer_size=task.buffer_size,
-            shuffle_each_epoch=task.shuffle_each_epoch,
+            device=device,
         )
     if split is not None:
         raise InputError(f"a split applies to language-model runs only (this is {task.task_name})")

@@ -50,6 +50,7 @@ from jaxtyping import Int
 from torch import Tensor
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
+from spd_ray.config import LMTaskConfig
 from spd_ray.errors import InputError, NotFoundError
 from spd_ray.io import atomic_write
 
@@ -292,6 +293,39 @@ class LMBatches:
             self._rows = {s: self._stream_rows(s, 0) for s in self.shards}
         else:
             self._init_map_style(ds, cache_dir)
+
+    @classmethod
+    def for_task(
+        cls,
+        task: LMTaskConfig,
+        dataset_name: str,
+        split: str,
+        tokenizer: PreTrainedTokenizerBase | str | None,
+        batch_size: int,
+        seed: int,
+        rank: int = 0,
+        world_size: int = 1,
+        device: torch.device | str = "cpu",
+    ) -> LMBatches:
+        """A stream of a run's language-model task: its column, sequence length and reading
+        options from `task`; the dataset name (resolved by the caller), split, tokenizer, batch,
+        seed and shard from the arguments."""
+        return cls(
+            dataset_name,
+            split,
+            task.column_name,
+            tokenizer,
+            task.max_seq_len,
+            batch_size,
+            seed,
+            rank,
+            world_size,
+            device,
+            is_tokenized=task.is_tokenized,
+            streaming=task.streaming,
+            buffer_size=task.buffer_size,
+            shuffle_each_epoch=task.shuffle_each_epoch,
+        )
 
     # ---- map-style ----------------------------------------------------------------------------
 

@@ -174,21 +174,8 @@ def lm_streams(
     dataset = resolve_name(task.dataset_name, "task_config.dataset_name", root)
 
     def stream(split: str, batch_size: int, seed: int) -> LMBatches:
-        return LMBatches(
-            dataset,
-            split,
-            task.column_name,
-            tokenizer,
-            task.max_seq_len,
-            batch_size,
-            seed,
-            rank,
-            world_size,
-            device,
-            is_tokenized=task.is_tokenized,
-            streaming=task.streaming,
-            buffer_size=task.buffer_size,
-            shuffle_each_epoch=task.shuffle_each_epoch,
+        return LMBatches.for_task(
+            task, dataset, split, tokenizer, batch_size, seed, rank, world_size, device
         )
 
     train = stream(task.train_data_split, config.batch_size, stream_seed(config.seed, "train_data"))
