@@ -170,6 +170,27 @@ class PGDReconSubsetLoss(_PGD):
     routing: Routing
 
 
+class _PGDMultiBatch(BaseConfig):
+    """Eval only: PGD whose sources (one per module, shared by every position) are pushed up on
+    the summed loss of `gradient_accumulation_steps` eval batches before each signed step."""
+
+    init: Literal["random", "ones", "zeroes"] = Field(description="Initial adversarial sources.")
+    step_size: float = Field(gt=0.0, description="Signed-gradient ascent step on the sources.")
+    n_steps: int = Field(ge=0, description="Number of ascent steps.")
+    gradient_accumulation_steps: int = Field(
+        ge=1, description="Eval batches whose gradients are summed before each step."
+    )
+
+
+class PGDMultiBatchReconLoss(_PGDMultiBatch):
+    classname: Literal["PGDMultiBatchReconLoss"] = "PGDMultiBatchReconLoss"
+
+
+class PGDMultiBatchReconSubsetLoss(_PGDMultiBatch):
+    classname: Literal["PGDMultiBatchReconSubsetLoss"] = "PGDMultiBatchReconSubsetLoss"
+    routing: Routing
+
+
 LossConfig = (
     FaithfulnessLoss
     | ImportanceMinimalityLoss
@@ -287,6 +308,8 @@ EvalOnlyConfig = (
     | UVPlots
     | MMCSAndML2R
     | StochasticReconSubsetCEAndKL
+    | PGDMultiBatchReconLoss
+    | PGDMultiBatchReconSubsetLoss
 )
 
 LossMetricConfig = Annotated[LossConfig, Field(discriminator="classname")]

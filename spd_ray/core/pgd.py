@@ -10,6 +10,7 @@ the noise's PGD-init stream (`Noise.pgd_init`), not from the mask noise.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 
 import torch
@@ -19,7 +20,7 @@ from torch import Tensor
 from spd_ray import config as schema
 from spd_ray.core.masks import Noise, Routes
 from spd_ray.core.model import CleanCache, ModuleMask
-from spd_ray.core.recon import StepInputs, masked_recon
+from spd_ray.core.recon import StepInputs, masked_recon, recon_count
 
 
 def _init_source(
@@ -88,6 +89,85 @@ def pgd_recon_loss(inp: StepInputs, cfg: schema._PGD, routes_per_copy: list[Rout
         for s in flat:
             s.requires_grad_(False)
     return masked_recon(inp, copies(detached=False))
+
+
+def _shared_masks(
+    inp: StepInputs, routes: Routes, sources: dict[str, Tensor], detached: bool
+) -> dict[str, ModuleMask]:
+    masks = {}
+    for path, route in routes.items():
+        ci = inp.ci.lower[path].detach() if detached else inp.ci.lower[path]
+        src = sources[path]
+        d = src[..., -1].expand(ci.shape[:-1]) if inp.use_delta_component else None
+        masks[path] = ModuleMask(
+            mask=ci + (1 - ci) * src[..., : ci.shape[-1]], delta=d, route=route
+        )
+    return masks
+
+
+def pgd_multibatch_recon_loss(
+    micro_batches: Callable[[], Iterator[StepInputs]],
+    cfg: schema._PGDMultiBatch,
+    routes_of: Callable[[StepInputs], Routes],
+    noise: Noise,
+) -> Tensor:
+    """PGD over several batches with one source per module shared by all of them (eval only).
+
+    `micro_batches()` yields the same batches' inputs (target forward and CI) at every call; each
+    ascent step sums the loss gradients over all of them (averaged over workers) before one signed
+    step, so the sources are the worst case for the whole set, not for one batch. Returns the summed
+    loss over the summed number of averaged elements of a last pass. Routes are drawn afresh for
+    every batch of every pass, as a new batch of training would.
+    """
+    sources: dict[str, Tensor] = {}
+
+    def ensure(inp: StepInputs) -> list[Tensor]:
+        if not sources:
+            for path in inp.paths:
+                ci = inp.ci.lower[path]
+                n = ci.shape[-1] + (1 if inp.use_delta_component else 0)
+                src = _init_source((*([1] * (ci.dim() - 1)), n), cfg.init, ci.device, noise, True)
+                if _distributed():
+                    dist.broadcast(src, src=0)
+                sources[path] = src
+        return list(sources.values())
+
+    for _ in range(cfg.n_steps):
+        grads: list[Tensor] | None = None
+        for inp in micro_batches():
+            flat = ensure(inp)
+            for src in flat:
+                src.requires_grad_(True)
+            with torch.enable_grad():
+                detached = _detached_cache_inputs(inp)
+                mean = masked_recon(
+                    detached, [_shared_masks(detached, routes_of(inp), sources, True)]
+                )
+                loss_sum = mean * recon_count(inp)
+                got = torch.autograd.grad(loss_sum, flat, allow_unused=True)
+            for src in flat:
+                src.requires_grad_(False)
+            # A module the routes left out this batch has no gradient: zero.
+            step = [torch.zeros_like(s) if g is None else g for s, g in zip(flat, got, strict=True)]
+            grads = step if grads is None else [a + b for a, b in zip(grads, step, strict=True)]
+        assert grads is not None, "pgd_multibatch_recon_loss needs at least one batch"
+        with torch.no_grad():
+            for src, g in zip(sources.values(), grads, strict=True):
+                if _distributed():
+                    dist.all_reduce(g, op=dist.ReduceOp.AVG)
+                src.add_(cfg.step_size * g.sign()).clamp_(0.0, 1.0)
+    total = torch.zeros((), dtype=torch.float64)
+    count = torch.zeros((), dtype=torch.float64)
+    for inp in micro_batches():
+        ensure(inp)
+        mean = masked_recon(inp, [_shared_masks(inp, routes_of(inp), sources, False)])
+        n = recon_count(inp)
+        total = total.to(mean.device) + mean.double() * n
+        count = count.to(mean.device) + n
+    if _distributed():
+        dist.all_reduce(total)
+        dist.all_reduce(count)
+    return (total / count).float()
 
 
 def _detached_cache_inputs(inp: StepInputs) -> StepInputs:

@@ -57,6 +57,13 @@ def recon_loss(pred: Tensor, target: Tensor, kind: OutputLossType) -> Tensor:
             return (logq.exp() * (logq - logp)).sum(-1).mean()
 
 
+def recon_count(inp: StepInputs) -> int:
+    """How many values `recon_loss` averages for one copy of this batch: every output element
+    (mse), every position (kl)."""
+    out = inp.target_out
+    return out.numel() if inp.output_loss_type == "mse" else out[..., 0].numel()
+
+
 def masked_recon(inp: StepInputs, copies: list[dict[str, ModuleMask]]) -> Tensor:
     out = inp.model.masked_forward(inp.batch, copies, inp.cache)
     return recon_loss(out, inp.target_out, inp.output_loss_type)

@@ -12,7 +12,7 @@ on 0.75 * one-hot inputs, which the caller supplies for toy tasks. Every eval ru
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import assert_never
 
 import torch
@@ -20,9 +20,16 @@ from matplotlib.figure import Figure
 from torch import Tensor
 
 from spd_ray import config as schema
-from spd_ray.core.losses import importance_minimality_from_sums, importance_sums, loss_term
-from spd_ray.core.masks import Noise
+from spd_ray.core.losses import (
+    importance_minimality_from_sums,
+    importance_sums,
+    loss_term,
+    subset_routes,
+)
+from spd_ray.core.masks import Noise, Routes, all_routes
 from spd_ray.core.model import ComponentModel
+from spd_ray.core.pgd import pgd_multibatch_recon_loss
+from spd_ray.core.recon import StepInputs
 from spd_ray.core.schedule import annealed_p
 from spd_ray.core.step import autocast, step_inputs
 from spd_ray.errors import InputError
@@ -43,6 +50,8 @@ def eval_only_kind(m: schema.EvalOnlyConfig) -> str:
             return "toy"
         case (
             schema.CI_L0()
+            | schema.PGDMultiBatchReconLoss()
+            | schema.PGDMultiBatchReconSubsetLoss()
             | schema.CIHistograms()
             | schema.CIMeanPerComponent()
             | schema.ComponentActivationDensity()
@@ -126,7 +135,10 @@ def evaluate(
     slow: bool,
     single_feature_input: Tensor | None = None,
     world_size: int = 1,
+    fresh_batches: Callable[[], Iterator[Tensor]] | None = None,
 ) -> tuple[dict[str, Tensor], dict[str, Figure]]:
+    """Every metric over `batches`; the multi-batch PGD metrics draw their batches from
+    `fresh_batches()` (the same batches at every call), after `batches` is used up."""
     metrics = eval_metric_list(config)
     by_type = {type(m): m for m in metrics}
     im_cfg = by_type.get(schema.ImportanceMinimalityLoss)
@@ -177,6 +189,12 @@ def evaluate(
     scalars = {k: v / n_batches for k, v in sums.items()}
     if pooled_im is not None:
         scalars["loss/ImportanceMinimalityLoss"] = pooled_im.compute(world_size)
+    for m in metrics:
+        if isinstance(m, schema.PGDMultiBatchReconLoss | schema.PGDMultiBatchReconSubsetLoss):
+            assert fresh_batches is not None, "multi-batch PGD needs fresh_batches"
+            scalars[f"loss/{m.classname}"] = _multibatch_pgd(
+                config, model, m, fresh_batches, noise, step, world_size, device
+            )
     ci_stats = stats.compute()
     if l0_cfg is not None:
         scalars.update(ci_stats.l0)
@@ -200,6 +218,30 @@ def evaluate(
     out.update({f"eval/{k}": torch.tensor(v, device=device) for k, v in extra.items()})
     figures.update(figs)
     return out, figures
+
+
+def _multibatch_pgd(
+    config: schema.Config,
+    model: ComponentModel,
+    cfg: schema.PGDMultiBatchReconLoss | schema.PGDMultiBatchReconSubsetLoss,
+    fresh_batches: Callable[[], Iterator[Tensor]],
+    noise: Noise,
+    step: int,
+    world_size: int,
+    device: torch.device,
+) -> Tensor:
+    def micro_batches() -> Iterator[StepInputs]:
+        batches = fresh_batches()
+        for _ in range(cfg.gradient_accumulation_steps):
+            yield step_inputs(config, model, next(batches), noise, step / config.steps, world_size)
+
+    def routes_of(inp: StepInputs) -> Routes:
+        if isinstance(cfg, schema.PGDMultiBatchReconSubsetLoss):
+            return subset_routes(inp, cfg.routing)
+        return all_routes(inp.paths)
+
+    with autocast(config, device, evaluating=True):
+        return pgd_multibatch_recon_loss(micro_batches, cfg, routes_of, noise.pgd_init()).detach()
 
 
 def _single_feature_metrics(

@@ -135,6 +135,7 @@ def eval_fn(
             slow,
             single_feature_input=single_feature_input,
             world_size=world_size,
+            fresh_batches=fresh_eval,
         )
 
     return run_eval

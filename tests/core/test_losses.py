@@ -22,8 +22,9 @@ from spd_ray.core.losses import (
     loss_term,
     total_loss,
 )
-from spd_ray.core.masks import Noise
+from spd_ray.core.masks import Noise, all_routes
 from spd_ray.core.model import CIOutputs, ComponentModel
+from spd_ray.core.pgd import pgd_multibatch_recon_loss
 from spd_ray.core.recon import StepInputs, recon_loss
 
 RTOL = 1e-5
@@ -459,6 +460,49 @@ def test_pgd_ascent_increases_loss(scope):
     for n_steps, m in [(0, 0.75), (1, 0.875), (2, 1.0), (5, 1.0)]:
         cfg = _pgd(C.PGDReconLoss, "zeroes", n_steps, step_size=0.5, mask_scope=scope)
         close(loss_term(cfg, inp), (2 * m - 1) ** 2 * mean_x2)
+
+
+def _multibatch(init: str, n_steps: int, step_size: float, gas: int) -> C.PGDMultiBatchReconLoss:
+    return C.PGDMultiBatchReconLoss(
+        init=init, n_steps=n_steps, step_size=step_size, gradient_accumulation_steps=gas
+    )
+
+
+def test_multibatch_pgd_of_one_batch_is_batch_shared_pgd():
+    inp = inputs(two_layer(), X2, CI2, delta=True)
+    for init in ("zeroes", "ones"):
+        shared = _pgd(C.PGDReconLoss, init, 3, step_size=0.3, mask_scope="shared_across_batch")
+        value = pgd_multibatch_recon_loss(
+            lambda: iter([inp]), _multibatch(init, 3, 0.3, 1), lambda i: all_routes(i.paths),
+            inp.noise.pgd_init(),
+        )  # fmt: skip
+        close(value, loss_term(shared, inp))
+
+
+def test_multibatch_pgd_steps_on_the_summed_gradient_of_all_batches():
+    # W = 1, component weight 2, no delta; one source s shared by both batches. Batch A (CI 0.75,
+    # mask 0.75 + 0.25 s) has error (0.5 + 0.5 s)^2 x^2, slope 0.5 sum x^2 at s = 0; batch B (CI 0,
+    # mask s) has error (2 s - 1)^2 x^2, slope -4 sum x^2. A alone pushes s up; with B's x = 1 the
+    # sum of slopes is 2.5 - 4 < 0 and s stays 0, with x = 0.5 it is 2.5 - 1 > 0 and s rises.
+    model = decomposed([torch.tensor([[1.0]])], [(torch.tensor([[1.0]]), torch.tensor([[2.0]]))])
+    xa = torch.tensor([[1.0], [2.0]])
+    a = inputs(model, xa, {"l1": torch.full((2, 1), 0.75)})
+
+    def run(b_x: float, n_steps: int) -> Tensor:
+        b = inputs(model, torch.tensor([[b_x]]), {"l1": torch.zeros(1, 1)})
+        return pgd_multibatch_recon_loss(
+            lambda: iter([a, b]), _multibatch("zeroes", n_steps, 0.5, 2),
+            lambda i: all_routes(i.paths), a.noise.pgd_init(),
+        )  # fmt: skip
+
+    def expected(b_x: float, s: float) -> float:
+        total = (0.5 + 0.5 * s) ** 2 * 5.0 + (2 * s - 1) ** 2 * b_x**2
+        return total / 3  # three averaged elements over both batches
+
+    close(run(1.0, 2), expected(1.0, 0.0))
+    close(run(0.5, 1), expected(0.5, 0.5))
+    # At s = 0.5: slopes 0.75 * 5 + 0 > 0 -> s = 1.
+    close(run(0.5, 2), expected(0.5, 1.0))
 
 
 def test_pgd_sources_stay_fp32_when_the_ci_is_bf16():

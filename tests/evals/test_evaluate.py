@@ -3,22 +3,28 @@ compute is refused before any work, naming it."""
 
 from __future__ import annotations
 
+import math
 import typing
+from pathlib import Path
 
 import pytest
+import torch
 
 from spd_ray import config as schema
+from spd_ray.config import load_config
 from spd_ray.evals.evaluate import check_eval_metrics, eval_only_kind
 from spd_ray.registry import load_experiment
 
 
 def test_every_eval_only_metric_class_has_a_kind() -> None:
     classes = typing.get_args(schema.EvalOnlyConfig)
-    assert len(classes) == 10
+    assert len(classes) == 12
     kinds = {cls.__name__: eval_only_kind(cls()) for cls in classes if _default_ok(cls)}
     assert kinds["CEandKLLosses"] == "lm"
     assert kinds["IdentityCIError"] == "toy"
     assert kinds["CI_L0"] == "any"
+    multibatch = {"init": "ones", "step_size": 0.1, "n_steps": 1, "gradient_accumulation_steps": 2}
+    assert eval_only_kind(schema.PGDMultiBatchReconLoss(**multibatch)) == "any"
 
 
 def _default_ok(cls: type) -> bool:
@@ -88,3 +94,33 @@ def test_eval_importance_minimality_pools_every_batch_before_the_log_term() -> N
         flat.update(ci)
     per_batch = [importance_minimality_loss(ci, 2.0, 0.0, 1e-12).item() for ci in batches]
     assert flat.compute(world_size=1).item() == pytest.approx(sum(per_batch) / 2, rel=1e-6)
+
+
+def test_multibatch_pgd_reaches_the_eval_and_from_ones_is_the_unmasked_loss(
+    tmp_path: Path,
+) -> None:
+    """Sources 1 with no steps and no delta: every mask is 1, so the multi-batch PGD value over
+    the eval batches equals the unmasked recon averaged over the same (equal-sized) batches; from
+    zeroes with steps it is a different, finite number; both are logged at every eval."""
+    import spd_ray
+
+    torch.set_num_threads(1)
+    tiny = Path(__file__).resolve().parents[1] / "fixtures" / "tiny_resid_mlp.yaml"
+    metrics = [
+        "{classname: UnmaskedReconLoss}",
+        "{classname: PGDMultiBatchReconLoss, init: ones, step_size: 0.1, n_steps: 0, "
+        "gradient_accumulation_steps: 2}",
+        "{classname: PGDMultiBatchReconSubsetLoss, init: zeroes, step_size: 0.1, n_steps: 2, "
+        "gradient_accumulation_steps: 2, routing: {type: uniform_k_subset}}",
+    ]
+    config = load_config(
+        tiny,
+        ["steps=20", "use_delta_component=false", f"eval_metric_configs=[{', '.join(metrics)}]"],
+    )
+    result = spd_ray.decompose(config, out=tmp_path, name="mb", progress=False)
+    m = result.metrics
+    assert m["eval/loss/PGDMultiBatchReconLoss"] == pytest.approx(
+        m["eval/loss/UnmaskedReconLoss"], rel=1e-6
+    )
+    subset = m["eval/loss/PGDMultiBatchReconSubsetLoss"]
+    assert math.isfinite(subset) and subset != m["eval/loss/UnmaskedReconLoss"]
