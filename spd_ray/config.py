@@ -443,12 +443,46 @@ class ResidMLPTargetConfig(BaseConfig):
         "act_plus_resid", description="Labels act(c*x)+x or |c*x|."
     )
     use_trivial_label_coeffs: bool = Field(True, description="c = 1 (else U[1,2] per feature).")
+    label_fn_seed: int | None = Field(
+        None, description="Seed of the label coefficients c (None: `seed`, as the embedding)."
+    )
+    in_bias: bool = Field(False, description="A bias on every mlp_in.")
+    out_bias: bool = Field(False, description="A bias on every mlp_out.")
+    embedding: Literal["fixed_random", "identity", "trainable"] = Field(
+        "fixed_random",
+        description="W_E: fixed random unit rows, the identity (d_embed = n_features), or trained "
+        "with the MLPs (random init).",
+    )
+    loss_type: Literal["readoff", "resid"] = Field(
+        "readoff",
+        description="Target training loss on the read-off output (residual @ W_E^T) against the "
+        "labels, or on the final residual stream against the labels embedded (labels @ W_E).",
+    )
+    feature_importance_decay: float = Field(
+        1.0,
+        gt=0.0,
+        le=1.0,
+        description="The target's loss weighs feature i by decay**i (1: all equal; readoff only).",
+    )
     seed: int = Field(0, description="Seed of embedding, labels and training.")
     steps: int = Field(1000, gt=0, description="Training steps.")
     batch_size: int = Field(2048, gt=0, description="Training batch size.")
     lr: float = Field(3e-3, gt=0.0, description="Peak AdamW learning rate (cosine to 0).")
     weight_decay: float = Field(0.01, ge=0.0, description="AdamW weight decay.")
     feature_probability: float = Field(0.01, gt=0.0, le=1.0, description="P(feature active).")
+
+    @model_validator(mode="after")
+    def _check_embedding(self) -> ResidMLPTargetConfig:
+        if self.embedding == "identity" and self.d_embed != self.n_features:
+            raise InputError(
+                f"embedding 'identity' needs d_embed == n_features, got d_embed {self.d_embed} "
+                f"and n_features {self.n_features}"
+            )
+        if self.loss_type == "resid" and self.feature_importance_decay != 1.0:
+            raise InputError(
+                "feature_importance_decay weighs read-off features: it needs loss_type 'readoff'"
+            )
+        return self
 
 
 class IHTargetConfig(BaseConfig):

@@ -26,10 +26,10 @@ def _uniform_(param: Tensor, fan_in: int, generator: torch.Generator) -> None:
 
 
 class ResidMLPBlock(nn.Module):
-    def __init__(self, d_embed: int, d_mlp: int):
+    def __init__(self, d_embed: int, d_mlp: int, in_bias: bool = False, out_bias: bool = False):
         super().__init__()
-        self.mlp_in = nn.Linear(d_embed, d_mlp, bias=False)
-        self.mlp_out = nn.Linear(d_mlp, d_embed, bias=False)
+        self.mlp_in = nn.Linear(d_embed, d_mlp, bias=in_bias)
+        self.mlp_out = nn.Linear(d_mlp, d_embed, bias=out_bias)
 
 
 class ResidMLP(nn.Module):
@@ -37,8 +37,11 @@ class ResidMLP(nn.Module):
     out = residual @ W_E^T.
 
     W_E (n_features x d_embed, unit-norm rows) and the label coefficients are buffers drawn from
-    `config.seed`, so the same config always gives the same embedding and labels; the MLP weights
-    are initialised from `generator` (default: a generator seeded with `config.seed`, continued).
+    `config.seed` (the coefficients from `label_fn_seed` when set), so the same config always gives
+    the same embedding and labels; the MLP weights (and biases, with `in_bias` / `out_bias`, zero
+    at init) are initialised from `generator` (default: a generator seeded with `config.seed`,
+    continued). `embedding: identity` makes W_E the identity; `trainable` makes it a parameter
+    (random unit rows at init) trained with the MLPs.
     """
 
     W_E: Tensor
@@ -51,20 +54,35 @@ class ResidMLP(nn.Module):
         self.n_features = config.n_features
         fixed = torch.Generator().manual_seed(config.seed)
         w_e = torch.randn(config.n_features, config.d_embed, generator=fixed)
-        self.register_buffer("W_E", w_e / w_e.norm(dim=1, keepdim=True))
+        w_e = w_e / w_e.norm(dim=1, keepdim=True)
+        if config.embedding == "identity":
+            w_e = torch.eye(config.n_features)
+        if config.embedding == "trainable":
+            self.W_E = nn.Parameter(w_e)
+        else:
+            self.register_buffer("W_E", w_e)
+        label_gen = fixed
+        if config.label_fn_seed is not None:
+            label_gen = torch.Generator().manual_seed(config.label_fn_seed)
         if config.use_trivial_label_coeffs:
             coeffs = torch.ones(config.n_features)
         else:
-            coeffs = 1.0 + torch.rand(config.n_features, generator=fixed)
+            coeffs = 1.0 + torch.rand(config.n_features, generator=label_gen)
         self.register_buffer("label_coeffs", coeffs)
 
         self.layers = nn.ModuleList(
-            [ResidMLPBlock(config.d_embed, config.d_mlp) for _ in range(config.n_layers)]
+            [
+                ResidMLPBlock(config.d_embed, config.d_mlp, config.in_bias, config.out_bias)
+                for _ in range(config.n_layers)
+            ]
         )
         gen = generator if generator is not None else fixed
         for block in self.blocks:
             _uniform_(block.mlp_in.weight, config.d_embed, gen)
             _uniform_(block.mlp_out.weight, config.d_mlp, gen)
+            for linear in (block.mlp_in, block.mlp_out):
+                if linear.bias is not None:
+                    nn.init.zeros_(linear.bias)
 
     @property
     def blocks(self) -> list[ResidMLPBlock]:
@@ -73,11 +91,15 @@ class ResidMLP(nn.Module):
     def act(self, x: Tensor) -> Tensor:
         return F.relu(x) if self.config.act_fn_name == "relu" else F.gelu(x)
 
-    def forward(self, x: Float[Tensor, "... n_features"]) -> Float[Tensor, "... n_features"]:
+    def residual(self, x: Float[Tensor, "... n_features"]) -> Float[Tensor, "... d_embed"]:
+        """The residual stream after the last block."""
         residual = x @ self.W_E
         for block in self.blocks:
             residual = residual + block.mlp_out(self.act(block.mlp_in(residual)))
-        return residual @ self.W_E.T
+        return residual
+
+    def forward(self, x: Float[Tensor, "... n_features"]) -> Float[Tensor, "... n_features"]:
+        return self.residual(x) @ self.W_E.T
 
     def labels(self, x: Float[Tensor, "... n_features"]) -> Float[Tensor, "... n_features"]:
         """act(c * x) + x for label_type act_plus_resid, |c * x| for abs."""
@@ -88,26 +110,52 @@ class ResidMLP(nn.Module):
 
 
 def low_rank_forward(
-    model: ResidMLP, x: Float[Tensor, "batch n_features"]
+    model: ResidMLP, x: Float[Tensor, "batch n_features"], read_off: bool = True
 ) -> Float[Tensor, "batch n_features"]:
     """`model(x)` without materialising the d_embed-wide residual stream; used for training.
 
-    The residual is a sum of narrow reads times fixed writes: x @ W_E plus, per block, h @ W_out^T.
-    Contracting the (small) weight products first, e.g. x @ (W_E @ W_in^T) instead of
-    (x @ W_E) @ W_in^T, gives the same function and gradients at a fraction of the FLOPs when
-    d_embed is much larger than n_features and d_mlp (1000 vs 100 and 50 for ResidMLP 1).
+    The residual is a sum of narrow reads times fixed writes: x @ W_E plus, per block, h @ W_out^T
+    (plus a read of ones times the mlp_out bias). Contracting the (small) weight products first,
+    e.g. x @ (W_E @ W_in^T) instead of (x @ W_E) @ W_in^T, gives the same function and gradients
+    at a fraction of the FLOPs when d_embed is much larger than n_features and d_mlp (1000 vs 100
+    and 50 for ResidMLP 1). With `read_off=False` it returns the residual stream itself.
     """
     reads: list[Tensor] = [x]
     writes: list[Tensor] = [model.W_E]  # residual = sum_i reads[i] @ writes[i]
+    ones = x.new_ones(*x.shape[:-1], 1)
 
     def residual_times(m: Tensor) -> Tensor:
         terms = [r @ (w @ m) for r, w in zip(reads, writes, strict=True)]
         return sum(terms[1:], terms[0])
 
     for block in model.blocks:
-        reads.append(model.act(residual_times(block.mlp_in.weight.T)))
+        pre = residual_times(block.mlp_in.weight.T)
+        if block.mlp_in.bias is not None:
+            pre = pre + block.mlp_in.bias
+        reads.append(model.act(pre))
         writes.append(block.mlp_out.weight.T)
+        if block.mlp_out.bias is not None:
+            reads.append(ones)
+            writes.append(block.mlp_out.bias[None, :])
+    if not read_off:
+        terms = [r @ w for r, w in zip(reads, writes, strict=True)]
+        return sum(terms[1:], terms[0])
     return residual_times(model.W_E.T)
+
+
+def training_loss(model: ResidMLP, x: Float[Tensor, "batch n_features"]) -> Tensor:
+    """The target's training loss: mean squared error of the read-off output against the labels,
+    feature i weighted by feature_importance_decay**i (`loss_type: readoff`), or of the final
+    residual stream against the labels embedded, labels @ W_E (`loss_type: resid`)."""
+    cfg = model.config
+    labels = model.labels(x)
+    if cfg.loss_type == "resid":
+        return F.mse_loss(low_rank_forward(model, x, read_off=False), labels @ model.W_E)
+    err = (low_rank_forward(model, x) - labels) ** 2
+    if cfg.feature_importance_decay != 1.0:
+        weights = cfg.feature_importance_decay ** torch.arange(cfg.n_features, dtype=err.dtype)
+        err = err * weights
+    return err.mean()
 
 
 def cosine_lr(step: int, total: int, peak: float) -> float:
@@ -116,8 +164,8 @@ def cosine_lr(step: int, total: int, peak: float) -> float:
 
 
 def train_resid_mlp(cfg: ResidMLPTargetConfig, progress: bool = False) -> ResidMLP:
-    """Train the MLP weights (W_E stays fixed) on loss mean((out - labels)^2): AdamW with cosine
-    decay to 0 over `steps`, features active w.p. feature_probability with values U[-1, 1]."""
+    """Train the MLP weights (and W_E when trainable) on `training_loss`: AdamW with cosine decay
+    to 0 over `steps`, features active w.p. feature_probability with values U[-1, 1]."""
     gen = torch.Generator().manual_seed(cfg.seed)
     model = ResidMLP(cfg, generator=gen)
     data = SparseFeatureDataset(
@@ -129,7 +177,7 @@ def train_resid_mlp(cfg: ResidMLPTargetConfig, progress: bool = False) -> ResidM
         for group in opt.param_groups:
             group["lr"] = cosine_lr(step, cfg.steps, cfg.lr)
         x = data.generate_batch(cfg.batch_size, gen)
-        loss = F.mse_loss(low_rank_forward(model, x), model.labels(x))
+        loss = training_loss(model, x)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -1,9 +1,10 @@
+import pytest
 import torch
 import torch.nn.functional as F
 
 from spd_ray.config import ResidMLPTargetConfig
 from spd_ray.data.toy import SparseFeatureDataset
-from spd_ray.targets.resid_mlp import ResidMLP, low_rank_forward, train_resid_mlp
+from spd_ray.targets.resid_mlp import ResidMLP, low_rank_forward, train_resid_mlp, training_loss
 
 
 def small_cfg(**kw: object) -> ResidMLPTargetConfig:
@@ -107,3 +108,65 @@ def test_train_resid_mlp1_beats_trivial_baselines():
     losses = eval_losses(train_resid_mlp(cfg))
     assert losses["trained"] < 0.5 * losses["mlp_off"]
     assert losses["trained"] < 0.6 * losses["monosemantic"]
+
+
+def test_biases_enter_the_forward_and_the_low_rank_forward():
+    model = ResidMLP(small_cfg(in_bias=True, out_bias=True))
+    for block in model.blocks:
+        assert torch.equal(block.mlp_in.bias, torch.zeros(block.mlp_in.out_features))
+        with torch.no_grad():
+            block.mlp_in.bias.normal_()
+            block.mlp_out.bias.normal_()
+    x = torch.randn(5, 12)
+    resid = x @ model.W_E
+    for block in model.blocks:
+        pre = resid @ block.mlp_in.weight.T + block.mlp_in.bias
+        resid = resid + F.relu(pre) @ block.mlp_out.weight.T + block.mlp_out.bias
+    torch.testing.assert_close(model(x), resid @ model.W_E.T)
+    torch.testing.assert_close(low_rank_forward(model, x), model(x), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(
+        low_rank_forward(model, x, read_off=False), model.residual(x), rtol=1e-4, atol=1e-5
+    )
+
+
+def test_identity_and_trainable_embeddings():
+    ident = ResidMLP(small_cfg(embedding="identity", d_embed=12))
+    assert torch.equal(ident.W_E, torch.eye(12)) and "W_E" in dict(ident.named_buffers())
+    with pytest.raises(ValueError, match="d_embed == n_features"):
+        small_cfg(embedding="identity", d_embed=20)
+    trained = ResidMLP(small_cfg(embedding="trainable"))
+    fixed = ResidMLP(small_cfg())
+    assert "W_E" in dict(trained.named_parameters())
+    assert torch.equal(trained.W_E.detach(), fixed.W_E)  # same random unit rows at init
+    cfg = small_cfg(embedding="trainable", steps=3)
+    model = train_resid_mlp(cfg)
+    assert not torch.equal(model.W_E.detach(), fixed.W_E)  # trained
+    assert torch.equal(train_resid_mlp(small_cfg(steps=3)).W_E, fixed.W_E)  # fixed stays
+
+
+def test_label_function_seed_is_separate_from_the_embedding_seed():
+    base = {"use_trivial_label_coeffs": False}
+    a = ResidMLP(small_cfg(**base, seed=1, label_fn_seed=7))
+    b = ResidMLP(small_cfg(**base, seed=2, label_fn_seed=7))
+    c = ResidMLP(small_cfg(**base, seed=1))
+    assert torch.equal(a.label_coeffs, b.label_coeffs) and not torch.equal(a.W_E, b.W_E)
+    expected = 1.0 + torch.rand(12, generator=torch.Generator().manual_seed(7))
+    assert torch.equal(a.label_coeffs, expected)
+    assert not torch.equal(a.label_coeffs, c.label_coeffs)
+
+
+def test_training_losses_by_hand():
+    x = torch.randn(6, 12)
+    readoff = ResidMLP(small_cfg(feature_importance_decay=0.5))
+    weights = 0.5 ** torch.arange(12.0)
+    expected = ((readoff(x) - readoff.labels(x)) ** 2 * weights).mean()
+    torch.testing.assert_close(training_loss(readoff, x), expected, rtol=1e-4, atol=1e-6)
+    plain = ResidMLP(small_cfg())
+    torch.testing.assert_close(
+        training_loss(plain, x), F.mse_loss(plain(x), plain.labels(x)), rtol=1e-4, atol=1e-6
+    )
+    resid = ResidMLP(small_cfg(loss_type="resid"))
+    expected = F.mse_loss(resid.residual(x), resid.labels(x) @ resid.W_E)
+    torch.testing.assert_close(training_loss(resid, x), expected, rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match="readoff"):
+        small_cfg(loss_type="resid", feature_importance_decay=0.9)
