@@ -44,3 +44,11 @@ def test_tms_5_2_recovers_its_features(tmp_path: Path) -> None:
         for members in groups.values():
             assert sorted(x.split(":")[0] for x in members) == ["linear1", "linear2"], groups
             assert len({feature[x] for x in members}) == 1, groups
+
+    # Attributions: every output feature's strongest input source is its own input, by a margin.
+    from attributions.attr_models import input_to_output
+
+    io = input_to_output(spd_ray.load_run(result.run_dir), n_batches=10, batch_size=1024)
+    assert io.argmax(1).tolist() == list(range(5))
+    off = io - torch.diag(io.diagonal())
+    assert (io.diagonal() > 3 * off.abs().max(1).values).all()
