@@ -52,3 +52,15 @@ def test_tms_5_2_recovers_its_features(tmp_path: Path) -> None:
     assert io.argmax(1).tolist() == list(range(5))
     off = io - torch.diag(io.diagonal())
     assert (io.diagonal() > 3 * off.abs().max(1).values).all()
+
+
+@pytest.mark.slow
+def test_resid_mlp1_splits_mlp_in_per_feature_and_mlp_out_densely(tmp_path: Path) -> None:
+    """The registry resid_mlp1 (20k steps; ~15-55 min on 2 CPU cores): every mlp_in subcomponent
+    that fires answers one feature, mlp_out within the dense k = 50 pattern (README table)."""
+    torch.set_num_threads(2)
+    _, config = load_experiment("resid_mlp1")
+    m = spd_ray.decompose(config, out=tmp_path, name="gt", progress=False).metrics
+    assert m["eval/target_solution_error/layers.0.mlp_in"] == 0
+    assert m["eval/target_solution_error/layers.0.mlp_out"] == 0
+    assert m["eval/loss/StochasticReconLoss"] < 1e-4
