@@ -128,18 +128,20 @@ def merge_costs(co: Tensor, r: Tensor, k: int, n_samples: int, alpha: float) -> 
     return (total - s_i - s_j) * shrink + union * log_k1 - (s_i + s_j) * log_k + rank
 
 
+def _weights(values: Tensor, settings: MergeSettings) -> Tensor:
+    """The sampler's unnormalised weight of each candidate cost."""
+    lo, hi = values.min(), values.max()
+    if settings.sampler == "range":
+        return (values <= lo + settings.threshold * (hi - lo)).double()
+    return torch.exp(-(values - lo) / settings.temperature).double()
+
+
 def sample_pair(
     costs: Tensor, valid: Tensor, settings: MergeSettings, generator: torch.Generator
 ) -> tuple[int, int]:
     """A pair (i, j), i < j, drawn by the settings' sampler among the valid entries."""
     flat_valid = valid.flatten()
-    flat = costs.flatten()
-    values = flat[flat_valid]
-    lo, hi = values.min(), values.max()
-    if settings.sampler == "range":
-        weights = (values <= lo + settings.threshold * (hi - lo)).double()
-    else:
-        weights = torch.exp(-(values - lo) / settings.temperature)
+    weights = _weights(costs.flatten()[flat_valid], settings)
     pick = int(torch.multinomial(weights.cpu().float(), 1, generator=generator))
     index = int(torch.nonzero(flat_valid).flatten()[pick])
     i, j = divmod(index, costs.shape[1])
@@ -148,12 +150,7 @@ def sample_pair(
 
 def pair_probabilities(costs: Tensor, valid: Tensor, settings: MergeSettings) -> Tensor:
     """The probability `sample_pair` gives each valid entry (0 elsewhere); for tests and plots."""
-    values = costs[valid]
-    lo, hi = values.min(), values.max()
-    if settings.sampler == "range":
-        w = (values <= lo + settings.threshold * (hi - lo)).double()
-    else:
-        w = torch.exp(-(values - lo) / settings.temperature)
+    w = _weights(costs[valid], settings)
     out = torch.zeros_like(costs, dtype=torch.float64)
     out[valid] = w / w.sum()
     return out
