@@ -5,6 +5,7 @@ file, so no process ever holds the full merged state; then the totals and the co
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -55,16 +56,23 @@ def merge_all(
 def _merge_shards(
     actors: list[Any], shards: list[tuple[int, int]], partial: Path, lm: bool
 ) -> list[ShardColumns]:
-    """One merge task per component range, at most two in flight (each holds every actor's
-    slice of its range)."""
+    return shard_tasks(actors, shards, _merge_shard, str(partial), lm)
+
+
+def shard_tasks(
+    actors: list[Any], shards: list[tuple[int, int]], task: Callable[..., Any], *args: Any
+) -> list[Any]:
+    """One Ray task per range [lo, hi), `task(*args, j, lo, hi, *parts)` with `parts` every
+    actor's `shard(lo, hi)`, at most two in flight (each holds every actor's slice of its
+    range); their results in range order. The attributions merge the same way."""
     import ray
 
-    merge = ray.remote(num_cpus=0)(_merge_shard)
-    results: list[ShardColumns] = []
+    remote = ray.remote(num_cpus=0)(task)
+    results: list[Any] = []
     in_flight: list[Any] = []
     for j, (lo, hi) in enumerate(shards):
         parts = [a.shard.remote(lo, hi) for a in actors]
-        in_flight.append(merge.remote(str(partial), j, lo, hi, lm, *parts))
+        in_flight.append(remote.remote(*args, j, lo, hi, *parts))
         if len(in_flight) >= 2:
             results.append(ray.get(in_flight.pop(0)))
     results.extend(ray.get(in_flight))
@@ -93,13 +101,16 @@ def _components_table(keys: list[str], shards: list[ShardColumns], T: int) -> pa
     )
 
 
-def _shards(N: int, per_component_bytes: int, actors: int) -> list[tuple[int, int]]:
-    size = max(1, MERGE_BYTES // max(1, per_component_bytes * actors))
+def _shards(
+    N: int, per_component_bytes: int, actors: int, budget: int = MERGE_BYTES
+) -> list[tuple[int, int]]:
+    """Ranges of [0, N) whose slices from all actors take about `budget` bytes together."""
+    size = max(1, budget // max(1, per_component_bytes * actors))
     return [(lo, min(N, lo + size)) for lo in range(0, N, size)]
 
 
 def _merge_shard(
-    partial: str, shard: int, lo: int, hi: int, lm: bool, *parts: dict[str, Any]
+    partial: str, lm: bool, shard: int, lo: int, hi: int, *parts: dict[str, Any]
 ) -> ShardColumns:
     """Sum one component range over all actors and write it; returns the per-component columns."""
     merged = merge_shards(list(parts))

@@ -98,7 +98,46 @@ class HarvestOptions:
 # -- the actor -----------------------------------------------------------------------------------
 
 
-class HarvestActor:
+class StreamingActor:
+    """A long-lived actor that consumes one split of the rows into its accumulator `acc` (which
+    has `n_tokens` and `nbytes()`); subclasses load the model, make `acc` and `add` a batch. The
+    attributions' actor is one too."""
+
+    acc: Any
+    index: int
+    kind: str  # "lm" | "toy"
+    rows: int = 0
+
+    def add(self, batch: dict[str, Any]) -> None:
+        raise NotImplementedError
+
+    def placement(self) -> Placement:
+        from spd_ray.ray_session import here
+
+        return Placement(actor=self.index, **here())
+
+    def consume(self, split: Any, batch_size: int) -> ActorSpan:
+        """Process this actor's rows."""
+        first, busy = None, 0.0
+        for batch in split.iter_batches(
+            batch_size=batch_size, batch_format="numpy", prefetch_batches=2
+        ):
+            t0 = time.time()
+            first = first if first is not None else t0
+            self.add(batch)
+            self.rows += len(batch["uid"])
+            busy += time.time() - t0
+        now = time.time()
+        return ActorSpan(first if first is not None else now, now, busy)
+
+    def progress(self) -> ActorProgress:
+        import resource
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        return ActorProgress(self.rows, self.acc.n_tokens, self.acc.nbytes(), peak)
+
+
+class HarvestActor(StreamingActor):
     """Holds the decomposed model and one Accumulator; consumes one split of the rows."""
 
     def __init__(
@@ -131,40 +170,16 @@ class HarvestActor:
         self.step = loaded.step
         self.index = index
 
-    def placement(self) -> Placement:
-        from spd_ray.ray_session import here
-
-        return Placement(actor=self.index, **here())
-
     def describe(self) -> ModelInfo:
         return ModelInfo(self.keys, self.modules, self.n_classes, self.step)
 
-    def consume(self, split: Any, batch_size: int) -> ActorSpan:
-        """Process this actor's rows."""
-        first, busy = None, 0.0
-        for batch in split.iter_batches(
-            batch_size=batch_size, batch_format="numpy", prefetch_batches=2
-        ):
-            t0 = time.time()
-            first = first if first is not None else t0
-            # Ray hands out read-only arrays: copy (torch wants writable memory).
-            uid = torch.tensor(batch["uid"])
-            if self.kind == "lm":
-                self.acc.add_tokens(
-                    torch.tensor(batch["tokens"]), torch.tensor(batch["n_valid"]), uid
-                )
-            else:
-                self.acc.add_inputs(torch.tensor(batch["x"]), uid)
-            self.rows += len(uid)
-            busy += time.time() - t0
-        now = time.time()
-        return ActorSpan(first if first is not None else now, now, busy)
-
-    def progress(self) -> ActorProgress:
-        import resource
-
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-        return ActorProgress(self.rows, self.acc.n_tokens, self.acc.nbytes(), peak)
+    def add(self, batch: dict[str, Any]) -> None:
+        # Ray hands out read-only arrays: copy (torch wants writable memory).
+        uid = torch.tensor(batch["uid"])
+        if self.kind == "lm":
+            self.acc.add_tokens(torch.tensor(batch["tokens"]), torch.tensor(batch["n_valid"]), uid)
+        else:
+            self.acc.add_inputs(torch.tensor(batch["x"]), uid)
 
     def shard(self, lo: int, hi: int) -> dict[str, Any]:
         return self.acc.shard(lo, hi)
@@ -313,19 +328,28 @@ def _fresh_partial(run_dir: Path) -> Path:
 
 
 def _start_actors(run_dir: Path, opts: HarvestOptions, cpus: float, threads: int) -> list[Any]:
+    args = (str(run_dir), opts.out, opts.settings)
+    return start_actors(HarvestActor, opts.actors, opts.gpu, cpus, threads, *args)
+
+
+def start_actors(
+    actor: type[StreamingActor], n: int, gpu: bool, cpus: float, threads: int, *args: Any
+) -> list[Any]:
+    """n actors `actor(*args, index, threads, device)` of `cpus` CPUs (and one GPU each with
+    `gpu`); the attributions start theirs here too."""
     import ray
 
-    actor_cls: Any = ray.remote(HarvestActor)
-    device = "cuda" if opts.gpu else "cpu"
+    actor_cls: Any = ray.remote(actor)
+    device = "cuda" if gpu else "cpu"
     return [
-        actor_cls.options(num_cpus=cpus, num_gpus=1 if opts.gpu else 0, max_concurrency=2).remote(
-            str(run_dir), opts.out, opts.settings, i, threads, device
+        actor_cls.options(num_cpus=cpus, num_gpus=1 if gpu else 0, max_concurrency=2).remote(
+            *args, i, threads, device
         )
-        for i in range(opts.actors)
+        for i in range(n)
     ]
 
 
-def _placements(actors: list[Any]) -> list[Placement]:
+def _placements(actors: list[Any], what: str = "harvest") -> list[Placement]:
     """Where each actor runs, once all have started (their constructors load the model)."""
     import ray
 
@@ -334,7 +358,7 @@ def _placements(actors: list[Any]) -> list[Placement]:
     placements: list[Placement] = ray.get([a.placement.remote() for a in actors])
     nodes = sorted({p.node_id for p in placements})
     say(
-        f"[harvest] {len(actors)} actor(s) on {len(nodes)} node(s): "
+        f"[{what}] {len(actors)} actor(s) on {len(nodes)} node(s): "
         + ", ".join(f"{p.actor}@{p.node_id[:12]} ({p.hostname})" for p in placements)
     )
     return placements
@@ -362,14 +386,20 @@ def _stream_rows(
     reader_cpus: float,
     opts: HarvestOptions,
     started: float,
+    what: str = "harvest",
+    rows_per_block: int | None = None,
 ) -> _Streamed:
-    """Split the rows among the actors and wait until they have consumed them all."""
+    """Split the rows among the actors (`StreamingActor`s) and wait until they have consumed them
+    all. `rows_per_block`: cut the reader's blocks (64 documents' rows) to at most this many
+    rows, so that few rows still reach every actor (streaming, in order)."""
     import ray
 
     ds = build_dataset(source, n_rows, reader_cpus)
+    if rows_per_block is not None:
+        ds = ds.repartition(target_num_rows_per_block=rows_per_block)
     splits = ds.streaming_split(len(actors), equal=False)
     running = [a.consume.remote(s, opts.batch_size) for a, s in zip(actors, splits, strict=True)]
-    _watch(actors, running, n_rows, source, opts.progress)
+    _watch(actors, running, n_rows, source, opts.progress, what)
     elapsed = time.perf_counter() - started
     return _Streamed(elapsed, ray.get(running), ray.get([a.progress.remote() for a in actors]))
 
@@ -436,13 +466,14 @@ def _lost_actors(actors: list[Any], placements: Sequence[Placement | None]) -> l
     return lost
 
 
-def _lost_message(run_dir: Path, lost: list[str], err: BaseException) -> str:
+def _lost_message(run_dir: Path, lost: list[str], err: BaseException, what: str = "harvest") -> str:
+    """`what`: the command (`spd-ray <what>`) and what it makes."""
     first = next((line for line in str(err).splitlines() if line.strip()), type(err).__name__)
     return (
-        f"the harvest of {run_dir} lost {', '.join(lost)}: its node left the "
+        f"the {what} of {run_dir} lost {', '.join(lost)}: its node left the "
         f"Ray cluster or its process died ({first.strip()[:200]}); its rows cannot be redone "
-        f"alone, so nothing was written - rerun `spd-ray harvest {run_dir}` with the same "
-        "options to harvest again from the start"
+        f"alone, so nothing was written - rerun `spd-ray {what} {run_dir}` with the same "
+        f"options to {'harvest again from the start' if what == 'harvest' else 'start over'}"
     )
 
 
@@ -460,7 +491,12 @@ def _describe(source: Source) -> dict[str, Any]:
 
 
 def _watch(
-    actors: list[Any], running: list[Any], n_rows: int | None, source: Source, progress: bool
+    actors: list[Any],
+    running: list[Any],
+    n_rows: int | None,
+    source: Source,
+    progress: bool,
+    what: str = "harvest",
 ) -> None:
     """Wait for the actors, showing tokens processed and tokens/s; an actor's error ends it."""
     import ray
@@ -472,7 +508,7 @@ def _watch(
         total=total,
         unit=unit,
         unit_scale=True,
-        desc="harvest",
+        desc=what,
         disable=not progress,
         mininterval=1.0,
     )

@@ -51,19 +51,21 @@ def harvest_lock(run_dir: Path) -> Lock:
     return Lock(run_dir / ".harvest.lock", f"the harvest of {run_dir}")
 
 
-def _set_aside(run_dir: Path) -> list[Path]:
+def _set_aside(run_dir: Path, name: str = HARVEST_DIR) -> list[Path]:
     """Old harvests that a swap moved aside (`replace_dir`'s `.harvest.old-*`, and the
-    `harvest.old-*` of earlier versions), newest first."""
-    found = [*run_dir.glob(f".{HARVEST_DIR}.old-*"), *run_dir.glob(f"{HARVEST_DIR}.old-*")]
+    `harvest.old-*` of earlier versions), newest first. `name`: another folder built the same
+    way (the attributions)."""
+    found = [*run_dir.glob(f".{name}.old-*"), *run_dir.glob(f"{name}.old-*")]
     return sorted((p for p in found if p.is_dir()), key=lambda p: -p.stat().st_mtime)
 
 
-def recover(run_dir: Path) -> Path | None:
+def recover(run_dir: Path, name: str = HARVEST_DIR) -> Path | None:
     """Put back the newest complete harvest when an interrupted swap left none in `harvest/`:
     a complete `harvest.partial/` (killed between its meta.json and the swap) is newer than any
-    copy set aside. Then remove the copies set aside. Returns what was put back, if anything."""
-    final, partial = harvest_dir(run_dir), run_dir / PARTIAL_DIR
-    aside = _set_aside(run_dir)
+    copy set aside. Then remove the copies set aside. Returns what was put back, if anything.
+    `name`: another folder built the same way, `<name>.partial/` swapped in as `<name>/`."""
+    final, partial = run_dir / name, run_dir / f"{name}.partial"
+    aside = _set_aside(run_dir, name)
     restored = None
     if not final.exists():
         complete = [p for p in (partial, *aside) if (p / "meta.json").exists()]
@@ -77,16 +79,21 @@ def recover(run_dir: Path) -> Path | None:
     return restored
 
 
-def start_partial(run_dir: Path) -> tuple[Path, bool]:
+def start_partial(
+    run_dir: Path, name: str = HARVEST_DIR, subdirs: tuple[str, ...] = ("examples",)
+) -> tuple[Path, bool]:
     """A fresh `harvest.partial/` (removing an unfinished one: returns True when it did), after
     putting back a complete harvest that an interrupted swap left aside. Call under
-    `harvest_lock`: the partial of a live harvest is not unfinished."""
-    recover(run_dir)
-    partial = run_dir / PARTIAL_DIR
+    `harvest_lock`: the partial of a live harvest is not unfinished. `name`, `subdirs`: another
+    folder built the same way (`<name>.partial/`, with these empty subfolders)."""
+    recover(run_dir, name)
+    partial = run_dir / f"{name}.partial"
     stale = partial.exists()
     if stale:
         shutil.rmtree(partial)
-    (partial / "examples").mkdir(parents=True)
+    partial.mkdir()
+    for sub in subdirs:
+        (partial / sub).mkdir()
     return partial, stale
 
 
