@@ -29,6 +29,7 @@ FORBIDDEN: dict[str, tuple[str, ...]] = {
     "spd_ray.analysis.activation_plots": ("spd_ray.train", "spd_ray.api", "spd_ray.sweep", "ray"),
     "spd_ray.attributions.compute": ("spd_ray.train", "spd_ray.api", "spd_ray.sweep", "ray"),
     "spd_ray.attributions.store": ("spd_ray.train", "spd_ray.api", "spd_ray.sweep", "ray"),
+    "spd_ray.attributions.pipeline": ("spd_ray.train", "spd_ray.api", "spd_ray.sweep"),
     "spd_ray.clustering.merge": ("spd_ray.core", "spd_ray.train", "spd_ray.api", "ray"),
     "spd_ray.clustering.ensemble": ("spd_ray.train", "spd_ray.api", "spd_ray.sweep"),
     "spd_ray.clustering.mapping": ("spd_ray.core", "spd_ray.train", "spd_ray.api", "ray"),
