@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +68,36 @@ def member_seeds(seed: int, index: int) -> tuple[int, int]:
     return int(a), int(b)
 
 
+@dataclass
+class MemberActivity:
+    """What member `index` merges: which alive subcomponents fire on which samples of its batch."""
+
+    active: Any  # bool Tensor [samples, n alive]
+    labels: list[str]
+    dead: list[str]
+    data_seed: int
+    merge_seed: int
+    step: int  # the run's checkpoint step
+
+
+def member_activity(
+    run_dir: str, out: str | None, opts: ClusteringOptions, index: int, device: str = "cpu"
+) -> MemberActivity:
+    """Load the run, draw member `index`'s batch and threshold its subcomponents' CI (the
+    ensemble's members and the search's trials start here)."""
+    from spd_ray.analysis.batches import run_batches
+    from spd_ray.clustering.activations import component_ci, select_modules
+    from spd_ray.loaded_run import load_run
+
+    loaded = load_run(run_dir, out=out, device=device)
+    data_seed, merge_seed = member_seeds(opts.seed, index)
+    batch = next(run_batches(loaded, opts.batch_size, data_seed, out=out, device=device))
+    modules = select_modules(loaded.model, opts.modules)
+    acts = component_ci(loaded.model, batch, modules, opts.merge.filter_dead_threshold)
+    active = acts.ci > opts.merge.activation_threshold
+    return MemberActivity(active, acts.labels, acts.dead, data_seed, merge_seed, loaded.step)
+
+
 def run_member(
     run_dir: str,
     out: str | None,
@@ -79,31 +109,24 @@ def run_member(
     """One member, start to finish; writes members/<index>.npz and returns its summary."""
     import torch
 
-    from spd_ray.analysis.batches import run_batches
-    from spd_ray.clustering.activations import component_ci, select_modules
     from spd_ray.clustering.merge import merge
-    from spd_ray.loaded_run import load_run
 
     start, started_at = time.perf_counter(), time.time()
-    loaded = load_run(run_dir, out=out, device=device)
-    data_seed, merge_seed = member_seeds(opts.seed, index)
-    batch = next(run_batches(loaded, opts.batch_size, data_seed, out=out, device=device))
-    modules = select_modules(loaded.model, opts.modules)
-    acts = component_ci(loaded.model, batch, modules, opts.merge.filter_dead_threshold)
-    active = acts.ci > opts.merge.activation_threshold
-    history = merge(active, acts.labels, opts.merge, seed=merge_seed, device=device)
+    m = member_activity(run_dir, out, opts, index, device)
+    active = m.active
+    history = merge(active, m.labels, opts.merge, seed=m.merge_seed, device=device)
     co = None
     if active.shape[1] <= 2048:  # kept for the plots while it is small
         f = active.to(torch.float32)
         co = (f.T @ f).round().to(torch.int64).cpu().numpy()
     info = {
         "index": index,
-        "data_seed": data_seed,
-        "merge_seed": merge_seed,
-        "dead": acts.dead,
-        "n_alive": len(acts.labels),
+        "data_seed": m.data_seed,
+        "merge_seed": m.merge_seed,
+        "dead": m.dead,
+        "n_alive": len(m.labels),
         "n_samples": int(active.shape[0]),
-        "step": loaded.step,
+        "step": m.step,
         "wall_s": round(time.perf_counter() - start, 3),
         "started_at": started_at,
         "ended_at": time.time(),
@@ -247,16 +270,12 @@ def _member_task(
     return run_member(run_dir, out, opts, index, root, device)
 
 
-def _distance_task(array: np.ndarray, rows: list[int], method: str) -> np.ndarray:
-    return distance_rows(array, rows, method)
-
-
 def _distances(array: np.ndarray, methods: list[str], progress: bool) -> dict[str, np.ndarray]:
     import ray
 
     if array.shape[0] < 2:
         return {m: np.full((array.shape[1], 1, 1), np.nan) for m in methods}
-    task = ray.remote(num_cpus=1)(_distance_task)
+    task = ray.remote(num_cpus=1)(distance_rows)
     ref = ray.put(array)
     rows = list(range(array.shape[1]))
     chunks = [
@@ -287,7 +306,3 @@ def _member_summary(h: MergeHistory, info: dict[str, Any]) -> dict[str, Any]:
         "iterations": int(h.pairs.shape[0]),
         "final_mdl": float(h.mdl[-1]),
     }
-
-
-def options_dict(opts: ClusteringOptions) -> dict[str, Any]:
-    return asdict(opts)

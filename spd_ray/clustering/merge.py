@@ -148,14 +148,6 @@ def sample_pair(
     return (i, j) if i < j else (j, i)
 
 
-def pair_probabilities(costs: Tensor, valid: Tensor, settings: MergeSettings) -> Tensor:
-    """The probability `sample_pair` gives each valid entry (0 elsewhere); for tests and plots."""
-    w = _weights(costs[valid], settings)
-    out = torch.zeros_like(costs, dtype=torch.float64)
-    out[valid] = w / w.sum()
-    return out
-
-
 def merge(
     active: Tensor,
     labels: list[str],

@@ -24,7 +24,13 @@ from typing import Any
 import numpy as np
 
 from spd_ray.clustering.distances import on_union, perm_invariant_hamming, union_labels
-from spd_ray.clustering.ensemble import ClusteringOptions, clustering_root, member_seeds, prepare
+from spd_ray.clustering.ensemble import (
+    ClusteringOptions,
+    clustering_root,
+    member_activity,
+    member_seeds,
+    prepare,
+)
 from spd_ray.clustering.merge import MergeSettings, merge
 from spd_ray.errors import InputError
 from spd_ray.io import Lock, write_json
@@ -53,20 +59,12 @@ def parse_params(text: str, settings: MergeSettings) -> list[str]:
 def member_activations(
     run_dir: str, out: str | None, opts: ClusteringOptions, index: int
 ) -> tuple[np.ndarray, list[str]]:
-    """Member `index`'s boolean activations [samples, n] and labels."""
+    """Member `index`'s boolean activations [samples, n] and labels (a Ray task, one thread)."""
     import torch
 
-    from spd_ray.analysis.batches import run_batches
-    from spd_ray.clustering.activations import component_ci, select_modules
-    from spd_ray.loaded_run import load_run
-
     torch.set_num_threads(1)
-    loaded = load_run(run_dir, out=out)
-    data_seed, _ = member_seeds(opts.seed, index)
-    batch = next(run_batches(loaded, opts.batch_size, data_seed, out=out))
-    modules = select_modules(loaded.model, opts.modules)
-    acts = component_ci(loaded.model, batch, modules, opts.merge.filter_dead_threshold)
-    return (acts.ci > opts.merge.activation_threshold).numpy(), acts.labels
+    m = member_activity(run_dir, out, opts, index)
+    return m.active.numpy(), m.labels
 
 
 def evaluate(

@@ -31,20 +31,16 @@ def member_path(root: Path, index: int) -> Path:
 
 
 def save_member(path: Path, history: MergeHistory, info: dict[str, Any]) -> None:
-    def write(tmp: Path) -> None:
-        with tmp.open("wb") as f:
-            np.savez_compressed(
-                f,
-                labels=np.array(history.labels),
-                group_idxs=history.group_idxs,
-                pairs=history.pairs,
-                costs=history.costs,
-                mdl=history.mdl,
-                n_samples=np.array(history.n_samples),
-                info=np.array(json.dumps(info)),
-            )
-
-    atomic_write(path, write)
+    save_npz(
+        path,
+        labels=np.array(history.labels),
+        group_idxs=history.group_idxs,
+        pairs=history.pairs,
+        costs=history.costs,
+        mdl=history.mdl,
+        n_samples=np.array(history.n_samples),
+        info=np.array(json.dumps(info)),
+    )
 
 
 def load_member(path: Path) -> tuple[MergeHistory, dict[str, Any]]:
