@@ -4,7 +4,7 @@ server with a fixed latency, for several (actors, concurrency) settings and one 
     python benchmarks/autointerp_throughput.py [RUN] [--latency 0.2] [--limit 96]
 
 RUN is a harvested run directory (default /tmp/hv/out/llama). Every setting gets a fresh test
-server (tests/autointerp/llm_server.py) and an empty label store, so everything is labelled
+server (tests/llm_server.py) and an empty label store, so everything is labelled
 again. Ray is started once, before the first setting, so its startup is not timed; each setting
 still pays for building its prompts on the driver, the endpoint check and the Ray Data actor
 pool start, and the table shows those phases apart from the labelling itself.
@@ -31,7 +31,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import ray  # noqa: E402 - the environment above must be set before Ray is imported
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests" / "autointerp"))
+sys.path.insert(0, str(REPO / "tests"))
 
 from llm_server import LLMServer  # noqa: E402
 

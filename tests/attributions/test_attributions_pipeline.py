@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from harvest_fixtures import hold_lock, kill_9, spd_ray_cli
+from harvest_fixtures import hold_lock, kill_9, spd_ray_cli, spd_ray_main
 from ray_head import RayHead
 
 from spd_ray.attributions.compute import Accumulator, layout_for_run, unembed_matrix
@@ -122,7 +122,10 @@ def test_lm_attributions_equal_the_in_process_sums_and_are_the_same_on_1_and_3_a
 
 
 def test_attributions_show_prints_sources_and_targets_with_token_strings(
-    lm_run: tuple[Path, dict[str, str]], tmp_path: Path
+    lm_run: tuple[Path, dict[str, str]],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     run = _copy_run(lm_run[0], tmp_path / "lm")
     env = {**lm_run[1], "RAY_ADDRESS": "127.0.0.1:1"}  # a query needs no Ray
@@ -141,7 +144,11 @@ def test_attributions_show_prints_sources_and_targets_with_token_strings(
     text = load_tokenizer(source.tokenizer).decode
     # A layer-0 query's sources are token embeddings, shown with their text.
     key = "model.layers.0.self_attn.q_proj:0"
-    show = spd_ray_cli(env, "attributions-show", str(run), key, "-k", "3")
+
+    def spd_ray(*args: str) -> subprocess.CompletedProcess[str]:
+        return spd_ray_main(capsys, monkeypatch, env, *args)
+
+    show = spd_ray("attributions-show", str(run), key, "-k", "3")
     assert show.returncode == 0, show.stderr[-2000:]
     printed = show.stdout
     store = Attributions(run)
@@ -163,13 +170,13 @@ def test_attributions_show_prints_sources_and_targets_with_token_strings(
         assert section.strip("\n").split("\n") == expected
     assert all(a.key.startswith("wte:") for a in store.top_sources(key, 3))
     # A token is a source only; an output only a target.
-    show = spd_ray_cli(env, "attributions-show", str(run), "wte:5")
+    show = spd_ray("attributions-show", str(run), "wte:5")
     assert show.returncode == 0 and "top targets (positive)" in show.stdout
     assert "top sources" not in show.stdout and show.stdout.startswith(f"wte:5 {text([5])!r}  (")
-    show = spd_ray_cli(env, "attributions-show", str(run), "output:5", "-k", "2")
+    show = spd_ray("attributions-show", str(run), "output:5", "-k", "2")
     assert show.returncode == 0 and "top sources (negative)" in show.stdout
     assert "top targets" not in show.stdout and show.stdout.startswith(f"output:5 {text([5])!r}")
-    bad = spd_ray_cli(env, "attributions-show", str(run), "model.layers.0.mlp.nope:3")
+    bad = spd_ray("attributions-show", str(run), "model.layers.0.mlp.nope:3")
     assert "no layer 'model.layers.0.mlp.nope'" in _error_line(bad, "attributions-show")
 
 
@@ -205,13 +212,20 @@ def test_toy_attributions_of_some_modules_through_the_cli(
 
 
 def test_bad_input_fails_at_once_in_one_line(
-    lm_run: tuple[Path, dict[str, str]], ray_head: RayHead, tmp_path: Path
+    lm_run: tuple[Path, dict[str, str]],
+    ray_head: RayHead,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     run = _copy_run(lm_run[0], tmp_path / "lm")
     env = {**lm_run[1], "RAY_ADDRESS": "127.0.0.1:1"}  # nothing may reach Ray before these checks
 
+    def spd_ray(*args: str) -> subprocess.CompletedProcess[str]:
+        return spd_ray_main(capsys, monkeypatch, env, *args)
+
     def fails(*args: str) -> str:
-        return _error_line(spd_ray_cli(env, "attributions", str(run), *args))
+        return _error_line(spd_ray("attributions", str(run), *args))
 
     assert fails("--actors", "0").endswith("--actors must be at least 1, got 0")
     assert fails("--targets-per-backward", "0").endswith("must be at least 1, got 0")
@@ -229,8 +243,8 @@ def test_bad_input_fails_at_once_in_one_line(
     bare = tmp_path / "bare"
     bare.mkdir()
     shutil.copy(run / "config.yaml", bare / "config.yaml")
-    assert "has no checkpoint" in _error_line(spd_ray_cli(env, "attributions", str(bare)))
-    show = spd_ray_cli(env, "attributions-show", str(bare), "x:1")
+    assert "has no checkpoint" in _error_line(spd_ray("attributions", str(bare)))
+    show = spd_ray("attributions-show", str(bare), "x:1")
     assert "has no attributions" in _error_line(show, "attributions-show")
 
     from spd_ray.registry import load_experiment
@@ -238,7 +252,7 @@ def test_bad_input_fails_at_once_in_one_line(
 
     ih = tmp_path / "ih"
     RunDir(ih).init(load_experiment("ih")[1])
-    line = _error_line(spd_ray_cli(env, "attributions", str(ih)))
+    line = _error_line(spd_ray("attributions", str(ih)))
     assert "attributions support language-model and tms/resid_mlp runs, not 'ih'" in line
 
     # The 2-CPU test cluster has no GPU: said at once, before anything is written.

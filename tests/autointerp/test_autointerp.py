@@ -1,5 +1,5 @@
 """`spd-ray autointerp` end to end: the CLI drives a Ray Data actor pool of async workers that
-talk to a real OpenAI-compatible server on 127.0.0.1 (tests/autointerp/llm_server.py) over HTTP.
+talk to a real OpenAI-compatible server on 127.0.0.1 (tests/llm_server.py) over HTTP.
 
 Faults lose nothing (every subcomponent ends labelled or failed with a reason, none twice), the
 server never sees more than actors x concurrency requests at once, a killed run resumes with

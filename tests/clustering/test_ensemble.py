@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import pytest
 from cli_args import spd_ray_cmd
-from harvest_fixtures import spd_ray_cli
+from harvest_fixtures import spd_ray_cli, spd_ray_main
 from ray_head import RayHead
 
 from spd_ray.clustering import store
@@ -116,7 +116,9 @@ def test_members_run_as_ray_tasks_resume_after_a_kill_and_match_in_process(
     assert json.loads(written.read_text()) == mapping
 
 
-def test_bad_input_fails_before_anything_is_written(tms_run: Path) -> None:
+def test_bad_input_fails_before_anything_is_written(
+    tms_run: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     # In this process, with no Ray: every check comes before Ray is started or a file written.
     cases: list[tuple[dict[str, Any], str]] = [
         ({"modules": "nope*"}, "matches none"),
@@ -143,7 +145,7 @@ def test_bad_input_fails_before_anything_is_written(tms_run: Path) -> None:
     assert not (tms_run / "clustering" / "default").exists()
     # The command line says it in one line, exit 2.
     env = {**os.environ, "RAY_ADDRESS": "127.0.0.1:1"}  # never reached
-    res = spd_ray_cli(env, "clustering", str(tms_run), "--modules", "nope*", timeout=120)
+    res = spd_ray_main(capsys, monkeypatch, env, "clustering", str(tms_run), "--modules", "nope*")
     assert res.returncode == 2 and "matches none" in res.stderr
     assert len(res.stderr.strip().splitlines()) == 1
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
 import time
 from pathlib import Path
 
@@ -16,7 +17,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
-from harvest_fixtures import hold_lock, kill_9, short_tms_run, spd_ray_cli
+from harvest_fixtures import hold_lock, kill_9, short_tms_run, spd_ray_cli, spd_ray_main
 from ray_head import RayHead
 
 from spd_ray.harvest.store import Harvest
@@ -115,7 +116,11 @@ def test_toy_harvest_is_the_same_on_1_and_3_actors_and_finds_tms_features(
 
 
 def test_lm_harvest_matches_across_actors_and_shows_a_component(
-    lm_run: tuple[Path, dict[str, str]], ray_head: RayHead, tmp_path: Path
+    lm_run: tuple[Path, dict[str, str]],
+    ray_head: RayHead,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     run, env = lm_run
     env = {**env, "RAY_ADDRESS": ray_head.address}
@@ -147,27 +152,41 @@ def test_lm_harvest_matches_across_actors_and_shows_a_component(
     assert 0 < len(ex) <= 5 and all(len(e.tokens) == 9 for e in ex)
     assert ex[0].tokens[4] >= 0  # the firing token itself is never padding
 
-    show = spd_ray_cli(env, "harvest-show", str(run), key, "--examples", "2")
+    # Showing reads files only: in this process, with nothing to reach on Ray.
+    env = {**env, "RAY_ADDRESS": "127.0.0.1:1"}
+    show = spd_ray_main(capsys, monkeypatch, env, "harvest-show", str(run), key, "--examples", "2")
     assert show.returncode == 0, show.stderr[-2000:]
     for section in ("fires on", "input tokens:", "predicted tokens:", "co-firing", "[["):
         assert section in show.stdout, section
-    bad = spd_ray_cli(env, "harvest-show", str(run), "model.layers.0.mlp.nope:3")
+    bad = spd_ray_main(
+        capsys, monkeypatch, env, "harvest-show", str(run), "model.layers.0.mlp.nope:3"
+    )
     assert bad.returncode == 2 and "no module 'model.layers.0.mlp.nope'" in bad.stderr
 
 
-def test_bad_input_fails_at_once(lm_run: tuple[Path, dict[str, str]], tmp_path: Path) -> None:
+def test_bad_input_fails_at_once(
+    lm_run: tuple[Path, dict[str, str]],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     run, env = lm_run
     env = {**env, "RAY_ADDRESS": "127.0.0.1:1"}  # nothing may reach Ray before these checks
-    res = spd_ray_cli(env, "harvest", str(run), "--actors", "0")
-    assert res.returncode == 2 and "argument --actors: 0 is not >= 1" in res.stderr
-    res = spd_ray_cli(env, "harvest", str(run), "--column", "nope")
+
+    def spd_ray(*args: str) -> subprocess.CompletedProcess[str]:
+        return spd_ray_main(capsys, monkeypatch, env, *args)
+
+    with pytest.raises(SystemExit) as exit_:  # argparse
+        spd_ray("harvest", str(run), "--actors", "0")
+    assert exit_.value.code == 2 and "argument --actors: 0 is not >= 1" in capsys.readouterr().err
+    res = spd_ray("harvest", str(run), "--column", "nope")
     assert res.returncode == 2 and "column_name 'nope' is not in dataset" in res.stderr
     bare = tmp_path / "bare"
     bare.mkdir()
     shutil.copy(run / "config.yaml", bare / "config.yaml")
-    res = spd_ray_cli(env, "harvest", str(bare))
+    res = spd_ray("harvest", str(bare))
     assert res.returncode == 2 and "has no checkpoint" in res.stderr
-    res = spd_ray_cli(env, "harvest-show", str(bare), "x:1")
+    res = spd_ray("harvest-show", str(bare), "x:1")
     assert res.returncode == 2 and "has no harvest" in res.stderr
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 from cli_args import spd_ray_cmd
-from harvest_fixtures import hold_lock
+from harvest_fixtures import hold_lock, spd_ray_main
 from ray_head import RayHead
 
 from spd_ray.config import ConfigError
@@ -38,6 +38,22 @@ TWO = [("eval/loss/StochasticReconLoss", "min"), ("eval/l0/total", "min")]
 
 def _cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(spd_ray_cmd(*args), capture_output=True, text=True, env=env, timeout=300)
+
+
+def _main(
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    env: dict[str, str],
+    *args: str,
+) -> subprocess.CompletedProcess[str]:
+    """`_cli` in this process, for commands that fail before any Ray: `connect_ray` fails the
+    test, and `RAY_ADDRESS=local` keeps a recorded cluster from being attached to first."""
+
+    def no_ray() -> None:
+        raise AssertionError(f"spd-ray {' '.join(args)} reached Ray")
+
+    monkeypatch.setattr("spd_ray.ray_session.connect_ray", no_ray)
+    return spd_ray_main(capsys, monkeypatch, {**env, "RAY_ADDRESS": "local"}, *args)
 
 
 def _env(out: Path, **extra: str) -> dict[str, str]:
@@ -115,16 +131,20 @@ def test_bad_sweep_names_fail_and_delete_nothing(tmp_path: Path, space: Path, na
     assert _snapshot(tmp_path) == before
 
 
-def test_bad_name_on_the_cli_is_one_line_with_exit_2(tmp_path: Path, space: Path) -> None:
+def test_bad_name_on_the_cli_is_one_line_with_exit_2(
+    tmp_path: Path, space: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     out = tmp_path / "out"
     (out / "keep.txt").parent.mkdir(parents=True)
     (out / "keep.txt").write_text("stays\n")
     before = _snapshot(tmp_path)
-    res = _cli(_env(out), "sweep", "tms_5-2", "--space", str(space), "--name", "..")
+    res = _main(
+        capsys, monkeypatch, _env(out), "sweep", "tms_5-2", "--space", str(space), "--name", ".."
+    )
     assert res.returncode == 2, res.stderr[-2000:]
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1 and "--name '..'" in lines[0], res.stderr
-    res = _cli(_env(out), "sweep-status", "a/b")
+    res = _main(capsys, monkeypatch, _env(out), "sweep-status", "a/b")
     assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1, res.stderr
     assert _snapshot(tmp_path) == before
 
@@ -152,12 +172,16 @@ def test_bad_arguments_fail_before_sweep_json(
     assert not (out / "s").exists()
 
 
-def test_negative_concurrent_on_the_cli_writes_no_sweep_json(tmp_path: Path, space: Path) -> None:
+def test_negative_concurrent_on_the_cli_writes_no_sweep_json(
+    tmp_path: Path, space: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     out = tmp_path / "out"
-    res = _cli(_env(out), "sweep", "tms_5-2", "--space", str(space), "--concurrent", "-1")
-    res2 = _cli(_env(out), "sweep", "tms_5-2", "--space", str(space), "--concurrent", "0")
-    for r in (res, res2):
-        assert r.returncode == 2 and "--concurrent" in r.stderr, r.stderr[-2000:]
+    args = ["sweep", "tms_5-2", "--space", str(space), "--concurrent"]
+    for value in ("-1", "0"):
+        with pytest.raises(SystemExit) as exit_:  # argparse
+            _main(capsys, monkeypatch, _env(out), *args, value)
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2 and "--concurrent" in err, err[-2000:]
     assert not out.exists() or not list(out.rglob(SPEC_FILE))
 
 
@@ -185,7 +209,9 @@ def test_gpu_on_a_cluster_without_gpus_fails_at_once(
 HOLD = 'from spd_ray.io import Lock; Lock(Path(sys.argv[1]), "sweep held").acquire()'
 
 
-def test_second_sweep_on_a_locked_name_exits_naming_the_holder(tmp_path: Path, space: Path) -> None:
+def test_second_sweep_on_a_locked_name_exits_naming_the_holder(
+    tmp_path: Path, space: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     out = tmp_path / "out"
     sweep_dir = out / "held"
     sweep_dir.mkdir(parents=True)
@@ -196,7 +222,7 @@ def test_second_sweep_on_a_locked_name_exits_naming_the_holder(tmp_path: Path, s
     try:
         args = ["sweep", "tms_5-2", "--space", str(space), "--name", "held", "--steps", "10"]
         t0 = time.monotonic()
-        res = _cli(_env(out), *args)
+        res = _main(capsys, monkeypatch, _env(out), *args)
         seconds = time.monotonic() - t0
         assert res.returncode == 2, res.stderr[-3000:]
         lines = res.stderr.strip().splitlines()
@@ -208,7 +234,7 @@ def test_second_sweep_on_a_locked_name_exits_naming_the_holder(tmp_path: Path, s
         holder.wait()
     assert holder.returncode == -9
 
-    res = _cli(_env(out), *args)
+    res = _main(capsys, monkeypatch, _env(out), *args)
     assert res.returncode == 2, res.stderr[-3000:]
     assert "in use by" not in res.stderr
     assert "is a sweep with a different" in res.stderr, res.stderr[-3000:]

@@ -5,9 +5,7 @@ uninterrupted run, every (step, metric) once, or a one-line message that deleted
 
 from __future__ import annotations
 
-import contextlib
 import errno
-import io
 import json
 import os
 import pickle
@@ -21,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from harvest_fixtures import hold_lock
+from harvest_fixtures import hold_lock, spd_ray_main
 
 import spd_ray
 from spd_ray import runs as rundir_module
@@ -47,18 +45,17 @@ def _cli(*args: str, out: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(_argv(*args), capture_output=True, text=True, env=_env(out), timeout=600)
 
 
-def _main(*args: str, out: Path) -> subprocess.CompletedProcess[str]:
-    """`spd-ray ARGS --out OUT` in this process (for commands that fail before any work: no
-    interpreter start per call)."""
-    from spd_ray.cli import main
-
-    err = io.StringIO()
-    with contextlib.redirect_stderr(err):
-        try:
-            rc = main([*args, "--out", str(out)])
-        except SystemExit as exit_:  # argparse
-            rc = int(exit_.code or 0)
-    return subprocess.CompletedProcess(args, rc, "", err.getvalue())
+def _main(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, *args: str, out: Path
+) -> subprocess.CompletedProcess[str]:
+    """`spd-ray ARGS --out OUT` in this process, for commands that fail or finish before any Ray
+    (`RAY_ADDRESS` points nowhere): no interpreter start per call."""
+    env = {**_env(out), "RAY_ADDRESS": "127.0.0.1:1"}
+    try:
+        return spd_ray_main(capsys, monkeypatch, env, *args, "--out", str(out))
+    except SystemExit as exit_:  # argparse
+        stdout, stderr = capsys.readouterr()
+        return subprocess.CompletedProcess(args, int(exit_.code or 0), stdout, stderr)
 
 
 def _run(name: str, out: Path, *extra: str) -> subprocess.CompletedProcess[str]:
@@ -267,7 +264,9 @@ class _RunsCode:
         return (os.system, (f"touch {self.marker}",))
 
 
-def test_crafted_checkpoint_runs_no_code(tmp_path: Path) -> None:
+def test_crafted_checkpoint_runs_no_code(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     torch.set_num_threads(1)
     config = load_config(TINY, ["steps=10"])
     result = spd_ray.decompose(config, out=tmp_path, name="x", progress=False)
@@ -283,7 +282,7 @@ def test_crafted_checkpoint_runs_no_code(tmp_path: Path) -> None:
         ["harvest", str(result.run_dir), "--batches", "1"],
         ["harvest-show", "x", "layers.0.mlp_in:0"],
     ):
-        res = _cli(*argv, "--out", str(tmp_path), out=tmp_path)
+        res = _main(capsys, monkeypatch, *argv, out=tmp_path)
         assert res.returncode != 0
         assert not marker.exists(), argv
 
@@ -348,14 +347,19 @@ def _hold_lock(path: Path) -> subprocess.Popen[str]:
     )
 
 
-# The Ray path takes the same lock before Ray starts: slow only because its last run uses Ray.
+# Slow on Ray: that path starts (or attaches to) a Ray before it takes the run's lock.
 @pytest.mark.parametrize("ray", [False, pytest.param(True, marks=pytest.mark.slow)])
-def test_second_command_on_a_live_run_exits_naming_the_holder(tmp_path: Path, ray: bool) -> None:
+def test_second_command_on_a_live_run_exits_naming_the_holder(
+    tmp_path: Path, ray: bool, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     holder = _hold_lock(tmp_path / "busy" / ".lock")
     try:
         args = ["run", str(TINY), "--name", "busy", "--steps", "10"]
         t0 = time.perf_counter()
-        res = _main(*args, *([] if ray else ["--in-process"]), out=tmp_path)
+        if ray:  # a Ray of its own: not in this process
+            res = _cli(*args, out=tmp_path)
+        else:
+            res = _main(capsys, monkeypatch, *args, "--in-process", out=tmp_path)
         assert res.returncode == 2
         line = res.stderr.strip().splitlines()[-1]
         assert f"pid {holder.pid} on host" in line and "busy" in line
@@ -364,7 +368,8 @@ def test_second_command_on_a_live_run_exits_naming_the_holder(tmp_path: Path, ra
     finally:
         holder.kill()
         holder.wait()
-    res = _cli(*args, "--in-process", out=tmp_path)  # the dead holder's lock is taken over
+    # The dead holder's lock is taken over.
+    res = _main(capsys, monkeypatch, *args, "--in-process", out=tmp_path)
     assert res.returncode == 0, res.stderr
 
 
@@ -409,7 +414,11 @@ def test_lock_is_exclusive_and_freed_with_its_holder(tmp_path: Path) -> None:
 @pytest.mark.parametrize("name", ["..", "/", ".", "a/b", "../x", ""])
 @pytest.mark.parametrize("fresh", [False, True])
 def test_bad_names_fail_in_one_line_and_delete_nothing(
-    tmp_path: Path, name: str, fresh: bool
+    tmp_path: Path,
+    name: str,
+    fresh: bool,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     root = tmp_path / "root" / "out"
     files = [tmp_path / "keep.txt", tmp_path / "root" / "keep.txt", root / "a" / "b" / "keep.txt"]
@@ -418,7 +427,7 @@ def test_bad_names_fail_in_one_line_and_delete_nothing(
         f.write_text("precious")
     before = sorted(str(p) for p in tmp_path.rglob("*"))
     args = ["run", str(TINY), "--name", name, "--steps", "5", *(["--fresh"] if fresh else [])]
-    res = _main(*args, "--in-process", out=root)
+    res = _main(capsys, monkeypatch, *args, "--in-process", out=root)
     assert res.returncode == 2
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1 and "--name" in lines[0], res.stderr
@@ -426,14 +435,19 @@ def test_bad_names_fail_in_one_line_and_delete_nothing(
     assert all(f.read_text() == "precious" for f in files)
 
 
-def test_fresh_with_a_config_typo_keeps_the_old_run(tmp_path: Path) -> None:
-    res = _cli("run", str(TINY), "--name", "old", "--steps", "10", "--in-process", out=tmp_path)
+def test_fresh_with_a_config_typo_keeps_the_old_run(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    args = ["run", str(TINY), "--name", "old", "--steps", "10", "--in-process"]
+    res = _main(capsys, monkeypatch, *args, out=tmp_path)
     assert res.returncode == 0, res.stderr
     before = {p.name: p.read_bytes() for p in (tmp_path / "old").iterdir() if p.is_file()}
     for bad in ("bogus_key=1", "module_info=[{module_pattern: 'nope.*', C: 4}]"):
         for ray in (False, True):
             args = ["run", str(TINY), "--name", "old", "--fresh", "--set", bad]
-            res = _main(*args, *([] if ray else ["--in-process"]), out=tmp_path)
+            res = _main(
+                capsys, monkeypatch, *args, *([] if ray else ["--in-process"]), out=tmp_path
+            )
             assert res.returncode == 2, res.stderr
             after = {p.name: p.read_bytes() for p in (tmp_path / "old").iterdir() if p.is_file()}
             assert after == before
@@ -450,8 +464,14 @@ def test_fresh_with_a_config_typo_keeps_the_old_run(tmp_path: Path) -> None:
         ("--steps", "-1"),
     ],
 )
-def test_numeric_flags_are_bounded_at_parse_time(tmp_path: Path, flag: str, value: str) -> None:
-    res = _main("run", str(TINY), "--name", "n", flag, value, out=tmp_path)
+def test_numeric_flags_are_bounded_at_parse_time(
+    tmp_path: Path,
+    flag: str,
+    value: str,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    res = _main(capsys, monkeypatch, "run", str(TINY), "--name", "n", flag, value, out=tmp_path)
     assert res.returncode == 2
     assert f"argument {flag}" in res.stderr
     assert not (tmp_path / "n").exists()
@@ -459,9 +479,14 @@ def test_numeric_flags_are_bounded_at_parse_time(tmp_path: Path, flag: str, valu
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without GPU")
 @pytest.mark.parametrize("ray", [False, True])
-def test_gpu_without_gpus_fails_before_anything(tmp_path: Path, ray: bool) -> None:
+def test_gpu_without_gpus_fails_before_anything(
+    tmp_path: Path, ray: bool, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     args = ["run", str(TINY), "--name", "g", "--gpu", "--steps", "5"]
-    res = _cli(*args, *([] if ray else ["--in-process"]), out=tmp_path)
+    if ray:  # the Ray path asks the cluster for its GPUs: a Ray of its own, not in this process
+        res = _cli(*args, out=tmp_path)
+    else:
+        res = _main(capsys, monkeypatch, *args, "--in-process", out=tmp_path)
     assert res.returncode == 2
     assert "--gpu" in res.stderr.strip().splitlines()[-1]
     assert not (tmp_path / "g").exists()

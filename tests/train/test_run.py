@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from cli_args import spd_ray_cmd
+from harvest_fixtures import spd_ray_main
 
 import spd_ray
 from spd_ray.config import load_config
@@ -22,28 +23,46 @@ from spd_ray.train import tracking
 TINY = Path(__file__).resolve().parents[1] / "fixtures" / "tiny_resid_mlp.yaml"
 
 
+def _env(out: Path, extra: dict[str, str] | None = None) -> dict[str, str]:
+    return {**os.environ, "SPD_RAY_OUT": str(out), "SPD_RAY_THREADS": "1", **(extra or {})}
+
+
+def _args(args: tuple[str, ...]) -> tuple[str, ...]:
+    """`run` in this process unless the test asks for `--ray`."""
+    if args and args[0] == "run" and "--ray" not in args:
+        args = (*args, "--in-process")
+    return tuple(a for a in args if a != "--ray")
+
+
 def _cli(
     *args: str, out: Path, env_extra: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "SPD_RAY_OUT": str(out), "SPD_RAY_THREADS": "1", **(env_extra or {})}
-    if args and args[0] == "run" and "--ray" not in args:
-        args = (*args, "--in-process")
-    args = tuple(a for a in args if a != "--ray")
     return subprocess.run(
-        spd_ray_cmd(*args),
+        spd_ray_cmd(*_args(args)),
         capture_output=True,
         text=True,
-        env=env,
+        env=_env(out, env_extra),
         timeout=600,
     )
+
+
+def _main(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, *args: str, out: Path
+) -> subprocess.CompletedProcess[str]:
+    """`_cli` in this process, for commands that never reach Ray (`RAY_ADDRESS` points nowhere):
+    the same exit code and output without an interpreter start."""
+    env = {**_env(out), "RAY_ADDRESS": "127.0.0.1:1"}
+    return spd_ray_main(capsys, monkeypatch, env, *_args(args))
 
 
 def _final_eval(run_dir: Path) -> dict[str, float]:
     return json.loads((run_dir / "summary.json").read_text())["final_eval"]
 
 
-def test_run_writes_the_run_directory_and_rerun_says_finished(tmp_path: Path) -> None:
-    res = _cli("run", str(TINY), "--name", "a", out=tmp_path)
+def test_run_writes_the_run_directory_and_rerun_says_finished(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    res = _main(capsys, monkeypatch, "run", str(TINY), "--name", "a", out=tmp_path)
     assert res.returncode == 0, res.stderr
     run_dir = Path(res.stdout.strip().splitlines()[-1])
     assert run_dir == tmp_path / "a"
@@ -61,7 +80,7 @@ def test_run_writes_the_run_directory_and_rerun_says_finished(tmp_path: Path) ->
     first = summary["initial_eval"]["eval/loss/FaithfulnessLoss"]
     assert summary["final_eval"]["eval/loss/FaithfulnessLoss"] < first
 
-    again = _cli("run", str(TINY), "--name", "a", out=tmp_path)
+    again = _main(capsys, monkeypatch, "run", str(TINY), "--name", "a", out=tmp_path)
     assert again.returncode == 0, again.stderr
     assert "already finished" in again.stderr
     assert RunDir(run_dir).read_metrics() == metrics  # nothing rewritten or duplicated
@@ -82,7 +101,7 @@ def test_killed_run_resumes_from_checkpoint_and_matches_uninterrupted(tmp_path: 
     )
     assert ref.returncode == 0, ref.stderr
 
-    env = {**os.environ, "SPD_RAY_OUT": str(tmp_path), "SPD_RAY_THREADS": "1"}
+    env = _env(tmp_path)
     args = [
         sys.executable,
         "-m",
@@ -153,8 +172,16 @@ def test_killed_run_resumes_from_checkpoint_and_matches_uninterrupted(tmp_path: 
         ("pretrained_model_path=/nonexistent/target.pt", "/nonexistent/target.pt"),
     ],
 )
-def test_bad_input_fails_before_any_work(tmp_path: Path, override: str, needle: str) -> None:
-    res = _cli("run", str(TINY), "--name", "bad", "--set", override, out=tmp_path)
+def test_bad_input_fails_before_any_work(
+    tmp_path: Path,
+    override: str,
+    needle: str,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    res = _main(
+        capsys, monkeypatch, "run", str(TINY), "--name", "bad", "--set", override, out=tmp_path
+    )
     assert res.returncode == 2
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1, res.stderr
@@ -162,8 +189,10 @@ def test_bad_input_fails_before_any_work(tmp_path: Path, override: str, needle: 
     assert not (tmp_path / "bad").exists()
 
 
-def test_list_shows_the_registry(tmp_path: Path) -> None:
-    res = _cli("list", out=tmp_path)
+def test_list_shows_the_registry(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    res = _main(capsys, monkeypatch, "list", out=tmp_path)
     assert res.returncode == 0
     names = [line.split()[0] for line in res.stdout.splitlines()]
     for name in (
