@@ -286,6 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sweep(sub)  # sweep, sweep-status
 
     from spd_ray.analysis.cli import add_cli as add_analysis_cli
+    from spd_ray.app.cli import add_cli as add_app_cli
     from spd_ray.attributions.cli import add_cli as add_attributions_cli
     from spd_ray.autointerp.cli import add_cli as add_autointerp_cli
     from spd_ray.clustering.cli import add_cli as add_clustering_cli
@@ -298,6 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_clustering_cli(sub)  # clustering, cluster-mapping
     add_analysis_cli(sub)  # compare, plot-activations
     add_attributions_cli(sub)  # attributions, attributions-show
+    add_app_cli(sub)  # app (the viewer)
     _add_list(sub)
     _add_bench(sub)
     return parser

@@ -44,11 +44,13 @@ def shared_out(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 # Session fixtures kept in their own modules, offered to every test from here: the tiny-LM assets
-# (lm_conftest_fixtures.py) and a decomposed tiny Llama run (harvest_fixtures.py). Plain helpers
-# (ray_head, multinode, s3_server, harvest_fixtures' functions) are imported by name: tests/ is
-# on sys.path (pyproject's pytest `pythonpath`).
+# (lm_conftest_fixtures.py), a decomposed tiny Llama run (harvest_fixtures.py) and the viewer's
+# runs and server (viewer_fixtures.py). Plain helpers (ray_head, multinode, s3_server, llm_server,
+# the fixture modules' functions) are imported by name: tests/ is on sys.path (pyproject's pytest
+# `pythonpath`).
 from harvest_fixtures import lm_run  # noqa: E402, F401
 from lm_conftest_fixtures import hf_datasets_cache, tiny_lm_assets  # noqa: E402, F401
+from viewer_fixtures import viewer_runs, viewer_url  # noqa: E402, F401
 
 
 @pytest.fixture(scope="session")
