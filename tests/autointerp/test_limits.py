@@ -4,6 +4,7 @@ limiter in front of a real HTTP server, and one Ray test where two actors share 
 from __future__ import annotations
 
 import asyncio
+import os
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,8 @@ from spd_ray.autointerp.limits import (
     shared_limiter,
 )
 
-HERE = Path(__file__).resolve().parent  # Ray workers import llm_server from here
+HERE = Path(__file__).resolve().parent  # Ray workers import this module from here
+TESTS = HERE.parent  # ... and llm_server from here
 MESSAGES = [{"role": "user", "content": "label this"}]
 
 
@@ -259,7 +261,7 @@ def test_two_ray_actors_share_one_rate_limit_and_budget(ray_head: RayHead) -> No
     ray.init(
         address=ray_head.address,
         namespace="autointerp-limits-test",
-        runtime_env={"env_vars": {"PYTHONPATH": str(HERE)}},
+        runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join([str(HERE), str(TESTS)])}},
         log_to_driver=False,
     )
     try:
