@@ -6,11 +6,11 @@ edge cap and filters, and bad inputs."""
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import pytest
 import torch
-from attributions.attr_models import VOCAB, tiny_gpt2, tiny_llama, tiny_tms
+from attributions.attr_models import VOCAB, tiny_llama
 
 from spd_ray.app.compute import (
     Graph,
@@ -28,29 +28,6 @@ from spd_ray.core.model import ComponentModel, ModuleMask
 from spd_ray.errors import InputError
 
 TOKENS = [5, 12, 33, 7, 41, 2, 19, 8]
-
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def llama() -> ComponentModel:
-    return tiny_llama()
-
-
-@pytest.fixture(scope="module")
-def gpt2() -> ComponentModel:
-    return tiny_gpt2()
-
-
-@pytest.fixture(scope="module")
-def tms() -> ComponentModel:
-    return tiny_tms()
 
 
 @pytest.fixture(scope="module")

@@ -4,8 +4,10 @@ perturbation of every source activation, times the activation."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
+import pytest
 import torch
 from torch import Tensor
 
@@ -233,3 +235,30 @@ def input_to_output(loaded: LoadedRun, n_batches: int, batch_size: int) -> torch
         acc.add(batch)
     o0, o1 = layout.target_span(OUTPUT)
     return state_means(acc.state())[o0:o1, : layout.n_inputs]
+
+
+# -- fixtures: the attribution tests' conftest and the viewer's compute tests import these --------
+
+
+@pytest.fixture(autouse=True)
+def one_thread() -> Iterator[None]:
+    """Tiny models on a shared machine: more threads only contend (100x slower under load)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def llama() -> ComponentModel:
+    return tiny_llama()
+
+
+@pytest.fixture(scope="module")
+def gpt2() -> ComponentModel:
+    return tiny_gpt2()
+
+
+@pytest.fixture(scope="module")
+def tms() -> ComponentModel:
+    return tiny_tms()
