@@ -54,9 +54,9 @@ from jaxtyping import Float
 from torch import Tensor
 
 from spd_ray.attributions.compute import (
-    _frozen,
-    _gated_forward,
-    _n_inputs,
+    frozen,
+    gated_forward,
+    n_inputs,
     unembed_matrix,
 )
 from spd_ray.attributions.layout import INPUT_LM, INPUT_TOY, OUTPUT, Kind
@@ -116,14 +116,14 @@ def prompt_batch(
         limit = max_prompt_tokens(model)
         if len(tokens) > limit:
             raise InputError(f"tokens: {len(tokens)} tokens, at most {limit} allowed")
-        vocab = _n_inputs(model, "lm")
+        vocab = n_inputs(model, "lm")
         for i, t in enumerate(tokens):
             if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab:
                 raise InputError(f"tokens[{i}]: {t!r} is not a token id in [0, {vocab})")
         return torch.tensor([list(tokens)], dtype=torch.long, device=param.device)
     if tokens is not None:
         raise InputError("tokens: a toy model's prompt is an input vector (`x`), not token ids")
-    n = _n_inputs(model, "toy")
+    n = n_inputs(model, "toy")
     if x is None or len(x) == 0:
         raise InputError("x: the input vector is empty")
     if len(x) != n:
@@ -448,8 +448,8 @@ def attribution_graph(
         late = (src_pos[cols] >= lo).nonzero().squeeze(1)
         if len(rows) == 0:
             continue
-        with _frozen(model), torch.enable_grad():
-            fw = _gated_forward(model, kind, batch[:, :hi] if kind == "lm" else batch)
+        with frozen(model), torch.enable_grad():
+            fw = gated_forward(model, kind, batch[:, :hi] if kind == "lm" else batch)
             # Per target layer: its values [P, width], the group's nodes in it, their acts.
             outs, picks, acts = [], [], []
             for lay, (a, b) in zip(targets, spans, strict=True):

@@ -81,7 +81,7 @@ def unembed_matrix(model: ComponentModel) -> Float[Tensor, "d_model vocab"]:
     return _weight_out_in(_hf_module(model, "get_output_embeddings")).detach().T
 
 
-def _n_inputs(model: ComponentModel, kind: Kind) -> int:
+def n_inputs(model: ComponentModel, kind: Kind) -> int:
     if kind == "lm":
         emb = _hf_module(model, "get_input_embeddings")
         if isinstance(emb, DecomposedModule):
@@ -96,7 +96,7 @@ def _n_inputs(model: ComponentModel, kind: Kind) -> int:
 
 
 @contextmanager
-def _frozen(model: nn.Module) -> Iterator[None]:
+def frozen(model: nn.Module) -> Iterator[None]:
     """No parameter requires grad inside (the forward then saves nothing for weight gradients)."""
     trainable = [p for p in model.parameters() if p.requires_grad]
     for p in trainable:
@@ -118,7 +118,7 @@ class _Forward:
     valid: Tensor  # Bool[*positions]: the positions that count
 
 
-def _gated_forward(
+def gated_forward(
     model: ComponentModel, kind: Kind, batch: Tensor, valid: Tensor | None = None
 ) -> _Forward:
     dtype = next(model.parameters()).dtype
@@ -174,15 +174,15 @@ def _probe_batch(model: ComponentModel, kind: Kind) -> Tensor:
     param = next(model.parameters())
     if kind == "lm":
         return torch.zeros(2, 3, dtype=torch.long, device=param.device)
-    return torch.ones(2, _n_inputs(model, kind), dtype=param.dtype, device=param.device)
+    return torch.ones(2, n_inputs(model, kind), dtype=param.dtype, device=param.device)
 
 
 def connectivity(model: ComponentModel, kind: Kind) -> dict[str, list[str]]:
     """{target layer: the source layers it is reachable from}, by autograd reachability on a
     dummy batch: target layers are the module paths and "output", source layers the input
     ("wte" / "input") and the module paths, each in forward order."""
-    with _frozen(model):
-        fw = _gated_forward(model, kind, _probe_batch(model, kind))
+    with frozen(model):
+        fw = gated_forward(model, kind, _probe_batch(model, kind))
         src_layers = [INPUT_LM if kind == "lm" else INPUT_TOY, *model.module_paths]
         inputs = [fw.gates[s] for s in src_layers]
         found: dict[str, list[str]] = {}
@@ -204,7 +204,7 @@ def make_layout(model: ComponentModel, kind: Kind, alive: dict[str, list[int]]) 
     else:
         with torch.no_grad():
             n_outputs = int(model(_probe_batch(model, kind)).shape[-1])
-    return Layout(kind, _n_inputs(model, kind), n_outputs, alive, connectivity(model, kind))
+    return Layout(kind, n_inputs(model, kind), n_outputs, alive, connectivity(model, kind))
 
 
 def layout_for_run(loaded: LoadedRun, ci_threshold: float) -> tuple[Layout, Alive]:
@@ -278,8 +278,8 @@ class Accumulator:
             assert batch.dim() == 2 and batch.shape[1] == lay.n_inputs, (
                 f"toy batch must be [b, {lay.n_inputs}], got {tuple(batch.shape)}"
             )
-        with _frozen(self.model):
-            fw = _gated_forward(self.model, lay.kind, batch, valid)
+        with frozen(self.model):
+            fw = gated_forward(self.model, lay.kind, batch, valid)
             flat_valid = fw.valid.reshape(-1).nonzero().squeeze(1)
             tokens = batch.reshape(-1)[flat_valid] if lay.kind == "lm" else None
             for tgt_layer, src_layers in lay.sources_by_target.items():
