@@ -594,6 +594,13 @@ class Config(BaseConfig):
     compile_ci_fns: bool = Field(
         False, description="torch.compile the CI functions (faster steps, slower start)."
     )
+    masked_copies_per_forward: int | None = Field(
+        None,
+        ge=1,
+        description="At most this many masked copies of the batch per forward, each chunk "
+        "recomputed in backward, so layerwise losses' memory stops growing with the module count "
+        "(None: all copies in one forward).",
+    )
 
     # Losses
     loss_metric_configs: list[LossMetricConfig] = Field(description="Training losses (coeff each).")

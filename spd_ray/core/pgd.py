@@ -20,7 +20,7 @@ from torch import Tensor
 from spd_ray import config as schema
 from spd_ray.core.masks import Noise, Routes
 from spd_ray.core.model import CleanCache, ModuleMask
-from spd_ray.core.recon import StepInputs, masked_recon, recon_count
+from spd_ray.core.recon import StepInputs, masked_recon, recon_count, stacked_recon
 
 
 def _init_source(
@@ -79,8 +79,7 @@ def pgd_recon_loss(inp: StepInputs, cfg: schema._PGD, routes_per_copy: list[Rout
         for s in flat:
             s.requires_grad_(True)
         with torch.enable_grad():
-            loss = masked_recon(_detached_cache_inputs(inp), copies(detached=True))
-            grads = torch.autograd.grad(loss, flat)
+            grads = _ascent_grads(_detached_cache_inputs(inp), copies(detached=True), sources)
         with torch.no_grad():
             for s, g in zip(flat, grads, strict=True):
                 if shared and _distributed():
@@ -89,6 +88,25 @@ def pgd_recon_loss(inp: StepInputs, cfg: schema._PGD, routes_per_copy: list[Rout
         for s in flat:
             s.requires_grad_(False)
     return masked_recon(inp, copies(detached=False))
+
+
+def _ascent_grads(
+    inp: StepInputs, masks: list[dict[str, ModuleMask]], sources: list[dict[str, Tensor]]
+) -> list[Tensor]:
+    """The loss's gradient with respect to every source, copy by copy in order. In chunks of
+    `copies_per_forward` copies, each chunk's graph is freed before the next is built: a copy's
+    sources move only its own output, so no chunk needs another's graph (nor a recomputation)."""
+    n = inp.copies_per_forward
+    if n is None or n >= len(masks):
+        flat = [s for copy_src in sources for s in copy_src.values()]
+        return list(torch.autograd.grad(masked_recon(inp, masks), flat))
+    grads: list[Tensor] = []
+    for start in range(0, len(masks), n):
+        chunk = masks[start : start + n]
+        flat = [s for copy_src in sources[start : start + n] for s in copy_src.values()]
+        loss = stacked_recon(inp, chunk) * (len(chunk) / len(masks))
+        grads.extend(torch.autograd.grad(loss, flat))
+    return grads
 
 
 def _shared_masks(

@@ -3,14 +3,21 @@
 `mse` is the mean squared error over all output elements, `kl` the mean over positions of
 KL(softmax(target) || softmax(pred)); `pred` may hold K stacked copies of the batch, and since every
 copy has the same size the mean over the stacked output is the mean over copies.
+
+With `copies_per_forward` set, `masked_recon` runs the copies in chunks of at most that many, each
+chunk's forward and loss under activation checkpointing: only one chunk's activations are alive at a
+time (the rest are recomputed in backward), so the memory of a layerwise loss no longer grows with
+the number of decomposed modules. Masks are drawn before, so recomputation sees the same masks.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.utils.checkpoint import checkpoint
 
 from spd_ray.config import OutputLossType, Sampling
 from spd_ray.core.masks import Noise
@@ -33,6 +40,7 @@ class StepInputs:
     noise: Noise
     step_frac: float = 0.0
     world_size: int = 1
+    copies_per_forward: int | None = None  # None: every masked copy in one forward
 
     @property
     def paths(self) -> list[str]:
@@ -65,5 +73,30 @@ def recon_count(inp: StepInputs) -> int:
 
 
 def masked_recon(inp: StepInputs, copies: list[dict[str, ModuleMask]]) -> Tensor:
+    """Mean `recon_loss` over all copies, in chunks of `inp.copies_per_forward` copies."""
+    n = inp.copies_per_forward
+    assert n is None or n >= 1, f"copies_per_forward must be >= 1, got {n}"
+    if n is None or n >= len(copies):
+        return stacked_recon(inp, copies)
+    if inp.model.reuse_clean_activations:
+        # The cache computes component acts lazily; computed inside a checkpointed chunk, they
+        # would be missing from its recomputation (and belong to one chunk's graph only).
+        for path in dict.fromkeys(p for copy in copies for p in copy):
+            inp.cache.acts(path)
+    total: Tensor | float = 0.0
+    for start in range(0, len(copies), n):
+        chunk = copies[start : start + n]
+        if torch.is_grad_enabled():
+            loss = checkpoint(stacked_recon, inp, chunk, use_reentrant=False)
+        else:
+            loss = stacked_recon(inp, chunk)
+        # recon_loss is a mean over copies of equal size: each chunk weighs by its share.
+        total = total + loss * (len(chunk) / len(copies))
+    assert isinstance(total, Tensor)
+    return total
+
+
+def stacked_recon(inp: StepInputs, copies: list[dict[str, ModuleMask]]) -> Tensor:
+    """Mean `recon_loss` over `copies`, all in one forward."""
     out = inp.model.masked_forward(inp.batch, copies, inp.cache)
     return recon_loss(out, inp.target_out, inp.output_loss_type)

@@ -63,6 +63,7 @@ def step_inputs(
         noise=noise,
         step_frac=step_frac,
         world_size=world_size,
+        copies_per_forward=config.masked_copies_per_forward,
     )
 
 
