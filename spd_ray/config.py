@@ -601,6 +601,13 @@ class Config(BaseConfig):
         "recomputed in backward, so layerwise losses' memory stops growing with the module count "
         "(None: all copies in one forward).",
     )
+    masked_forward_budget_mb: float | None = Field(
+        None,
+        gt=0,
+        description="Chunk the masked copies so one forward's activations stay near this many MB: "
+        "the copies per forward follow from each step's clean-forward activation size (with "
+        "masked_copies_per_forward too, the smaller chunk wins; None: no budget).",
+    )
 
     # Losses
     loss_metric_configs: list[LossMetricConfig] = Field(description="Training losses (coeff each).")

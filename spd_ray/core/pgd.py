@@ -20,7 +20,7 @@ from torch import Tensor
 from spd_ray import config as schema
 from spd_ray.core.masks import Noise, Routes
 from spd_ray.core.model import CleanCache, ModuleMask
-from spd_ray.core.recon import StepInputs, masked_recon, recon_count, stacked_recon
+from spd_ray.core.recon import StepInputs, chunk_size, masked_recon, recon_count, stacked_recon
 
 
 def _init_source(
@@ -96,7 +96,7 @@ def _ascent_grads(
     """The loss's gradient with respect to every source, copy by copy in order. In chunks of
     `copies_per_forward` copies, each chunk's graph is freed before the next is built: a copy's
     sources move only its own output, so no chunk needs another's graph (nor a recomputation)."""
-    n = inp.copies_per_forward
+    n = chunk_size(inp)
     if n is None or n >= len(masks):
         flat = [s for copy_src in sources for s in copy_src.values()]
         return list(torch.autograd.grad(masked_recon(inp, masks), flat))

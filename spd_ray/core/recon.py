@@ -8,6 +8,9 @@ With `copies_per_forward` set, `masked_recon` runs the copies in chunks of at mo
 chunk's forward and loss under activation checkpointing: only one chunk's activations are alive at a
 time (the rest are recomputed in backward), so the memory of a layerwise loss no longer grows with
 the number of decomposed modules. Masks are drawn before, so recomputation sees the same masks.
+With `forward_budget_bytes`, the chunk size follows from a memory budget instead:
+budget // (ACTIVATION_FACTOR x the bytes of the clean forward's module inputs and outputs), an
+estimate of one copy's activations that grows with depth as the true cost does.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ class StepInputs:
     step_frac: float = 0.0
     world_size: int = 1
     copies_per_forward: int | None = None  # None: every masked copy in one forward
+    forward_budget_bytes: int | None = None  # chunk so a forward's activations fit this
 
     @property
     def paths(self) -> list[str]:
@@ -72,9 +76,29 @@ def recon_count(inp: StepInputs) -> int:
     return out.numel() if inp.output_loss_type == "mse" else out[..., 0].numel()
 
 
-def masked_recon(inp: StepInputs, copies: list[dict[str, ModuleMask]]) -> Tensor:
-    """Mean `recon_loss` over all copies, in chunks of `inp.copies_per_forward` copies."""
+# One masked copy keeps about this many times its decomposed modules' inputs and outputs alive for
+# backward (the components' inner acts, masks, attention and MLP intermediates).
+ACTIVATION_FACTOR = 4
+
+
+def copy_bytes(inp: StepInputs) -> int:
+    """An estimate of one masked copy's activation memory, from the clean forward's cache."""
+    tensors = [*inp.cache.inputs.values(), *inp.cache.outputs.values()]
+    return ACTIVATION_FACTOR * sum(t.numel() * t.element_size() for t in tensors)
+
+
+def chunk_size(inp: StepInputs) -> int | None:
+    """Copies per forward: the config's, the budget's, the smaller of both, or None (all)."""
     n = inp.copies_per_forward
+    if inp.forward_budget_bytes is not None:
+        by_budget = max(1, inp.forward_budget_bytes // max(1, copy_bytes(inp)))
+        n = by_budget if n is None else min(n, by_budget)
+    return n
+
+
+def masked_recon(inp: StepInputs, copies: list[dict[str, ModuleMask]]) -> Tensor:
+    """Mean `recon_loss` over all copies, in chunks of `chunk_size(inp)` copies."""
+    n = chunk_size(inp)
     assert n is None or n >= 1, f"copies_per_forward must be >= 1, got {n}"
     if n is None or n >= len(copies):
         return stacked_recon(inp, copies)

@@ -64,6 +64,11 @@ def step_inputs(
         step_frac=step_frac,
         world_size=world_size,
         copies_per_forward=config.masked_copies_per_forward,
+        forward_budget_bytes=(
+            None
+            if config.masked_forward_budget_mb is None
+            else int(config.masked_forward_budget_mb * 2**20)
+        ),
     )
 
 

@@ -20,7 +20,14 @@ from spd_ray import config as C
 from spd_ray.core.losses import loss_term
 from spd_ray.core.masks import Noise
 from spd_ray.core.model import ComponentModel, ModuleMask
-from spd_ray.core.recon import StepInputs, masked_recon, recon_loss
+from spd_ray.core.recon import (
+    ACTIVATION_FACTOR,
+    StepInputs,
+    chunk_size,
+    copy_bytes,
+    masked_recon,
+    recon_loss,
+)
 from spd_ray.core.step import step_inputs
 
 EXPERIMENTS = Path(__file__).resolve().parents[2] / "experiments"
@@ -160,3 +167,30 @@ def test_config_value_reaches_the_loss_inputs(llama: ComponentModel):
         with torch.no_grad():
             inp = step_inputs(config, llama, batch, noise, 0.0)
         assert inp.copies_per_forward == value
+
+
+def test_a_memory_budget_picks_the_chunk_from_one_copys_activations(llama: ComponentModel):
+    """`masked_forward_budget_mb`: copies per forward = budget // the estimate of one copy
+    (ACTIVATION_FACTOR x the clean forward's module inputs and outputs), at least 1; with a chunk
+    size too, the smaller wins; the loss is the unchunked one."""
+    inp = make_inputs(llama, None)
+    tensors = [*inp.cache.inputs.values(), *inp.cache.outputs.values()]
+    one = ACTIVATION_FACTOR * sum(t.numel() * t.element_size() for t in tensors)
+    assert copy_bytes(inp) == one > 0
+    assert chunk_size(inp) is None
+    assert chunk_size(replace(inp, forward_budget_bytes=3 * one + one // 2)) == 3
+    assert chunk_size(replace(inp, forward_budget_bytes=one // 2)) == 1
+    assert chunk_size(replace(inp, forward_budget_bytes=10 * one, copies_per_forward=4)) == 4
+    assert chunk_size(replace(inp, forward_budget_bytes=2 * one, copies_per_forward=4)) == 2
+    cfg = C.StochasticReconLayerwiseLoss(coeff=1.0)
+    with torch.no_grad():
+        whole = loss_term(cfg, make_inputs(llama, None))
+        budget = loss_term(cfg, replace(make_inputs(llama, None), forward_budget_bytes=3 * one))
+    torch.testing.assert_close(budget, whole, rtol=RTOL, atol=0.0)
+    config = C.load_config(EXPERIMENTS / "tms_5-2.yaml", ["masked_forward_budget_mb=64"])
+    batch = torch.randint(0, 40, (2, 5), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        got = step_inputs(config, llama, batch, Noise(torch.Generator().manual_seed(0)), 0.0)
+    assert got.forward_budget_bytes == 64 * 2**20
+    with pytest.raises(C.ConfigError, match="masked_forward_budget_mb"):
+        C.load_config(EXPERIMENTS / "tms_5-2.yaml", ["masked_forward_budget_mb=0"])
