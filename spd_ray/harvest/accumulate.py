@@ -9,7 +9,12 @@ Per valid position (padding never counts) and subcomponent (N over all decompose
 - input classes: for a language model the token at the position ([N, V] firing counts and [V]
   totals); for a toy model the active input features ([N, n_features] / [n_features]);
 - output probability mass ([N, V] sum over firing positions of the predicted distribution, [V]
-  totals), language models only;
+  totals), language models only. With `output_top_k` = k > 0 each firing position adds only its
+  k most probable tokens (their exact probabilities), so the cost is (firing pairs x k) instead
+  of (firing pairs x V); the mass left out, `output_dropped` [N] (per component, summed over
+  its firing positions), is how far each row is from the exact one: exact - kept is >= 0
+  entrywise and sums to `output_dropped` over the row (up to float rounding). k = 0 is the
+  exact dense product;
 - examples (keep.py): the top-k firings by |activation| and a uniform reservoir, each with a
   window of `2 * context + 1` tokens and this subcomponent's CI and activation over it (toy: the
   input vector).
@@ -34,6 +39,8 @@ from spd_ray.harvest.keep import KeepTable
 
 Kind = Literal["lm", "toy"]
 UID_OFFSET_BITS = 32  # a position's uid is (doc << 32) | token offset within the doc
+OUTPUT_TOP_K = 64  # default output tokens per firing position (benchmarks/harvest_output_mass.py)
+SCATTER_CHUNK = 1 << 18  # (pair, kept token) entries scattered at once: 4 MiB of index and values
 
 
 @dataclass(frozen=True)
@@ -43,6 +50,8 @@ class HarvestSettings:
     reservoir: int = 100
     context: int = 10
     seed: int = 0
+    # Language models: output tokens kept per firing position (0: all, the exact dense product).
+    output_top_k: int = OUTPUT_TOP_K
 
     def __post_init__(self) -> None:
         checks = {
@@ -50,6 +59,7 @@ class HarvestSettings:
             "top_k": self.top_k >= 0,
             "reservoir": self.reservoir >= 0,
             "context": self.context >= 0,
+            "output_top_k": self.output_top_k >= 0,
         }
         for name, ok in checks.items():
             if not ok:
@@ -61,7 +71,15 @@ def component_keys(model: ComponentModel) -> list[str]:
     return [f"{p}:{c}" for p in model.module_paths for c in range(model.C(p))]
 
 
-SUM_FIELDS = ("firing_counts", "ci_sums", "act_sums", "cofiring", "input_counts", "output_mass")
+SUM_FIELDS = (
+    "firing_counts",
+    "ci_sums",
+    "act_sums",
+    "cofiring",
+    "input_counts",
+    "output_mass",
+    "output_dropped",
+)
 TOTAL_FIELDS = ("n_tokens", "input_totals", "output_totals")
 
 
@@ -96,6 +114,7 @@ class Accumulator:
         lm = kind == "lm"
         self.output_mass = torch.zeros(N, V if lm else 0, dtype=torch.float64, device=dev)
         self.output_totals = torch.zeros(V if lm else 0, dtype=torch.float64, device=dev)
+        self.output_dropped = torch.zeros(N, dtype=torch.float64, device=dev)  # zero for toys
         self.top = KeepTable(N, settings.top_k)
         self.reservoir = KeepTable(N, settings.reservoir)
         # Reservoir keys: a stream of its own per actor (any independent streams keep it uniform).
@@ -166,7 +185,10 @@ class Accumulator:
         self.input_counts.index_add_(1, tok_v, fire.T.to(torch.int64))
         self.input_totals += torch.bincount(tok_v, minlength=V)
         probs = torch.softmax(logits.float(), dim=-1).reshape(-1, logits.shape[-1])[flat, :V]
-        self.output_mass += _sparse_rows_matmul(fire.T, probs).double()
+        if self.s.output_top_k == 0:
+            self.output_mass += _sparse_rows_matmul(fire.T, probs).double()
+        else:
+            add_top_k_mass(self.output_mass, self.output_dropped, fire, probs, self.s.output_top_k)
         # A float32 sum within the batch (a float64 copy of [P, V] costs more than the rest of the
         # bookkeeping); batches add up in float64.
         self.output_totals += probs.sum(0).double()
@@ -245,6 +267,36 @@ def merge_shards(shards: list[dict[str, Any]]) -> dict[str, Any]:
         res.merge(s["reservoir"])
     out["top"], out["reservoir"] = top, res
     return out
+
+
+def add_top_k_mass(
+    mass: Float[Tensor, "N V"],
+    dropped: Float[Tensor, " N"],
+    fire: Bool[Tensor, "P N"],
+    probs: Float[Tensor, "P V"],
+    k: int,
+) -> None:
+    """mass[c] += the k largest probabilities of every position where c fires (each exactly, in
+    float64), dropped[c] += the rest of those positions' mass. Choosing the k costs P x V, like
+    the softmax before it; adding them is a scatter over the (component, position) firing
+    pairs, pairs x k, where the exact product costs pairs x V."""
+    P, V = probs.shape
+    assert mass.shape == (fire.shape[1], V) and dropped.shape == (fire.shape[1],)
+    kept, cols = probs.topk(min(k, V), dim=1, sorted=False)
+    kept64 = kept.double()
+    if kept.shape[1] == V:
+        left = torch.zeros(P, dtype=torch.float64, device=probs.device)
+    else:  # not 1 - kept: the exact path adds float32 probabilities, which do not sum to 1
+        left = (probs.sum(1) - kept.sum(1)).clamp_(min=0).double()
+    # Component-major pairs: consecutive scatters land in the same row of `mass`.
+    comp, pos = fire.T.nonzero(as_tuple=True)
+    dropped.index_add_(0, comp, left[pos])
+    flat = mass.view(-1)
+    step = max(1, SCATTER_CHUNK // kept.shape[1])
+    for lo in range(0, comp.numel(), step):
+        c, p = comp[lo : lo + step], pos[lo : lo + step]
+        idx = cols.index_select(0, p).add_((c * V)[:, None])
+        flat.scatter_add_(0, idx.view(-1), kept64.index_select(0, p).view(-1))
 
 
 def _sparse_rows_matmul(fire_t: Bool[Tensor, "N P"], dense: Float[Tensor, "P V"]) -> Tensor:

@@ -7,7 +7,7 @@ import sys
 from typing import Any
 
 from spd_ray.argtypes import int_in, nonneg_float, nonneg_int, positive_int
-from spd_ray.harvest.accumulate import HarvestSettings
+from spd_ray.harvest.accumulate import OUTPUT_TOP_K, HarvestSettings
 
 
 def cmd_harvest(args: argparse.Namespace) -> int:
@@ -19,6 +19,7 @@ def cmd_harvest(args: argparse.Namespace) -> int:
         reservoir=args.reservoir,
         context=args.context,
         seed=args.seed,
+        output_top_k=args.output_top_k,
     )
     opts = HarvestOptions(
         dataset=args.dataset,
@@ -96,6 +97,14 @@ def add_cli(sub: Any) -> None:
         "--context", type=int_in(0, 1024), default=10, help="tokens each side of a firing (0-1024)"
     )
     p.add_argument("--seed", type=int, default=0, help="seeds the reservoir sampling")
+    p.add_argument(
+        "--output-top-k",
+        type=nonneg_int,
+        default=OUTPUT_TOP_K,
+        help="language models: predicted tokens each firing position adds to a subcomponent's "
+        f"output mass, its most probable ones (0: all, exact; default {OUTPUT_TOP_K}); the mass "
+        "left out is reported in meta.json",
+    )
     p.add_argument("--out", help="output root (default: $SPD_RAY_OUT, else ~/spd_ray_out)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_harvest)

@@ -28,6 +28,8 @@ class Merged:
 
     n_tokens: int
     shards: list[tuple[int, int]]  # component ranges [lo, hi), one examples file each
+    output_dropped_total: float  # the output mass top-k left out (0 for toys and the exact path)
+    output_dropped_per_firing_max: float  # its max over components per firing
 
 
 def merge_all(
@@ -50,7 +52,15 @@ def merge_all(
     if lm:
         np.save(partial / "output_totals.npy", results[0].output_totals)
     pq.write_table(_components_table(info.keys, results, T), partial / "components.parquet")
-    return Merged(int(T), shards)
+    dropped = np.concatenate([r.output_dropped for r in results])
+    per_firing = _per_firing(dropped, np.concatenate([r.firing_counts for r in results]))
+    return Merged(
+        int(T), shards, float(dropped.sum()), float(per_firing.max()) if len(dropped) else 0.0
+    )
+
+
+def _per_firing(total: np.ndarray, firing_counts: np.ndarray) -> np.ndarray:
+    return np.where(firing_counts > 0, total / np.maximum(firing_counts, 1), 0.0)
 
 
 def _merge_shards(
@@ -85,6 +95,7 @@ def _components_table(keys: list[str], shards: list[ShardColumns], T: int) -> pa
     fc = np.concatenate([r.firing_counts for r in shards])
     ci_sums = np.concatenate([r.ci_sums for r in shards])
     act_sums = np.concatenate([r.act_sums for r in shards])
+    dropped = np.concatenate([r.output_dropped for r in shards])
     return pa.table(
         {
             "index": pa.array(np.arange(N, dtype=np.int32)),
@@ -94,9 +105,11 @@ def _components_table(keys: list[str], shards: list[ShardColumns], T: int) -> pa
             "firing_count": pa.array(fc),
             "firing_density": pa.array(fc / max(T, 1)),
             "mean_ci": pa.array(ci_sums / max(T, 1)),
-            "mean_abs_act_firing": pa.array(np.where(fc > 0, act_sums / np.maximum(fc, 1), 0.0)),
+            "mean_abs_act_firing": pa.array(_per_firing(act_sums, fc)),
             "n_top": pa.array(np.concatenate([r.n_top for r in shards])),
             "n_reservoir": pa.array(np.concatenate([r.n_reservoir for r in shards])),
+            # Output mass per firing that top-k left out: bounds this row's output measures.
+            "output_dropped_per_firing": pa.array(_per_firing(dropped, fc)),
         }
     )
 
@@ -133,6 +146,7 @@ def _merge_shard(
         act_sums=merged["act_sums"].numpy(),
         n_top=merged["top"].counts().numpy(),
         n_reservoir=merged["reservoir"].counts().numpy(),
+        output_dropped=merged["output_dropped"].numpy(),
         n_tokens=merged["n_tokens"],
         input_totals=merged["input_totals"].numpy(),
         output_totals=merged["output_totals"].numpy(),

@@ -305,10 +305,16 @@ def _harvest(run_dir: Path, source: Source, n_rows: int | None, opts: HarvestOpt
             ray.kill(a)
     meta = _meta(run_dir, source, n_rows, opts, info, placed, streamed, merged)
     final = finish_partial(run_dir, meta.to_json())
+    dropped = ""
+    if meta.output_dropped_per_firing_max is not None and opts.settings.output_top_k > 0:
+        dropped = (
+            f"; output top-{opts.settings.output_top_k} left out at most "
+            f"{meta.output_dropped_per_firing_max:.3g} of a component's mass per firing"
+        )
     say(
         f"[harvest] {merged.n_tokens} tokens in {streamed.elapsed_s:.1f} s "
-        f"({meta.tokens_per_s} tokens/s; {meta.streaming_tokens_per_s} tokens/s once streaming) "
-        f"-> {final}"
+        f"({meta.tokens_per_s} tokens/s; {meta.streaming_tokens_per_s} tokens/s once streaming"
+        f"{dropped}) -> {final}"
     )
     return final
 
@@ -415,6 +421,7 @@ def _meta(
     merged: Merged,
 ) -> HarvestMeta:
     n_tokens, elapsed, streaming_s = merged.n_tokens, streamed.elapsed_s, streamed.streaming_s
+    lm = source.kind == "lm"
     return HarvestMeta(
         format=FORMAT,
         kind=source.kind,
@@ -439,6 +446,8 @@ def _meta(
         modules=info.modules,
         n_classes=info.n_classes,
         shards=merged.shards,
+        output_dropped_total=merged.output_dropped_total if lm else None,
+        output_dropped_per_firing_max=merged.output_dropped_per_firing_max if lm else None,
     )
 
 

@@ -78,6 +78,7 @@ class ShardColumns:
     act_sums: np.ndarray
     n_top: np.ndarray
     n_reservoir: np.ndarray
+    output_dropped: np.ndarray  # output mass top-k left out (zero: exact, or a toy model)
     n_tokens: int
     input_totals: np.ndarray  # [V]
     output_totals: np.ndarray  # [V]
@@ -111,6 +112,11 @@ class HarvestMeta:
     modules: list[ModuleInfo]
     n_classes: int
     shards: list[tuple[int, int]]
+    # Language models: the output mass that top-k (settings.output_top_k) left out, summed over
+    # components, and its max over components per firing: no output-token measure of a component
+    # is off by more than that fraction of its mass (None: a toy model, no output tokens).
+    output_dropped_total: float | None = None
+    output_dropped_per_firing_max: float | None = None
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)

@@ -61,6 +61,15 @@ def _ranked_line(h: Harvest, r: Ranked, label: Any) -> str:
     return ", ".join(items) if items else "-"
 
 
+def _top_k_note(h: Harvest, s: dict[str, Any]) -> str:
+    """How much of the predicted-token mass top-k left out (nothing for exact harvests)."""
+    k = h.meta["settings"].get("output_top_k", 0)  # harvests before top-k: exact
+    if not k:
+        return ""
+    left = s.get("output_dropped_per_firing", 0.0)
+    return f" (top {k} per position; {left:.3g} of the mass per firing left out)"
+
+
 def render_component(h: Harvest, key: str, n_examples: int = 5, k: int = 8) -> str:
     s = h.summary(key)
     lines = [
@@ -74,7 +83,7 @@ def render_component(h: Harvest, key: str, n_examples: int = 5, k: int = 8) -> s
         return "\n".join(lines)
     side_names = [("input", "input tokens" if h.kind == "lm" else "active input features")]
     if h.kind == "lm":
-        side_names.append(("output", "predicted tokens"))
+        side_names.append(("output", f"predicted tokens{_top_k_note(h, s)}"))
     for side, title in side_names:
         lines.append(f"  {title}:")
         for m in TOKEN_MEASURES:

@@ -7,7 +7,8 @@ harvest/
   cofiring.npy         [N, N] int64 co-firing counts (memory-mapped: one row per lookup)
   input_counts.npy     [N, V] int64 firings per input token (toy: per active input feature)
   input_totals.npy     [V] int64
-  output_mass.npy      [N, V] float64 predicted-probability mass while firing (language models)
+  output_mass.npy      [N, V] float64 predicted-probability mass while firing (language models;
+                       each position's top settings.output_top_k tokens, all when it is 0)
   output_totals.npy    [V] float64
   examples/shard-XXXXX.parquet   the examples of one component range, sorted by component
 ```

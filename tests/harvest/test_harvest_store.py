@@ -161,6 +161,7 @@ def test_a_second_harvest_exits_at_once_naming_the_holder_until_it_is_killed(
         (["--top-k", "-1"], "--top-k", "-1 is not >= 0"),
         (["--reservoir", "-1"], "--reservoir", "-1 is not >= 0"),
         (["--context", "5000"], "--context", "5000 is not between 0 and 1024"),
+        (["--output-top-k", "-1"], "--output-top-k", "-1 is not >= 0"),
     ],
 )
 def test_harvest_flags_are_bounded_when_parsed(

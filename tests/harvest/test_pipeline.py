@@ -54,7 +54,7 @@ def _assert_same_harvest(a: Path, b: Path) -> None:
     ca, cb = pq.read_table(a / "components.parquet"), pq.read_table(b / "components.parquet")
     for col in ("firing_count", "n_top", "n_reservoir"):
         np.testing.assert_array_equal(ca[col].to_numpy(), cb[col].to_numpy(), err_msg=col)
-    for col in ("mean_ci", "mean_abs_act_firing"):
+    for col in ("mean_ci", "mean_abs_act_firing", "output_dropped_per_firing"):
         np.testing.assert_allclose(ca[col].to_numpy(), cb[col].to_numpy(), rtol=1e-6, err_msg=col)
     for name in ("cofiring", "input_counts", "input_totals"):
         np.testing.assert_array_equal(np.load(a / f"{name}.npy"), np.load(b / f"{name}.npy"))
@@ -145,6 +145,15 @@ def test_lm_harvest_matches_across_actors_and_shows_a_component(
     out_totals = np.load(run / "harvest" / "output_totals.npy")
     assert out_totals.sum() == pytest.approx(h.n_tokens, rel=1e-6)  # each position's probs sum to 1
     fc = h.firing_counts()
+    # Top-k output mass (the default): each firing's kept mass plus what it left out is 1.
+    dropped = h.components.column("output_dropped_per_firing").to_numpy() * fc
+    mass = np.load(run / "harvest" / "output_mass.npy")
+    np.testing.assert_allclose(mass.sum(1) + dropped, fc, rtol=1e-5, atol=1e-6)
+    assert h.meta["settings"]["output_top_k"] == 64 and dropped.max() > 0
+    assert h.meta["output_dropped_total"] == pytest.approx(dropped.sum(), rel=1e-9)
+    per_firing = h.meta["output_dropped_per_firing_max"]
+    assert per_firing == pytest.approx((dropped / np.maximum(fc, 1)).max(), rel=1e-9)
+    assert "output top-64 left out at most" in res.stderr
     busiest = int(np.argmax(fc))
     key = h.keys[busiest]
     assert ":" in key and key.startswith("model.layers.")
@@ -156,7 +165,7 @@ def test_lm_harvest_matches_across_actors_and_shows_a_component(
     env = {**env, "RAY_ADDRESS": "127.0.0.1:1"}
     show = spd_ray_main(capsys, monkeypatch, env, "harvest-show", str(run), key, "--examples", "2")
     assert show.returncode == 0, show.stderr[-2000:]
-    for section in ("fires on", "input tokens:", "predicted tokens:", "co-firing", "[["):
+    for section in ("fires on", "input tokens:", "predicted tokens (top 64", "co-firing", "[["):
         assert section in show.stdout, section
     bad = spd_ray_main(
         capsys, monkeypatch, env, "harvest-show", str(run), "model.layers.0.mlp.nope:3"

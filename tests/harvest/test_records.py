@@ -1,5 +1,5 @@
-"""`HarvestMeta.to_json()` is the `meta.json` earlier versions wrote, key for key and in order, and
-the actors' records survive the trip between processes."""
+"""`HarvestMeta.to_json()` is the `meta.json` earlier versions wrote, key for key and in order (keys
+added since come last), and the actors' records survive the trip between processes."""
 
 from __future__ import annotations
 
@@ -33,7 +33,14 @@ def _old_meta() -> dict[str, object]:
         "batch_size": 256,
         "actors": 2,
         "gpu": False,
-        "settings": {"ci_threshold": 0.01, "top_k": 3, "reservoir": 4, "context": 2, "seed": 7},
+        "settings": {
+            "ci_threshold": 0.01,
+            "top_k": 3,
+            "reservoir": 4,
+            "context": 2,
+            "seed": 7,
+            "output_top_k": 64,  # added with top-k output mass: new keys come last
+        },
         "n_tokens": 512,
         "seconds": 3.25,
         "tokens_per_s": 157.5,
@@ -56,6 +63,8 @@ def _old_meta() -> dict[str, object]:
         "modules": [{"path": "linear1", "C": 2}, {"path": "linear2", "C": 1}],
         "n_classes": 5,
         "shards": [[0, 2], [2, 3]],
+        "output_dropped_total": None,  # a toy harvest: no output tokens
+        "output_dropped_per_firing_max": None,
     }
 
 
