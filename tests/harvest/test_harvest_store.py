@@ -13,7 +13,6 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 from harvest_fixtures import hold_lock, kill_9
 
 from spd_ray.cli import main
@@ -114,17 +113,10 @@ lock = harvest_lock(Path(sys.argv[1])).acquire()
 
 
 @pytest.fixture(scope="module")
-def toy_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tms_5-2 decomposition of a few steps: harvest validates a run that has a checkpoint."""
-    import spd_ray
-    from spd_ray.registry import load_experiment
-
-    torch.set_num_threads(1)
-    _, config = load_experiment("tms_5-2")
-    config = config.model_copy(update={"steps": 10, "eval_freq": 10, "slow_eval_freq": 10})
-    out = tmp_path_factory.mktemp("harvest-lock")
-    spd_ray.decompose(config, out=out, name="tms", progress=False)
-    return out / "tms"
+def toy_run(short_tms: Path) -> Path:
+    """The session's short tms_5-2 run: harvest validates a run that has a checkpoint (the test
+    only takes and is refused its harvest lock; nothing is harvested)."""
+    return short_tms
 
 
 def test_a_second_harvest_exits_at_once_naming_the_holder_until_it_is_killed(
