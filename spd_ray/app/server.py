@@ -25,7 +25,7 @@ from fastapi import FastAPI, Query, Request
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from spd_ray.app.state import DEFAULT_PROMPTS, AppRun, Missing, open_runs
+from spd_ray.app.state import DEFAULT_PROMPTS, AppRun, Missing, label_text, open_runs
 from spd_ray.errors import InputError, NotFoundError
 
 STATIC = Path(__file__).parent / "static"
@@ -120,11 +120,11 @@ class _Components:
         self.modules = [{"path": m["path"], "C": m["C"]} for m in h.meta["modules"]]
 
 
-def _ranked(run: AppRun, r: Any, kind: str) -> list[dict[str, Any]]:
+def _ranked(run: AppRun, r: Any) -> list[dict[str, Any]]:
     return [
         {
             "id": int(i),
-            "text": run.token_text(int(i)) if kind == "lm" else f"x[{int(i)}]",
+            "text": run.token_text(int(i)),
             "value": _num(v),
             "count": _num(c),
         }
@@ -214,7 +214,7 @@ def create_app(
                 "name": r.path.name,
                 "path": str(r.path),
                 "kind": r.kind,
-                "step": r.metrics()[-1]["step"] if r.metrics() else 0,
+                "step": _last_step(r.metrics()),
             }
             for r in runs.values()
         ]
@@ -223,7 +223,7 @@ def create_app(
     def run_overview(rid: str) -> dict[str, Any]:
         run = get_run(rid)
         metrics = run.metrics()
-        keys = sorted({k for row in metrics for k, v in row.items() if _is_number(v)} - {"step"})
+        keys = _metric_keys(metrics)
         paths_and_C = run.modules()
         modules = [{"path": p, "C": c} for p, c in paths_and_C]
         return {
@@ -231,7 +231,7 @@ def create_app(
             "name": run.path.name,
             "path": str(run.path),
             "kind": run.kind,
-            "step": metrics[-1]["step"] if metrics else 0,
+            "step": _last_step(metrics),
             "steps": run.config.steps,
             "finished": run.rundir.finished(),
             "config": run.config.model_dump(mode="json"),
@@ -248,7 +248,7 @@ def create_app(
     def metrics(rid: str, keys: str | None = None) -> dict[str, Any]:
         run = get_run(rid)
         rows = run.metrics()
-        all_keys = sorted({k for row in rows for k, v in row.items() if _is_number(v)} - {"step"})
+        all_keys = _metric_keys(rows)
         if keys:
             wanted = [k for k in keys.split(",") if k]
             unknown = [k for k in wanted if k not in all_keys]
@@ -345,19 +345,15 @@ def create_app(
                 else None
             ),
             "scores": labels.scores.get(key, {}) if labels else {},
-            "input_tokens": _ranked(run, h.tokens(i, "input", "precision", 10), h.kind),
+            "input_tokens": _ranked(run, h.tokens(i, "input", "precision", 10)),
             "output_tokens": (
-                _ranked(run, h.tokens(i, "output", "precision", 10), h.kind)
-                if h.kind == "lm"
-                else []
+                _ranked(run, h.tokens(i, "output", "precision", 10)) if h.kind == "lm" else []
             ),
             "correlated": [
                 {
                     "key": h.keys[int(j)],
                     "value": _num(v),
-                    "label": (labels.labels.get(h.keys[int(j)]) or {}).get("label")
-                    if labels
-                    else None,
+                    "label": label_text(labels, h.keys[int(j)]),
                 }
                 for j, v in zip(corr.index, corr.value, strict=True)
             ],
@@ -466,7 +462,7 @@ def create_app(
                         "module": path,
                         "index": c,
                         "ci": float(values[s, c]),
-                        "label": (labels.labels.get(key) or {}).get("label") if labels else None,
+                        "label": label_text(labels, key),
                     }
                 )
         for f in firing:
@@ -518,7 +514,7 @@ def create_app(
                 key = f"{layer}:{idx}"
                 node["key"] = key
                 node["text"] = key
-                node["label"] = (labels.labels.get(key) or {}).get("label") if labels else None
+                node["label"] = label_text(labels, key)
             node.setdefault("label", None)
             nodes.append(node)
         return {
@@ -579,11 +575,7 @@ def create_app(
             batch = _batch(run, body)
             S = batch.shape[1] if run.kind == "lm" else 1
             chosen: list[tuple[int, str, int]] = []
-            for n in body.nodes:
-                if not 0 <= n.position < S:
-                    raise InputError(
-                        f"node position {n.position}: the prompt has positions 0..{S - 1}"
-                    )
+            for n in body.nodes:  # intervene checks the positions
                 chosen.append((n.position, *_split_key(run, n.key)))
             for key in body.components:
                 module, idx = _split_key(run, key)
@@ -621,6 +613,15 @@ def create_app(
         return FileResponse(path)
 
     return app
+
+
+def _metric_keys(rows: list[dict[str, Any]]) -> list[str]:
+    """Every key with a finite numeric value in some metrics row, but the step."""
+    return sorted({k for row in rows for k, v in row.items() if _is_number(v)} - {"step"})
+
+
+def _last_step(rows: list[dict[str, Any]]) -> int:
+    return int(rows[-1]["step"]) if rows else 0
 
 
 def _is_number(v: Any) -> bool:

@@ -14,9 +14,9 @@ from typing import Any
 
 import numpy as np
 
-from spd_ray.attributions.layout import Kind
+from spd_ray.attributions.layout import Kind, model_kind
 from spd_ray.autointerp.store import stores_of
-from spd_ray.config import Config, LMTaskConfig
+from spd_ray.config import Config
 from spd_ray.errors import InputError, NotFoundError
 from spd_ray.io import read_jsonl
 from spd_ray.runs import RunDir, resolve_run_dir
@@ -49,6 +49,10 @@ class Labels:
     labels: dict[str, dict[str, Any]]  # key -> latest ok row
     scores: dict[str, dict[str, float]]  # key -> {kind: score}
 
+    def label_of(self, key: str) -> str | None:
+        row = self.labels.get(key)
+        return row.get("label") if row else None
+
     def score(self, key: str) -> float | None:
         s = self.scores.get(key)
         return float(np.mean(list(s.values()))) if s else None
@@ -62,13 +66,10 @@ class AppRun:
         self.path = path
         self.rundir = RunDir(path)
         self.config: Config = self.rundir.read_config()
-        task = self.config.task_config
-        if isinstance(task, LMTaskConfig):
-            self.kind = "lm"
-        elif task.task_name in ("tms", "resid_mlp"):
-            self.kind = "toy"
-        else:
-            self.kind = task.task_name  # ih: browsing only, no prompts
+        try:
+            self.kind: str = model_kind(self.config)  # "lm" or "toy"
+        except InputError:  # ih: browsing only, no prompts
+            self.kind = self.config.task_config.task_name
         self.lock = threading.Lock()  # one forward at a time: the model's plan is shared state
         self._cache: dict[str, tuple[Any, Any]] = {}
         self._load_lock = threading.Lock()
@@ -116,9 +117,9 @@ class AppRun:
 
     def n_inputs(self) -> int:
         """A toy run's input features (the length of a prompt's x)."""
-        n = getattr(self.loaded.model.target, "n_features", None)
-        assert isinstance(n, int), f"toy target {type(self.loaded.model.target).__name__}"
-        return n
+        from spd_ray.attributions.compute import n_inputs
+
+        return n_inputs(self.loaded.model, "toy")
 
     def prompt_kind(self) -> Kind:
         """The run's kind for prompts ("lm" or "toy"); other runs (ih) have none."""
@@ -223,6 +224,11 @@ class AppRun:
             ):
                 return candidate
         raise NotFoundError(f"no figure {rel!r} in run {self.id}")
+
+
+def label_text(labels: Labels | None, key: str) -> str | None:
+    """A subcomponent's label, if the run has labels and this one is labelled."""
+    return labels.label_of(key) if labels else None
 
 
 def _read_labels(store: Path) -> Labels:
