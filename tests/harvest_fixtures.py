@@ -37,8 +37,8 @@ def spd_ray_main(
     *args: str,
 ) -> subprocess.CompletedProcess[str]:
     """`spd-ray ARGS` in this process (`spd_ray.cli.main`) under `env`, for commands that fail
-    before Ray or only read files: the same exit code and output as the CLI, without a fresh
-    interpreter's ~4 s of imports."""
+    before Ray or only read files: the same exit code (argparse's too) and output as the CLI,
+    without a fresh interpreter's ~4 s of imports."""
     from spd_ray.cli import main
 
     with monkeypatch.context() as m:
@@ -46,7 +46,10 @@ def spd_ray_main(
             if os.environ.get(key) != value:
                 m.setenv(key, value)
         capsys.readouterr()
-        code = main(list(args))
+        try:
+            code = main(list(args))
+        except SystemExit as exit_:  # argparse's refusal: the process would exit with this code
+            code = exit_.code if isinstance(exit_.code, int) else 1
         out, err = capsys.readouterr()
     return subprocess.CompletedProcess(["spd-ray", *args], code, out, err)
 

@@ -51,11 +51,7 @@ def _main(
     """`spd-ray ARGS --out OUT` in this process, for commands that fail or finish before any Ray
     (`RAY_ADDRESS` points nowhere): no interpreter start per call."""
     env = {**_env(out), "RAY_ADDRESS": "127.0.0.1:1"}
-    try:
-        return spd_ray_main(capsys, monkeypatch, env, *args, "--out", str(out))
-    except SystemExit as exit_:  # argparse
-        stdout, stderr = capsys.readouterr()
-        return subprocess.CompletedProcess(args, int(exit_.code or 0), stdout, stderr)
+    return spd_ray_main(capsys, monkeypatch, env, *args, "--out", str(out))
 
 
 def _run(name: str, out: Path, *extra: str) -> subprocess.CompletedProcess[str]:
