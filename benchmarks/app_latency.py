@@ -94,7 +94,9 @@ def main() -> None:
         n_nodes, n_edges = len(graph["nodes"]), graph["n_edges_total"]
         print(f"(graph: {n_nodes} nodes, {n_edges} edges before the cap)")
         if args.json:
-            Path(args.json).write_text(json.dumps(results, indent=2))
+            from spd_ray.io import write_json
+
+            write_json(Path(args.json), results)  # atomic: a killed benchmark leaves no torn file
     finally:
         proc.terminate()
         proc.wait(timeout=20)
