@@ -96,7 +96,7 @@ def _ascent_grads(
     """The loss's gradient with respect to every source, copy by copy in order. In chunks of
     `copies_per_forward` copies, each chunk's graph is freed before the next is built: a copy's
     sources move only its own output, so no chunk needs another's graph (nor a recomputation)."""
-    n = chunk_size(inp)
+    n = chunk_size(inp, masks)
     if n is None or n >= len(masks):
         flat = [s for copy_src in sources for s in copy_src.values()]
         return list(torch.autograd.grad(masked_recon(inp, masks), flat))

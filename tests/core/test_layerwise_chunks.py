@@ -17,15 +17,17 @@ import torch
 from torch import Tensor
 
 from spd_ray import config as C
+from spd_ray.core import recon
 from spd_ray.core.losses import loss_term
 from spd_ray.core.masks import Noise
 from spd_ray.core.model import ComponentModel, ModuleMask
 from spd_ray.core.recon import (
-    ACTIVATION_FACTOR,
     StepInputs,
     chunk_size,
     copy_bytes,
+    costliest_copies,
     masked_recon,
+    measured_copy_bytes,
     recon_loss,
 )
 from spd_ray.core.step import step_inputs
@@ -169,24 +171,61 @@ def test_config_value_reaches_the_loss_inputs(llama: ComponentModel):
         assert inp.copies_per_forward == value
 
 
-def test_a_memory_budget_picks_the_chunk_from_one_copys_activations(llama: ComponentModel):
-    """`masked_forward_budget_mb`: copies per forward = budget // the estimate of one copy
-    (ACTIVATION_FACTOR x the clean forward's module inputs and outputs), at least 1; with a chunk
-    size too, the smaller wins; the loss is the unchunked one."""
+def layerwise_copies(inp: StepInputs) -> list[dict[str, ModuleMask]]:
+    return [{p: ModuleMask(mask=inp.ci.lower[p])} for p in inp.paths]
+
+
+def test_a_copy_is_measured_once_and_sizes_the_budgets_chunks(
+    llama: ComponentModel, monkeypatch: pytest.MonkeyPatch
+):
+    """`masked_forward_budget_mb`: copies per forward = budget // the measured bytes one more copy
+    keeps for backward, at least 1; with a chunk size too, the smaller wins; measured once per
+    kind of copies; the loss is the unchunked one."""
+    recon._COPY_BYTES.pop(llama, None)
+    calls: list[int] = []
+    saved_bytes = recon._saved_bytes
+
+    def counted(inp: StepInputs, copies: list[dict[str, ModuleMask]]) -> int:
+        calls.append(len(copies))
+        return saved_bytes(inp, copies)
+
+    monkeypatch.setattr(recon, "_saved_bytes", counted)
     inp = make_inputs(llama, None)
-    tensors = [*inp.cache.inputs.values(), *inp.cache.outputs.values()]
-    one = ACTIVATION_FACTOR * sum(t.numel() * t.element_size() for t in tensors)
-    assert copy_bytes(inp) == one > 0
-    assert chunk_size(inp) is None
-    assert chunk_size(replace(inp, forward_budget_bytes=3 * one + one // 2)) == 3
-    assert chunk_size(replace(inp, forward_budget_bytes=one // 2)) == 1
-    assert chunk_size(replace(inp, forward_budget_bytes=10 * one, copies_per_forward=4)) == 4
-    assert chunk_size(replace(inp, forward_budget_bytes=2 * one, copies_per_forward=4)) == 2
+    copies = layerwise_copies(inp)
+    # Forward order, whatever the list's: layer 0's attention runs first.
+    first, second = costliest_copies(inp, copies[::-1])[:2]
+    assert [*first, *second] == [f"model.layers.0.self_attn.{m}_proj" for m in "qk"]
+    assert chunk_size(inp, copies) is None and calls == []  # no budget: nothing measured
+    one = copy_bytes(inp, copies)
+    assert calls == [1, 2]
+    # float64, batch 2 x 5: one copy keeps at least its logits (40 per position) and its masked
+    # module's input and output (16 each), and less than its share of a 100-layer model's.
+    assert 10 * 40 * 8 < one < 100 * 10 * 40 * 8
+    assert measured_copy_bytes(llama) == [one]
+    assert chunk_size(replace(inp, forward_budget_bytes=3 * one + one // 2), copies) == 3
+    assert chunk_size(replace(inp, forward_budget_bytes=one // 2), copies) == 1
+    assert (
+        chunk_size(replace(inp, forward_budget_bytes=10 * one, copies_per_forward=4), copies) == 4
+    )
+    assert chunk_size(replace(inp, forward_budget_bytes=2 * one, copies_per_forward=4), copies) == 2
+    assert calls == [1, 2] and measured_copy_bytes(llama) == [one]  # cached
+    # A hand-computed case: 1000 bytes per copy, a 3500-byte budget -> 3 copies per forward.
+    (key,) = recon._COPY_BYTES[llama]
+    recon._COPY_BYTES[llama][key] = 1000
+    assert chunk_size(replace(inp, forward_budget_bytes=3500), copies) == 3
+    assert chunk_size(replace(inp, forward_budget_bytes=999), copies) == 1
+    recon._COPY_BYTES.pop(llama)
+
     cfg = C.StochasticReconLayerwiseLoss(coeff=1.0)
     with torch.no_grad():
         whole = loss_term(cfg, make_inputs(llama, None))
         budget = loss_term(cfg, replace(make_inputs(llama, None), forward_budget_bytes=3 * one))
     torch.testing.assert_close(budget, whole, rtol=RTOL, atol=0.0)
+    # Measured again after the reset, under no_grad as under grad; stochastic masks with the delta
+    # term keep about as much as the CI masks.
+    assert calls == [1, 2, 1, 2]
+    (again,) = measured_copy_bytes(llama)
+    assert 0.9 * one < again < 1.1 * one
     config = C.load_config(EXPERIMENTS / "tms_5-2.yaml", ["masked_forward_budget_mb=64"])
     batch = torch.randint(0, 40, (2, 5), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
@@ -194,3 +233,27 @@ def test_a_memory_budget_picks_the_chunk_from_one_copys_activations(llama: Compo
     assert got.forward_budget_bytes == 64 * 2**20
     with pytest.raises(C.ConfigError, match="masked_forward_budget_mb"):
         C.load_config(EXPERIMENTS / "tms_5-2.yaml", ["masked_forward_budget_mb=0"])
+
+
+def test_the_measured_bytes_grow_with_the_layers_a_copy_recomputes(llama: ComponentModel):
+    """Copies masking layer 0 recompute both layers; one masking the last module only the head:
+    the measurement sees what a copy keeps, not a fixed multiple of the model's size."""
+    inp = make_inputs(llama, None)
+    early = copy_bytes(inp, layerwise_copies(inp))
+    last = list(inp.cache.inputs)[-1]  # forward order
+    assert last == "model.layers.1.mlp.down_proj"
+    late = copy_bytes(inp, [{last: ModuleMask(mask=inp.ci.lower[last])}])
+    assert 0 < late < 0.8 * early
+
+
+def test_a_budget_chunk_keeps_about_the_budget(llama: ComponentModel):
+    """With the budget set to k measured copies, the first chunk (the costliest copies) keeps k
+    times the measured bytes (within 10%) on top of what the model keeps anyway."""
+    recon._COPY_BYTES.pop(llama, None)
+    inp = make_inputs(llama, None)
+    copies = layerwise_copies(inp)
+    one = copy_bytes(inp, copies)
+    budget = replace(inp, forward_budget_bytes=4 * one)
+    assert chunk_size(budget, copies) == 4
+    kept = recon._saved_bytes(budget, copies[:4]) - recon._saved_bytes(budget, copies[:1])
+    assert 0.9 * 3 * one <= kept <= 1.1 * 3 * one, (kept, one)
