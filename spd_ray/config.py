@@ -594,6 +594,13 @@ class Config(BaseConfig):
     compile_ci_fns: bool = Field(
         False, description="torch.compile the CI functions (faster steps, slower start)."
     )
+    compile: bool | None = Field(
+        None,
+        description="torch.compile the whole training step (forwards, CI functions, losses, "
+        "backward) as one graph, the masks drawn eagerly from the run's streams and passed in "
+        "(same numbers as the eager step). None: on for 1-worker runs of at least "
+        "COMPILE_MIN_STEPS steps (where the ~10-60 s compile pays off); false: eager.",
+    )
     masked_copies_per_forward: int | None = Field(
         None,
         ge=1,
@@ -604,9 +611,10 @@ class Config(BaseConfig):
     masked_forward_budget_mb: float | None = Field(
         None,
         gt=0,
-        description="Chunk the masked copies so one forward's activations stay near this many MB: "
-        "the copies per forward follow from each step's clean-forward activation size (with "
-        "masked_copies_per_forward too, the smaller chunk wins; None: no budget).",
+        description="Chunk the masked copies so what one forward keeps for backward stays near "
+        "this many MB: copies per forward = this // the bytes one copy keeps, measured once per "
+        "model and batch shape (with masked_copies_per_forward too, the smaller chunk wins; "
+        "None: no budget).",
     )
 
     # Losses

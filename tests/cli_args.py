@@ -10,6 +10,7 @@ from typing import Any
 FAST_SETTINGS: dict[str, Any] = {
     "autocast_bf16": "false",
     "compile_ci_fns": "false",
+    "compile": "false",
     "n_eval_steps": 2,
     "faithfulness_warmup_steps": 20,
 }

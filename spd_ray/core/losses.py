@@ -65,7 +65,7 @@ def all_reduce_sum(x: Tensor) -> Tensor:
 
 
 def importance_minimality_loss(
-    ci_upper: dict[str, Tensor], pnorm: float, beta: float, eps: float, world_size: int = 1
+    ci_upper: dict[str, Tensor], pnorm: float | Tensor, beta: float, eps: float, world_size: int = 1
 ) -> Tensor:
     """sum_layers sum_c [m_c + beta m_c log2(1 + S_c)], S_c = sum over positions of (g_c + eps)^p,
     m_c = S_c / N with N the number of positions.
@@ -83,7 +83,7 @@ def importance_minimality_loss(
 
 
 def importance_sums(
-    ci_upper: dict[str, Tensor], pnorm: float, eps: float
+    ci_upper: dict[str, Tensor], pnorm: float | Tensor, eps: float
 ) -> tuple[dict[str, Tensor], int]:
     """Per layer S_c = sum over positions of (g_c + eps)^p (fp32), and N, the number of
     positions (the first layer's)."""

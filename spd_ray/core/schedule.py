@@ -6,6 +6,9 @@ from __future__ import annotations
 import math
 from typing import Literal
 
+import torch
+from torch import Tensor
+
 
 def scheduled_value(
     step: int,
@@ -31,11 +34,19 @@ def scheduled_value(
 
 
 def annealed_p(
-    frac: float, p0: float, final_p: float | None, start_frac: float, end_frac: float
-) -> float:
+    frac: float | Tensor, p0: float, final_p: float | None, start_frac: float, end_frac: float
+) -> float | Tensor:
     """p0 before start_frac, linear to final_p until end_frac, final_p after (no annealing when
-    final_p is None or start_frac >= 1)."""
-    if final_p is None or start_frac >= 1.0 or frac < start_frac:
+    final_p is None or start_frac >= 1). A 0-d tensor `frac` (the compiled step's) gives a 0-d
+    tensor, computed without branching on its value."""
+    if final_p is None or start_frac >= 1.0:
+        return p0
+    if isinstance(frac, Tensor):
+        if end_frac <= start_frac:
+            return torch.where(frac < start_frac, p0, final_p)
+        w = ((frac - start_frac) / (end_frac - start_frac)).clamp(0.0, 1.0)
+        return p0 + (final_p - p0) * w
+    if frac < start_frac:
         return p0
     if frac >= end_frac:
         return final_p

@@ -5,7 +5,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from spd_ray import config as schema
 from spd_ray.config import Config, IHTaskConfig
+from spd_ray.core.compiled import CompiledStep, StepFn
 from spd_ray.core.losses import total_loss
 from spd_ray.core.masks import Noise
 from spd_ray.core.model import ComponentModel
@@ -43,7 +45,7 @@ def step_inputs(
     model: ComponentModel,
     batch: Tensor,
     noise: Noise,
-    step_frac: float,
+    step_frac: float | Tensor,
     world_size: int = 1,
 ) -> StepInputs:
     """Clean forward (cached), then causal importances: everything a loss term needs."""
@@ -77,7 +79,7 @@ def train_step_losses(
     model: ComponentModel,
     batch: Tensor,
     noise: Noise,
-    step_frac: float,
+    step_frac: float | Tensor,
     world_size: int = 1,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Total loss (to backpropagate) and detached per-term values plus train L0 per layer."""
@@ -89,3 +91,33 @@ def train_step_losses(
     for path, ci in inp.ci.lower.items():
         metrics[f"l0/{path}"] = (ci.detach() > thr).sum(-1).float().mean()
     return total, metrics
+
+
+# Steps from which `compile: null` compiles the step: on the toys the compile (~10-20 s, a few s
+# with a warm on-disk cache) pays for itself after a few hundred steps; short test runs stay eager.
+COMPILE_MIN_STEPS = 1000
+
+
+def compiles_step(config: Config, world_size: int = 1) -> bool:
+    """Whether a worker's training step runs compiled (`Config.compile`). Data-parallel runs stay
+    eager: the importance-minimality all-reduce and PGD's broadcast run inside the step. By
+    default (`compile: null`) long runs compile, unless a PGD loss would split the step into
+    pieces (its inner `autograd.grad` cannot be traced)."""
+    if world_size > 1:
+        return False
+    if config.compile is not None:
+        return config.compile
+    pgd = any(isinstance(c, schema._PGD) for c in config.loss_metric_configs)
+    return config.steps >= COMPILE_MIN_STEPS and not pgd
+
+
+def step_function(config: Config, model: ComponentModel, world_size: int = 1) -> StepFn:
+    """The training step's losses as `(batch, noise, step_frac) -> (total, metrics)`: compiled as
+    one graph when `compiles_step`, else `train_step_losses` itself."""
+
+    def losses(
+        batch: Tensor, noise: Noise, step_frac: float | Tensor
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        return train_step_losses(config, model, batch, noise, step_frac, world_size)
+
+    return CompiledStep(losses) if compiles_step(config, world_size) else losses

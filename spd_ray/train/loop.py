@@ -26,7 +26,7 @@ from spd_ray.core.losses import faithfulness_loss
 from spd_ray.core.masks import Noise
 from spd_ray.core.model import ComponentModel
 from spd_ray.core.schedule import scheduled_value
-from spd_ray.core.step import autocast, train_step_losses
+from spd_ray.core.step import autocast, step_function
 from spd_ray.errors import InputError
 
 
@@ -192,6 +192,7 @@ def run_loop(
     model, ws = ctx.model, ctx.world_size
     comp_params, ci_params = model.trainable_parameters()
     all_params = comp_params + ci_params
+    step_losses = step_function(config, model, ws)
     if not state.warmup_done:
         if config.faithfulness_warmup_steps:
             faithfulness_warmup(config, model, reporter)
@@ -210,9 +211,7 @@ def run_loop(
         state.optimizer.zero_grad(set_to_none=True)
         batch = next(ctx.train_batches).to(ctx.device)
         with autocast(config, ctx.device):
-            total, metrics = train_step_losses(
-                config, model, batch, state.noise, step / config.steps, ws
-            )
+            total, metrics = step_losses(batch, state.noise, step / config.steps)
         total.backward()
         if ws > 1:
             _all_reduce_grads(all_params, ws)

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from spd_ray.config import Config, IHTaskConfig, LMTaskConfig, ToyTarget
 from spd_ray.core.masks import Noise
 from spd_ray.core.model import ComponentModel
-from spd_ray.core.step import build_component_model
+from spd_ray.core.step import build_component_model, compiles_step
 from spd_ray.core.streams import stream_seed
 from spd_ray.data.ih import IHBatches, make_ih_task
 from spd_ray.data.toy import ToyBatches, make_toy_dataset
@@ -59,8 +59,8 @@ def build_worker(
     # derived from config.seed (spd_ray.core.streams), so none repeats another's numbers.
     torch.manual_seed(stream_seed(config.seed, "init"))
     model = build_component_model(config, target).to(device)
-    if config.compile_ci_fns:
-        model.compile_ci_fns()
+    if config.compile_ci_fns and not compiles_step(config, world_size):
+        model.compile_ci_fns()  # a compiled step compiles them with everything else
     train, fresh_eval, single = data_streams(config, target, out_root, device, rank, world_size)
     run_eval = eval_fn(config, fresh_eval, device, rank, world_size, single)
     return Worker(

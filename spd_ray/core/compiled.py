@@ -1,0 +1,194 @@
+"""The whole training step (clean forward, CI functions, every loss term and, through AOTAutograd,
+their backward) as one `torch.compile`d graph.
+
+Dynamo cannot put draws from a `torch.Generator` into a graph, and the run's masks must stay the
+eager step's masks draw for draw (same numbers at a fixed seed, however the step is run). So the
+step's random numbers are drawn eagerly, from the run's own generators, and passed in as inputs:
+
+1. The first call runs the step eagerly through a `RecordingNoise`, which draws from the real
+   streams and writes down each draw's kind and shape (the step's *tape*: it depends only on the
+   config and the batch shape, which are fixed for a run).
+2. Every later call first replays the tape against the real streams (`draw_tape`: the same calls
+   in the same order, so the same numbers), then runs the compiled step with a `ReplayNoise` that
+   hands out those tensors in order.
+
+Scalars that change every step (the training fraction that anneals the importance-minimality p)
+enter the graph as 0-d tensors, so nothing recompiles after the first compiled step. A change of
+batch shape (another tape) records again and compiles once more.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from spd_ray.core.masks import Noise
+
+Which = Literal["masks", "pgd"]
+
+
+@dataclass(frozen=True)
+class Draw:
+    """One call of a `Noise` method: enough to repeat it on the real stream."""
+
+    which: Which  # the mask stream or the PGD-init stream
+    kind: Literal["rand", "randint", "rand_unbatched"]
+    shape: tuple[int, ...]
+    dtype: torch.dtype | None = None
+    low: int = 0
+    high: int = 0
+
+
+class RecordingNoise(Noise):
+    """Draws from `base`'s streams like `base` does, and writes every call down in `tape`."""
+
+    def __init__(self, base: Noise, tape: list[Draw], which: Which = "masks"):
+        super().__init__(base.generator, base.rank, base.world_size, base.pgd_generator)
+        self._base, self.tape, self.which = base, tape, which
+
+    def pgd_init(self) -> Noise:
+        if self.which == "pgd" or self.pgd_generator is None:
+            return self  # no separate stream: PGD draws from this one
+        return RecordingNoise(self._base.pgd_init(), self.tape, "pgd")
+
+    def rand(self, shape: tuple[int, ...], device: torch.device, dtype: torch.dtype) -> Tensor:
+        self.tape.append(Draw(self.which, "rand", tuple(shape), dtype))
+        return super().rand(shape, device, dtype)
+
+    def randint(self, low: int, high: int, shape: tuple[int, ...], device: torch.device) -> Tensor:
+        self.tape.append(Draw(self.which, "randint", tuple(shape), low=low, high=high))
+        return super().randint(low, high, shape, device)
+
+    def rand_unbatched(
+        self, shape: tuple[int, ...], device: torch.device, dtype: torch.dtype
+    ) -> Tensor:
+        self.tape.append(Draw(self.which, "rand_unbatched", tuple(shape), dtype))
+        return super().rand_unbatched(shape, device, dtype)
+
+
+def draw_tape(noise: Noise, tape: list[Draw], device: torch.device) -> list[Tensor]:
+    """The tape's draws from the real streams of `noise`, in order: the numbers an eager step
+    would have drawn."""
+    streams = {"masks": noise, "pgd": noise.pgd_init()}
+    out = []
+    for d in tape:
+        n = streams[d.which]
+        match d.kind:
+            case "rand":
+                assert d.dtype is not None
+                out.append(n.rand(d.shape, device, d.dtype))
+            case "randint":
+                out.append(n.randint(d.low, d.high, d.shape, device))
+            case "rand_unbatched":
+                assert d.dtype is not None
+                out.append(n.rand_unbatched(d.shape, device, d.dtype))
+    return out
+
+
+class ReplayNoise(Noise):
+    """Hands out pre-drawn tensors in the order they were recorded (inside the compiled step)."""
+
+    def __init__(self, draws: list[Tensor]):
+        super().__init__(None)
+        self._draws = draws
+        self._next = 0
+
+    def pgd_init(self) -> Noise:
+        return self  # one tape for both streams, in call order
+
+    def _take(self, shape: tuple[int, ...]) -> Tensor:
+        t = self._draws[self._next]
+        self._next += 1
+        assert tuple(t.shape) == tuple(shape), f"replayed draw {tuple(t.shape)} != {shape}"
+        return t
+
+    def rand(self, shape: tuple[int, ...], device: torch.device, dtype: torch.dtype) -> Tensor:
+        return self._take(shape)
+
+    def randint(self, low: int, high: int, shape: tuple[int, ...], device: torch.device) -> Tensor:
+        return self._take(shape)
+
+    def rand_unbatched(
+        self, shape: tuple[int, ...], device: torch.device, dtype: torch.dtype
+    ) -> Tensor:
+        return self._take(shape)
+
+
+class EagerReplayNoise(ReplayNoise):
+    """`ReplayNoise` for a step that breaks into several graphs (PGD's inner `autograd.grad`):
+    each draw is handed out outside the graphs. Traced, the draw counter would be a constant of
+    every graph that draws, and a function drawing twice per step would recompile per call."""
+
+    @torch._dynamo.disable  # type: ignore[misc]
+    def _take(self, shape: tuple[int, ...]) -> Tensor:
+        return super()._take(shape)
+
+
+# (batch, noise, step_frac) -> (total loss, metrics): the step's losses, with step_frac a float
+# eagerly and a 0-d tensor inside the compiled graph (`LossFn`), a float from the loop (`StepFn`)
+LossFn = Callable[[Tensor, Noise, "float | Tensor"], tuple[Tensor, dict[str, Tensor]]]
+StepFn = Callable[[Tensor, Noise, float], tuple[Tensor, dict[str, Tensor]]]
+
+
+class CompiledStep:
+    """`step_fn` with its random draws taken out of the graph (see the module docstring).
+
+    The step is compiled as one graph (`fullgraph`) where it can be; a step that cannot (PGD's
+    inner gradient) is compiled in pieces, its draws handed out between them (`EagerReplayNoise`).
+    `fullgraph` says which it was, after the first compiled call."""
+
+    def __init__(self, step_fn: LossFn):
+        self._fn = step_fn
+        self._whole = torch.compile(self._replayed, fullgraph=True, dynamic=False)
+        self._pieces = torch.compile(self._replayed_in_pieces, dynamic=False)
+        self.fullgraph: bool | None = None
+        self._frac: Tensor | None = None
+        self._tapes: dict[tuple[int, ...], list[Draw]] = {}
+
+    def _run(
+        self, noise: ReplayNoise, batch: Tensor, step_frac: Tensor
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        total, metrics = self._fn(batch, noise, step_frac)
+        assert noise._next == len(noise._draws), "the step drew fewer numbers than its tape"
+        return total, metrics
+
+    def _replayed(
+        self, batch: Tensor, draws: list[Tensor], step_frac: Tensor
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        return self._run(ReplayNoise(draws), batch, step_frac)
+
+    def _replayed_in_pieces(
+        self, batch: Tensor, draws: list[Tensor], step_frac: Tensor
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        return self._run(EagerReplayNoise(draws), batch, step_frac)
+
+    def __call__(
+        self, batch: Tensor, noise: Noise, step_frac: float
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        key = tuple(batch.shape)
+        tape = self._tapes.get(key)
+        if tape is None:
+            # First step at this batch shape: eager, writing the tape down.
+            tape = []
+            result = self._fn(batch, RecordingNoise(noise, tape), step_frac)
+            self._tapes[key] = tape
+            return result
+        draws = draw_tape(noise, tape, batch.device)
+        # One device scalar, refilled: a fill is a kernel launch, not a host-to-device copy.
+        if self._frac is None or self._frac.device != batch.device:
+            self._frac = torch.zeros((), dtype=torch.float64, device=batch.device)
+        frac = self._frac.fill_(step_frac)
+        if self.fullgraph is None:
+            try:
+                result = self._whole(batch, draws, frac)
+                self.fullgraph = True
+                return result
+            except torch._dynamo.exc.Unsupported:
+                self.fullgraph = False  # nothing ran: the same draws go to the pieces
+        if self.fullgraph:
+            return self._whole(batch, draws, frac)
+        return self._pieces(batch, draws, frac)

@@ -1,0 +1,194 @@
+"""The compiled training step (`compile: true`) against the eager one: same masks, same metrics
+step by step within float tolerance, no recompilation after the first compiled step, and the tape
+of random draws replaying the real streams exactly."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from spd_ray.config import Config, load_config
+from spd_ray.core.compiled import RecordingNoise, ReplayNoise, draw_tape
+from spd_ray.core.masks import Noise
+from spd_ray.core.schedule import annealed_p
+from spd_ray.core.step import COMPILE_MIN_STEPS, compiles_step
+from spd_ray.targets.loading import build_toy
+from spd_ray.train.loop import make_state, run_loop
+from spd_ray.train.worker import build_worker
+
+TINY = Path(__file__).resolve().parents[1] / "fixtures" / "tiny_resid_mlp.yaml"
+CPU = torch.device("cpu")
+
+# Every kind of draw a step makes: stochastic and delta masks (rand), subset routes (randint +
+# rand), PGD's random sources per position (PGD-init stream) and shared across the batch
+# (rand_unbatched), binomial CI noise; and an annealed p, which changes every step.
+EVERY_DRAW = (
+    "loss_metric_configs=["
+    "{classname: ImportanceMinimalityLoss, coeff: 1.0e-3, pnorm: 2.0, p_anneal_start_frac: 0.0,"
+    " p_anneal_final_p: 0.5, beta: 0.1},"
+    "{classname: StochasticReconLoss, coeff: 1.0},"
+    "{classname: StochasticReconLayerwiseLoss, coeff: 1.0},"
+    "{classname: StochasticReconSubsetLoss, coeff: 0.5},"
+    "{classname: PGDReconLoss, coeff: 0.5, init: random, step_size: 0.1, n_steps: 1,"
+    " mask_scope: unique_per_datapoint},"
+    "{classname: PGDReconSubsetLoss, coeff: 0.5, init: random, step_size: 0.1, n_steps: 1,"
+    " mask_scope: shared_across_batch},"
+    "{classname: FaithfulnessLoss, coeff: 1.0}]"
+)
+
+
+class _Rows:
+    def __init__(self) -> None:
+        self.rows: dict[int, dict[str, float]] = {}
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        self.rows.setdefault(step, {}).update(metrics)
+
+    def figures(self, step: int, figures: Any) -> None:
+        pass
+
+    def checkpoint(self, step: int, state: Any, final: bool) -> None:
+        pass
+
+
+def _config(*overrides: str) -> Config:
+    return load_config(
+        TINY,
+        [
+            "steps=8",
+            "train_log_freq=1",
+            "eval_freq=8",
+            "slow_eval_freq=null",
+            "eval_metric_configs=[]",
+            "faithfulness_warmup_steps=2",
+            *overrides,
+        ],
+    )
+
+
+def _train(config: Config, graphs: list[int] | None = None) -> dict[int, dict[str, float]]:
+    """Train on the tiny target; `graphs` receives, after each step, how many graphs Dynamo has
+    compiled so far."""
+    assert config.target_model is not None
+    torch.manual_seed(0)
+    target = build_toy(config.target_model).requires_grad_(False)  # type: ignore[arg-type]
+    worker = build_worker(config, target)
+    if graphs is not None:
+        counters = torch._dynamo.utils.counters
+        worker.ctx.on_step = lambda step, s: graphs.append(counters["stats"]["unique_graphs"])
+    rows = _Rows()
+    run_loop(config, worker.ctx, make_state(config, worker.ctx), rows)
+    return rows.rows
+
+
+def _train_metrics(rows: dict[int, dict[str, float]]) -> dict[tuple[int, str], float]:
+    return {
+        (step, k): v
+        for step, row in rows.items()
+        for k, v in row.items()
+        if k.startswith("train/") and k not in ("train/steps_per_s", "train/lr")
+    }
+
+
+WITHOUT_PGD = (
+    "loss_metric_configs=["
+    "{classname: ImportanceMinimalityLoss, coeff: 1.0e-3, pnorm: 2.0, p_anneal_start_frac: 0.0,"
+    " p_anneal_final_p: 0.5},"
+    "{classname: StochasticReconLoss, coeff: 1.0},"
+    "{classname: StochasticReconLayerwiseLoss, coeff: 1.0},"
+    "{classname: StochasticReconSubsetLoss, coeff: 0.5},"
+    "{classname: FaithfulnessLoss, coeff: 1.0}]"
+)
+
+
+@pytest.mark.parametrize(
+    ("settings", "rtol", "one_graph"),
+    [
+        pytest.param(
+            ("autocast_bf16=false", EVERY_DRAW, "sampling=binomial"),
+            1e-4,
+            False,
+            marks=pytest.mark.slow,  # ~15 s with a warm compile cache, minutes cold
+        ),
+        (("autocast_bf16=true", WITHOUT_PGD), 2e-2, True),
+    ],
+    ids=["fp32-every-draw", "bf16-without-pgd"],
+)
+def test_compiled_step_matches_eager_step_by_step(
+    settings: tuple[str, ...], rtol: float, one_graph: bool
+):
+    eager = _train(_config("compile=false", *settings))
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    graphs: list[int] = []
+    compiled = _train(_config("compile=true", *settings), graphs)
+    # Step 1 runs eagerly (recording the tape), step 2 compiles, steps 3..8 reuse what step 2
+    # compiled although the masks and the annealed p change every step.
+    assert graphs[0] == 0 and graphs[1] >= 1
+    assert graphs[2:] == [graphs[1]] * 6, graphs
+    # Without PGD the step is one graph; PGD's inner autograd.grad splits it into pieces.
+    assert (graphs[1] == 1) == one_graph, graphs
+    want, got = _train_metrics(eager), _train_metrics(compiled)
+    assert set(want) == set(got) and len(want) >= 8 * 6
+    for key, value in want.items():
+        if "/l0/" in key[1]:  # a count over thresholded CI: a rounding flip moves it by 1/64
+            assert got[key] == pytest.approx(value, abs=2 / 64), key
+        else:
+            assert got[key] == pytest.approx(value, rel=rtol, abs=1e-6), key
+
+
+def test_the_tape_replays_the_real_streams_draw_for_draw():
+    def noise() -> Noise:
+        return Noise.for_run(3, "train", CPU, rank=1, world_size=2)
+
+    eager, recorded = noise(), noise()
+    tape: list[Any] = []
+    rec = RecordingNoise(recorded, tape)
+
+    def calls(n: Noise) -> list[torch.Tensor]:
+        return [
+            n.rand((4, 3), CPU, torch.float32),
+            n.randint(1, 5, (4,), CPU),
+            n.pgd_init().rand((4, 2), CPU, torch.float32),
+            n.pgd_init().rand_unbatched((1, 2), CPU, torch.float32),
+            n.rand((4,), CPU, torch.float64),
+        ]
+
+    first = calls(eager)
+    assert all(torch.equal(a, b) for a, b in zip(first, calls(rec), strict=True))
+    assert [(d.which, d.kind) for d in tape] == [
+        ("masks", "rand"),
+        ("masks", "randint"),
+        ("pgd", "rand"),
+        ("pgd", "rand_unbatched"),
+        ("masks", "rand"),
+    ]
+    # The next step: replaying the tape on the real streams gives what eager calls draw next.
+    second = calls(eager)
+    replayed = draw_tape(recorded, tape, CPU)
+    assert all(torch.equal(a, b) for a, b in zip(second, replayed, strict=True))
+    # ... and a ReplayNoise hands them out in call order, checking shapes.
+    assert all(torch.equal(a, b) for a, b in zip(second, calls(ReplayNoise(replayed)), strict=True))
+    with pytest.raises(AssertionError, match="replayed draw"):
+        ReplayNoise(replayed).rand((9,), CPU, torch.float32)
+
+
+def test_annealed_p_as_a_tensor_equals_the_float_schedule():
+    for args in [(2.0, 0.3, 0.0, 1.0), (1.0, 0.5, 0.25, 0.75), (2.0, 0.5, 0.5, 0.5)]:
+        for frac in [0.0, 0.1, 0.25, 0.4, 0.5, 0.75, 0.9, 1.0]:
+            want = annealed_p(frac, *args)
+            got = annealed_p(torch.tensor(frac, dtype=torch.float64), *args)
+            assert float(got) == pytest.approx(float(want), abs=1e-12), (frac, args)
+    assert annealed_p(torch.tensor(0.4), 2.0, None, 0.0, 1.0) == 2.0  # no annealing: a float
+
+
+def test_when_a_step_compiles():
+    short, long = _config(), _config(f"steps={COMPILE_MIN_STEPS}")
+    assert not compiles_step(short) and compiles_step(long)
+    assert not compiles_step(long, world_size=2)  # data-parallel steps stay eager
+    assert compiles_step(_config("compile=true")) and not compiles_step(
+        load_config(TINY, [f"steps={COMPILE_MIN_STEPS}", "compile=false"])
+    )
