@@ -169,9 +169,25 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from spd_ray.bench import run_bench
+    from spd_ray.bench import BenchOptions, run_bench
 
-    run_bench(args.experiments.split(","), args.steps, args.warmup, args.threads)
+    run_bench(
+        BenchOptions(
+            experiments=[e for e in args.experiments.split(",") if e],
+            rounds=args.rounds,
+            steps=args.steps,
+            warmup=args.warmup,
+            threads=args.threads,
+            ray=args.ray,
+            gpu=args.gpu,
+            memory=args.memory,
+            overrides=args.overrides,
+            yardstick=args.yardstick,
+            no_yardstick=args.no_yardstick,
+            results=args.results,
+            peak_tflops=args.peak_tflops,
+        )
+    )
     return 0
 
 
@@ -269,13 +285,77 @@ def _add_list(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 
 def _add_bench(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser("bench", help="time the training step of registry experiments")
+    p = sub.add_parser(
+        "bench",
+        help="time the training step of registry experiments against a yardstick",
+        description="Rounds of: the yardstick script, then each experiment in a fresh process. "
+        "Prints medians over rounds (steps/s, samples/s, tokens/s, p90 step, peak memory, "
+        "FLOPs per step, MFU with --gpu) and the ratio to the yardstick; appends one JSON line "
+        "per experiment to the results file.",
+    )
     p.add_argument(
         "--experiments", default="tms_5-2,resid_mlp1", help="comma-separated registry experiments"
     )
+    p.add_argument(
+        "--rounds",
+        type=positive_int,
+        default=1,
+        help="alternating rounds (yardstick, then each experiment), medians over them; default 1, "
+        "since 3 rounds of the defaults take well over 2 min on 2 cores (each child compiles "
+        "its step): ask for 3 for numbers to quote",
+    )
     p.add_argument("--steps", type=positive_int, default=60, help="timed steps per experiment")
-    p.add_argument("--warmup", type=nonneg_int, default=10, help="untimed steps first")
-    p.add_argument("--threads", type=nonneg_int, default=0, help="torch threads (0: all cores)")
+    p.add_argument(
+        "--warmup", type=positive_int, default=10, help="untimed steps first (the first compiles)"
+    )
+    p.add_argument(
+        "--threads",
+        type=nonneg_int,
+        default=0,
+        help="torch threads, yardstick's too (0: all cores)",
+    )
+    p.add_argument(
+        "--ray", action="store_true", help="time the loop inside a Ray Train worker (local Ray)"
+    )
+    p.add_argument(
+        "--gpu",
+        action="store_true",
+        help="on CUDA, bf16 autocast and the compiled step where the config has `compile`; "
+        "reports MFU",
+    )
+    p.add_argument(
+        "--peak-tflops",
+        type=positive_float,
+        help="the GPU's dense bf16 peak for MFU (known: H100, H200, A100)",
+    )
+    p.add_argument(
+        "--memory",
+        action="store_true",
+        help="also print memory once the model is built and the steps' peak above it "
+        "(always in the results file)",
+    )
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="config override for every experiment (repeatable), e.g. --set compile_ci_fns=false",
+    )
+    yard = p.add_mutually_exclusive_group()
+    yard.add_argument(
+        "--yardstick",
+        metavar="PATH",
+        help="yardstick script run as `python PATH THREADS` (default: $SPD_RAY_YARDSTICK, else "
+        "../shared/bench/lean_tms_step.py beside the checkout, if there)",
+    )
+    yard.add_argument("--no-yardstick", action="store_true", help="no yardstick, no ratio")
+    p.add_argument(
+        "--results",
+        metavar="PATH",
+        help="JSON-lines file to append to (default: benchmarks/results.jsonl in a checkout, "
+        "else <output root>/bench/results.jsonl)",
+    )
     p.set_defaults(func=cmd_bench)
 
 
