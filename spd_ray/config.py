@@ -598,8 +598,9 @@ class Config(BaseConfig):
         None,
         description="torch.compile the whole training step (forwards, CI functions, losses, "
         "backward) as one graph, the masks drawn eagerly from the run's streams and passed in "
-        "(same numbers as the eager step). None: on for 1-worker runs of at least "
-        "COMPILE_MIN_STEPS steps (where the ~10-60 s compile pays off); false: eager.",
+        "(same numbers as the eager step; a PGD loss splits it into a few graphs). None: on for "
+        "1-worker runs of at least 1000 steps (core.step.COMPILE_MIN_STEPS), where the ~10-60 s "
+        "compile pays off; false: eager.",
     )
     masked_copies_per_forward: int | None = Field(
         None,

@@ -5,7 +5,6 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from spd_ray import config as schema
 from spd_ray.config import Config, IHTaskConfig
 from spd_ray.core.compiled import CompiledStep, StepFn
 from spd_ray.core.losses import total_loss
@@ -93,22 +92,21 @@ def train_step_losses(
     return total, metrics
 
 
-# Steps from which `compile: null` compiles the step: on the toys the compile (~10-20 s, a few s
-# with a warm on-disk cache) pays for itself after a few hundred steps; short test runs stay eager.
+# Steps from which `compile: null` compiles the step: the compile (~10-20 s on the toys, ~1 min for
+# a tiny Llama with PGD; a few s with a warm on-disk cache) pays for itself after a few hundred
+# steps; short test runs stay eager.
 COMPILE_MIN_STEPS = 1000
 
 
 def compiles_step(config: Config, world_size: int = 1) -> bool:
-    """Whether a worker's training step runs compiled (`Config.compile`). Data-parallel runs stay
-    eager: the importance-minimality all-reduce and PGD's broadcast run inside the step. By
-    default (`compile: null`) long runs compile, unless a PGD loss would split the step into
-    pieces (its inner `autograd.grad` cannot be traced)."""
+    """Whether a worker's training step runs compiled (`Config.compile`; by default, `null`, runs
+    of at least COMPILE_MIN_STEPS steps). Data-parallel runs stay eager: the importance-minimality
+    all-reduce and PGD's broadcast run inside the step."""
     if world_size > 1:
         return False
     if config.compile is not None:
         return config.compile
-    pgd = any(isinstance(c, schema._PGD) for c in config.loss_metric_configs)
-    return config.steps >= COMPILE_MIN_STEPS and not pgd
+    return config.steps >= COMPILE_MIN_STEPS
 
 
 def step_function(config: Config, model: ComponentModel, world_size: int = 1) -> StepFn:
