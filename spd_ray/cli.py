@@ -16,6 +16,13 @@ from spd_ray.config import Config
 from spd_ray.errors import InputError, user_errors
 
 
+def _add_overrides(p: argparse.ArgumentParser, help: str) -> None:
+    """`--set KEY=VALUE` (repeatable) into `args.overrides`."""
+    p.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help=help
+    )
+
+
 def _common_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "target",
@@ -24,13 +31,9 @@ def _common_run_args(p: argparse.ArgumentParser) -> None:
         "`spd-ray run` also takes several, comma-separated",
     )
     p.add_argument("--steps", type=positive_int, help="override the number of training steps")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config key, e.g. --set seed=1 or "
+    _add_overrides(
+        p,
+        "override a config key, e.g. --set seed=1 or "
         "--set loss_metric_configs.ImportanceMinimalityLoss.coeff=1e-3 (value parsed as YAML)",
     )
     p.add_argument("--out", help="output root (default: $SPD_RAY_OUT, else ~/spd_ray_out)")
@@ -334,14 +337,7 @@ def _add_bench(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         help="also print memory once the model is built and the steps' peak above it "
         "(always in the results file)",
     )
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="config override for every experiment (repeatable), e.g. --set compile_ci_fns=false",
-    )
+    _add_overrides(p, "config override for every experiment (repeatable), e.g. --set compile=false")
     yard = p.add_mutually_exclusive_group()
     yard.add_argument(
         "--yardstick",
