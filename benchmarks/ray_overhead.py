@@ -56,7 +56,7 @@ def nonneg(text: str) -> int:
 
 
 def overhead_runs(
-    experiment: str, out: str | None, prefix: str
+    experiment: str, out: str | None, prefix: str, overrides: tuple[str, ...] = ()
 ) -> tuple[Path, dict[str, str], Callable[[str], list[str]]]:
     """The output root, environment and `spd-ray run` command line (per run name) of the
     overhead benchmarks: fresh runs of `experiment` with default threads, as a user runs them."""
@@ -67,17 +67,23 @@ def overhead_runs(
     env.setdefault("RAY_ADDRESS", "local")
 
     def command(name: str) -> list[str]:
-        return [sys.executable, "-m", "spd_ray.cli", "run", experiment, "--name", name, "--fresh"]
+        sets = [arg for o in overrides for arg in ("--set", o)]
+        run = ["run", experiment, "--name", name, "--fresh", *sets]
+        return [sys.executable, "-m", "spd_ray.cli", *run]
 
     return root, env, command
 
 
 def ray_overhead(
-    experiment: str, steps: int, out: str | None = None, repeats: int = 1
+    experiment: str,
+    steps: int,
+    out: str | None = None,
+    repeats: int = 1,
+    overrides: tuple[str, ...] = (),
 ) -> list[dict[str, float]]:
     """In-process/Ray pairs of whole runs, in turns (see the module docstring). A short warm-up
     run first fills the on-disk torch.compile cache that every run then uses."""
-    root, env, command = overhead_runs(experiment, out, "spd-ray-overhead-")
+    root, env, command = overhead_runs(experiment, out, "spd-ray-overhead-", overrides)
 
     def run(name: str, *extra: str) -> float:
         t0 = time.perf_counter()
@@ -185,11 +191,15 @@ class LoggedSteps:
 
 
 def ray_overhead_interleaved(
-    experiment: str, windows: int, window_s: float = 10.0, out: str | None = None
+    experiment: str,
+    windows: int,
+    window_s: float = 10.0,
+    out: str | None = None,
+    overrides: tuple[str, ...] = (),
 ) -> list[dict[str, float]]:
     """Per-step cost of Ray Train with the host's drift cancelled: two live runs taking turns,
     the idle one frozen (see the module docstring). One dict per pair of turns."""
-    root, env, command = overhead_runs(experiment, out, "spd-ray-interleave-")
+    root, env, command = overhead_runs(experiment, out, "spd-ray-interleave-", overrides)
     steps = 10_000_000  # stopped from here long before the end
 
     def start(name: str, *extra: str) -> tuple[subprocess.Popen[bytes], LoggedSteps]:
@@ -314,7 +324,17 @@ def main() -> None:
     )
     parser.add_argument("--window", type=float, default=10.0, help="seconds per interleaved turn")
     parser.add_argument("--out", help="output root to keep the runs in (default: a temp folder)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="config override for every run (repeatable), e.g. --set eval_freq=1000000 to keep "
+        "an LM's evals out of the windows",
+    )
     args = parser.parse_args()
+    sets = tuple(args.overrides)
     if args.window <= 0:
         parser.error(f"--window must be positive, not {args.window}")
 
@@ -324,11 +344,13 @@ def main() -> None:
             f"# {args.experiment}: in-process and Ray runs taking turns, {args.window:.0f} s each",
             file=sys.stderr,
         )
-        windows = ray_overhead_interleaved(args.experiment, args.interleave, args.window, args.out)
+        windows = ray_overhead_interleaved(
+            args.experiment, args.interleave, args.window, args.out, sets
+        )
         print_interleaved(windows)
     if args.repeats:
         print(f"# {args.experiment}, {args.steps} steps per run", file=sys.stderr)
-        print_pairs(ray_overhead(args.experiment, args.steps, args.out, args.repeats))
+        print_pairs(ray_overhead(args.experiment, args.steps, args.out, args.repeats, sets))
 
 
 if __name__ == "__main__":
