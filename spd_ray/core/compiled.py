@@ -19,9 +19,10 @@ batch shape (another tape) records again and compiles once more.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -139,13 +140,15 @@ class CompiledStep:
 
     The step is compiled as one graph (`fullgraph`) where it can be; a step that cannot (PGD's
     inner gradient) is compiled in pieces, its draws handed out between them (`EagerReplayNoise`).
-    `fullgraph` says which it was, after the first compiled call."""
+    `fullgraph` says which it was, after the first compiled call; `eager`, that compiling failed
+    and the step runs eagerly (same draws, same numbers)."""
 
-    def __init__(self, step_fn: LossFn):
+    def __init__(self, step_fn: LossFn, backend: str | Callable[..., Any] = "inductor"):
         self._fn = step_fn
-        self._whole = torch.compile(self._replayed, fullgraph=True, dynamic=False)
-        self._pieces = torch.compile(self._replayed_in_pieces, dynamic=False)
+        self._whole = torch.compile(self._replayed, fullgraph=True, dynamic=False, backend=backend)
+        self._pieces = torch.compile(self._replayed_in_pieces, dynamic=False, backend=backend)
         self.fullgraph: bool | None = None
+        self.eager = False  # set when compiling failed
         self._frac: Tensor | None = None
         self._tapes: dict[tuple[int, ...], list[Draw]] = {}
 
@@ -177,18 +180,42 @@ class CompiledStep:
             result = self._fn(batch, RecordingNoise(noise, tape), step_frac)
             self._tapes[key] = tape
             return result
+        if self.eager:
+            return self._fn(batch, noise, step_frac)
         draws = draw_tape(noise, tape, batch.device)
         # One device scalar, refilled: a fill is a kernel launch, not a host-to-device copy.
         if self._frac is None or self._frac.device != batch.device:
             self._frac = torch.zeros((), dtype=torch.float64, device=batch.device)
         frac = self._frac.fill_(step_frac)
         if self.fullgraph is None:
-            try:
-                result = self._whole(batch, draws, frac)
-                self.fullgraph = True
-                return result
-            except torch._dynamo.exc.Unsupported:
-                self.fullgraph = False  # nothing ran: the same draws go to the pieces
+            return self._first_compiled(batch, draws, frac, step_frac)
         if self.fullgraph:
             return self._whole(batch, draws, frac)
         return self._pieces(batch, draws, frac)
+
+    def _first_compiled(
+        self, batch: Tensor, draws: list[Tensor], frac: Tensor, step_frac: float
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """One graph if it traces, else pieces; a model that cannot be compiled at all runs
+        eagerly from here on (with a warning) rather than failing a run that ran before."""
+        kept = [d.clone() for d in draws]  # a step may change its draws in place (PGD's)
+        try:
+            try:
+                result = self._whole(batch, draws, frac)
+                self.fullgraph = True
+            except torch._dynamo.exc.Unsupported:  # not one graph; nothing ran
+                result = self._pieces(batch, draws, frac)
+                self.fullgraph = False
+            return result
+        except Exception as e:  # noqa: BLE001 - any compiler failure; a real error recurs below
+            why = " ".join(str(e).split())[:300]
+            warnings.warn(
+                f"the training step could not be compiled ({type(e).__name__}: {why}); it runs "
+                "eagerly (set compile: false to skip trying)",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            self.eager = True
+        # The same draws, eagerly: the numbers of an eager run. An error of the step itself
+        # (not of the compiler) is raised here again.
+        return self._fn(batch, ReplayNoise(kept), step_frac)

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from spd_ray.config import Config, load_config
-from spd_ray.core.compiled import RecordingNoise, ReplayNoise, draw_tape
+from spd_ray.core.compiled import CompiledStep, RecordingNoise, ReplayNoise, draw_tape
 from spd_ray.core.masks import Noise
 from spd_ray.core.schedule import annealed_p
 from spd_ray.core.step import COMPILE_MIN_STEPS, compiles_step
@@ -191,4 +191,31 @@ def test_when_a_step_compiles():
     assert not compiles_step(long, world_size=2)  # data-parallel steps stay eager
     assert compiles_step(_config("compile=true")) and not compiles_step(
         load_config(TINY, [f"steps={COMPILE_MIN_STEPS}", "compile=false"])
+    )
+
+
+def test_a_step_that_cannot_compile_runs_eagerly_with_the_same_draws():
+    """A compiler failure (here: a backend that refuses every graph) warns once and leaves the
+    run eager, with the numbers of an eager run: the failed step's draws are used again."""
+
+    def refuse(gm: torch.fx.GraphModule, example_inputs: list[torch.Tensor]) -> Any:
+        raise RuntimeError("no compiler for this model")
+
+    def step(batch: torch.Tensor, noise: Noise, frac: float | torch.Tensor) -> Any:
+        masks = noise.rand(tuple(batch.shape), CPU, torch.float32)
+        noise.pgd_init().rand_unbatched((3,), CPU, torch.float32)
+        return (batch * masks).sum(), {"m": masks.mean()}
+
+    batch = torch.ones(4, 2)
+    compiled = CompiledStep(step, backend=refuse)
+    eager, noise = Noise.for_run(1, "train", CPU), Noise.for_run(1, "train", CPU)
+    with pytest.warns(RuntimeWarning, match="could not be compiled.*no compiler"):
+        got = [compiled(batch, noise, k / 4)[0] for k in range(4)]
+    want = [step(batch, eager, k / 4)[0] for k in range(4)]
+    assert compiled.eager and all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
+    # ... and both streams are where an eager run left them.
+    assert torch.equal(noise.rand((5,), CPU, torch.float32), eager.rand((5,), CPU, torch.float32))
+    assert torch.equal(
+        noise.pgd_init().rand((5,), CPU, torch.float32),
+        eager.pgd_init().rand((5,), CPU, torch.float32),
     )
