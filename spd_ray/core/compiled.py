@@ -14,7 +14,9 @@ step's random numbers are drawn eagerly, from the run's own generators, and pass
 
 Scalars that change every step (the training fraction that anneals the importance-minimality p)
 enter the graph as 0-d tensors, so nothing recompiles after the first compiled step. A change of
-batch shape (another tape) records again and compiles once more.
+batch shape (another tape) records again and compiles once more. A step with a PGD loss is not one
+graph (its inner `autograd.grad` cannot be traced) and is compiled in pieces; a step the compiler
+fails on runs eagerly (`CompiledStep`).
 """
 
 from __future__ import annotations
