@@ -141,10 +141,8 @@ def step_flops(config: Config, ctx: Any, state: Any) -> int:
 def pinned_compile(experiment: str, overrides: list[str]) -> list[str]:
     """`compile: null` decides on the run's step count; the bench's few steps would decide
     otherwise, so it is pinned to what the experiment's own config decides (the step `spd-ray
-    run` takes). Nothing to pin when the config has no such field or an override sets it."""
-    if "compile" not in Config.model_fields or any(
-        o.partition("=")[0].strip() == "compile" for o in overrides
-    ):
+    run` takes). Nothing to pin when an override sets it."""
+    if any(o.partition("=")[0].strip() == "compile" for o in overrides):
         return []
     from spd_ray.core.step import compiles_step
 
@@ -216,7 +214,7 @@ def measure(
         "batch_size": config.batch_size,
         "tokens_per_step": tokens,
         "torch_threads": torch.get_num_threads(),
-        "compiled_step": bool(config.model_dump().get("compile")),
+        "compiled_step": bool(config.compile),
     }
 
 
@@ -365,9 +363,9 @@ def peak_flops(device_name: str, given_tflops: float | None) -> float:
 
 
 def gpu_overrides() -> list[str]:
-    """A --gpu run's settings: bf16 autocast, and the whole step compiled where the config has
-    that switch. The user's --set come after, so they win."""
-    return ["autocast_bf16=true", *(["compile=true"] if "compile" in Config.model_fields else [])]
+    """A --gpu run's settings: bf16 autocast and the whole step compiled. The user's --set come
+    after, so they win."""
+    return ["autocast_bf16=true", "compile=true"]
 
 
 def results_path(explicit: str | None) -> Path:

@@ -10,10 +10,10 @@ time (the rest are recomputed in backward), so the memory of a layerwise loss no
 the number of decomposed modules. Masks are drawn before, so recomputation sees the same masks.
 With `forward_budget_bytes`, the chunk size follows from a memory budget instead:
 budget // the bytes autograd keeps for backward per masked copy, measured (`copy_bytes`) once per
-model and kind of copy by running the costliest copy alone and twice stacked: the difference is
-what one more copy adds (its activations at this depth, batch and dtype), whatever the model keeps
-anyway. Backward's transients (activation gradients, the loss's fp32 temporaries) come on top, in
-about the same proportion at any depth.
+model and kind of copy by running the costliest copy alone and stacked with the next costliest: the
+difference is what one more copy adds (its activations at this depth, batch and dtype), whatever
+the model keeps anyway. Backward's transients (activation gradients, the loss's fp32
+temporaries) come on top, in about the same proportion at any depth.
 """
 
 from __future__ import annotations

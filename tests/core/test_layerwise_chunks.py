@@ -90,6 +90,10 @@ def make_inputs(model: ComponentModel, chunk: int | None, seed: int = 3) -> Step
     )
 
 
+def layerwise_copies(inp: StepInputs) -> list[dict[str, ModuleMask]]:
+    return [{p: ModuleMask(mask=inp.ci.lower[p])} for p in inp.paths]
+
+
 def value_and_grads(
     model: ComponentModel, cfg: C.LossConfig, chunk: int | None
 ) -> tuple[Tensor, list[Tensor]]:
@@ -120,7 +124,7 @@ def test_default_is_one_stacked_forward(llama: ComponentModel):
     """None (and a chunk at least the number of copies) is today's path: one forward of every
     copy, bit for bit."""
     inp = make_inputs(llama, None)
-    copies = [{p: ModuleMask(mask=inp.ci.lower[p])} for p in llama.module_paths]
+    copies = layerwise_copies(inp)
     with torch.no_grad():
         out = llama.masked_forward(inp.batch, copies, inp.cache)
         old = recon_loss(out, inp.target_out, "kl")
@@ -140,9 +144,8 @@ def _saved_elements(inp: StepInputs) -> int:
         total += t.numel()
         return t
 
-    copies = [{p: ModuleMask(mask=inp.ci.lower[p])} for p in inp.paths]
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        masked_recon(inp, copies)
+        masked_recon(inp, layerwise_copies(inp))
     return total
 
 
@@ -169,10 +172,6 @@ def test_config_value_reaches_the_loss_inputs(llama: ComponentModel):
         with torch.no_grad():
             inp = step_inputs(config, llama, batch, noise, 0.0)
         assert inp.copies_per_forward == value
-
-
-def layerwise_copies(inp: StepInputs) -> list[dict[str, ModuleMask]]:
-    return [{p: ModuleMask(mask=inp.ci.lower[p])} for p in inp.paths]
 
 
 def test_a_copy_is_measured_once_and_sizes_the_budgets_chunks(
