@@ -14,13 +14,16 @@ step's random numbers are drawn eagerly, from the run's own generators, and pass
 
 Scalars that change every step (the training fraction that anneals the importance-minimality p)
 enter the graph as 0-d tensors, so nothing recompiles after the first compiled step. A change of
-batch shape (another tape) records again and compiles once more. A step with a PGD loss is not one
-graph (its inner `autograd.grad` cannot be traced) and is compiled in pieces; a step the compiler
-fails on runs eagerly (`CompiledStep`).
+batch shape (another tape) records again and compiles once more. A PGD loss's inner
+`autograd.grad` is traced into the graph too (Dynamo's `trace_autograd_ops`, on for these
+compiles only), so a step with PGD is one graph as well; where that fails (a torch without the
+option) the step is compiled in pieces, and a step the compiler fails on runs eagerly
+(`CompiledStep`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -137,11 +140,21 @@ LossFn = Callable[[Tensor, Noise, "float | Tensor"], tuple[Tensor, dict[str, Ten
 StepFn = Callable[[Tensor, Noise, float], tuple[Tensor, dict[str, Tensor]]]
 
 
+def _tracing_autograd() -> contextlib.AbstractContextManager[Any]:
+    """Dynamo traces `torch.autograd.grad` (PGD's ascent) into the graph, where this torch can;
+    read when a graph is traced, so it is set around every call of a compiled step (a cheap
+    context) rather than for the whole process."""
+    if hasattr(torch._dynamo.config, "trace_autograd_ops"):
+        return torch._dynamo.config.patch(trace_autograd_ops=True)  # type: ignore[no-any-return]
+    return contextlib.nullcontext()
+
+
 class CompiledStep:
     """`step_fn` with its random draws taken out of the graph (see the module docstring).
 
     The step is compiled as one graph (`fullgraph`) where it can be; a step that cannot (PGD's
-    inner gradient) is compiled in pieces, its draws handed out between them (`EagerReplayNoise`).
+    inner gradient on a torch that cannot trace it) is compiled in pieces, its draws handed out
+    between them (`EagerReplayNoise`).
     `fullgraph` says which it was, after the first compiled call; `eager`, that compiling failed
     and the step runs eagerly (same draws, same numbers)."""
 
@@ -189,11 +202,12 @@ class CompiledStep:
         if self._frac is None or self._frac.device != batch.device:
             self._frac = torch.zeros((), dtype=torch.float64, device=batch.device)
         frac = self._frac.fill_(step_frac)
-        if self.fullgraph is None:
-            return self._first_compiled(batch, draws, frac, step_frac)
-        if self.fullgraph:
-            return self._whole(batch, draws, frac)
-        return self._pieces(batch, draws, frac)
+        with _tracing_autograd():
+            if self.fullgraph is None:
+                return self._first_compiled(batch, draws, frac, step_frac)
+            if self.fullgraph:
+                return self._whole(batch, draws, frac)
+            return self._pieces(batch, draws, frac)
 
     def _first_compiled(
         self, batch: Tensor, draws: list[Tensor], frac: Tensor, step_frac: float

@@ -39,6 +39,17 @@ def _init_source(
     return src
 
 
+# A leaf requiring grad that the ascent's sources are offset by (by zero), so that they require
+# grad without `requires_grad_`: traced by torch.compile, a tensor that had `requires_grad_` called
+# may not reach the step's outputs, and the stepped sources do. Gradients are only ever taken
+# with respect to the offset sources (`autograd.grad`), never accumulated into this tensor.
+_ANCHOR = torch.zeros((), requires_grad=True)
+
+
+def _ascent_leaf(src: Tensor) -> Tensor:
+    return src.detach() + _ANCHOR.to(src.device)
+
+
 def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
@@ -74,19 +85,20 @@ def pgd_recon_loss(inp: StepInputs, cfg: schema._PGD, routes_per_copy: list[Rout
             out.append(masks)
         return out
 
-    flat = [s for copy_src in sources for s in copy_src.values()]
     for _ in range(cfg.n_steps):
-        for s in flat:
-            s.requires_grad_(True)
+        current = sources
         with torch.enable_grad():
+            sources = [{p: _ascent_leaf(s) for p, s in c.items()} for c in current]
             grads = _ascent_grads(_detached_cache_inputs(inp), copies(detached=True), sources)
+        flat = [s for copy_src in current for s in copy_src.values()]
         with torch.no_grad():
+            stepped = []
             for s, g in zip(flat, grads, strict=True):
                 if shared and _distributed():
                     dist.all_reduce(g, op=dist.ReduceOp.AVG)
-                s.add_(cfg.step_size * g.sign()).clamp_(0.0, 1.0)
-        for s in flat:
-            s.requires_grad_(False)
+                stepped.append((s + cfg.step_size * g.sign()).clamp(0.0, 1.0))
+        it = iter(stepped)
+        sources = [{p: next(it) for p in c} for c in current]
     return masked_recon(inp, copies(detached=False))
 
 
@@ -99,13 +111,13 @@ def _ascent_grads(
     n = chunk_size(inp, masks)
     if n is None or n >= len(masks):
         flat = [s for copy_src in sources for s in copy_src.values()]
-        return list(torch.autograd.grad(masked_recon(inp, masks), flat))
+        return list(torch.autograd.grad(masked_recon(inp, masks), flat, retain_graph=True))
     grads: list[Tensor] = []
     for start in range(0, len(masks), n):
         chunk = masks[start : start + n]
         flat = [s for copy_src in sources[start : start + n] for s in copy_src.values()]
         loss = stacked_recon(inp, chunk) * (len(chunk) / len(masks))
-        grads.extend(torch.autograd.grad(loss, flat))
+        grads.extend(torch.autograd.grad(loss, flat, retain_graph=True))
     return grads
 
 

@@ -26,7 +26,7 @@ from spd_ray.core.losses import faithfulness_loss
 from spd_ray.core.masks import Noise
 from spd_ray.core.model import ComponentModel
 from spd_ray.core.schedule import scheduled_value
-from spd_ray.core.step import autocast, step_function
+from spd_ray.core.step import attention_backend, autocast, step_function
 from spd_ray.errors import InputError
 
 
@@ -210,7 +210,7 @@ def run_loop(
             group["lr"] = lr
         state.optimizer.zero_grad(set_to_none=True)
         batch = next(ctx.train_batches).to(ctx.device)
-        with autocast(config, ctx.device):
+        with autocast(config, ctx.device), attention_backend(config, ctx.device):
             total, metrics = step_losses(batch, state.noise, step / config.steps)
         total.backward()
         if ws > 1:
