@@ -39,15 +39,21 @@ def _init_source(
     return src
 
 
-# A leaf requiring grad that the ascent's sources are offset by (by zero), so that they require
-# grad without `requires_grad_`: traced by torch.compile, a tensor that had `requires_grad_` called
-# may not reach the step's outputs, and the stepped sources do. Gradients are only ever taken
-# with respect to the offset sources (`autograd.grad`), never accumulated into this tensor.
+# The ascent differentiates its sources offset by this (zero) leaf, so that they require grad
+# without `requires_grad_`: in a `torch.compile`d step, a tensor that had `requires_grad_` called
+# may not reach the graph's outputs, and the stepped sources do. Gradients are only ever taken with
+# respect to the offset sources (`autograd.grad`), never accumulated here.
 _ANCHOR = torch.zeros((), requires_grad=True)
 
 
 def _ascent_leaf(src: Tensor) -> Tensor:
     return src.detach() + _ANCHOR.to(src.device)
+
+
+def _signed_step(src: Tensor, grad: Tensor, cfg: schema._PGD, shared: bool) -> Tensor:
+    if shared and _distributed():
+        dist.all_reduce(grad, op=dist.ReduceOp.AVG)
+    return (src + cfg.step_size * grad.sign()).clamp(0.0, 1.0)
 
 
 def _distributed() -> bool:
@@ -70,9 +76,9 @@ def pgd_recon_loss(inp: StepInputs, cfg: schema._PGD, routes_per_copy: list[Rout
             copy_src[path] = src
         sources.append(copy_src)
 
-    def copies(detached: bool) -> list[dict[str, ModuleMask]]:
+    def copies(srcs: list[dict[str, Tensor]], detached: bool) -> list[dict[str, ModuleMask]]:
         out = []
-        for routes, copy_src in zip(routes_per_copy, sources, strict=True):
+        for routes, copy_src in zip(routes_per_copy, srcs, strict=True):
             masks = {}
             for path, route in routes.items():
                 ci = inp.ci.lower[path]
@@ -86,20 +92,16 @@ def pgd_recon_loss(inp: StepInputs, cfg: schema._PGD, routes_per_copy: list[Rout
         return out
 
     for _ in range(cfg.n_steps):
-        current = sources
         with torch.enable_grad():
-            sources = [{p: _ascent_leaf(s) for p, s in c.items()} for c in current]
-            grads = _ascent_grads(_detached_cache_inputs(inp), copies(detached=True), sources)
-        flat = [s for copy_src in current for s in copy_src.values()]
+            leaves = [{p: _ascent_leaf(s) for p, s in c.items()} for c in sources]
+            detached = _detached_cache_inputs(inp)
+            grads = iter(_ascent_grads(detached, copies(leaves, detached=True), leaves))
         with torch.no_grad():
-            stepped = []
-            for s, g in zip(flat, grads, strict=True):
-                if shared and _distributed():
-                    dist.all_reduce(g, op=dist.ReduceOp.AVG)
-                stepped.append((s + cfg.step_size * g.sign()).clamp(0.0, 1.0))
-        it = iter(stepped)
-        sources = [{p: next(it) for p in c} for c in current]
-    return masked_recon(inp, copies(detached=False))
+            sources = [
+                {p: _signed_step(s, next(grads), cfg, shared) for p, s in c.items()}
+                for c in sources
+            ]
+    return masked_recon(inp, copies(sources, detached=False))
 
 
 def _ascent_grads(
@@ -107,7 +109,10 @@ def _ascent_grads(
 ) -> list[Tensor]:
     """The loss's gradient with respect to every source, copy by copy in order. In chunks of
     `copies_per_forward` copies, each chunk's graph is freed before the next is built: a copy's
-    sources move only its own output, so no chunk needs another's graph (nor a recomputation)."""
+    sources move only its own output, so no chunk needs another's graph (nor a recomputation).
+    `retain_graph`: nodes this graph may share with the step's (autocast's cached weight casts)
+    stay for the step's backward - which `torch.compile` requires to trace the call; the graph
+    itself is freed with `loss` all the same."""
     n = chunk_size(inp, masks)
     if n is None or n >= len(masks):
         flat = [s for copy_src in sources for s in copy_src.values()]
