@@ -39,15 +39,19 @@ def _init_source(
     return src
 
 
-# The ascent differentiates its sources offset by this (zero) leaf, so that they require grad
-# without `requires_grad_`: in a `torch.compile`d step, a tensor that had `requires_grad_` called
-# may not reach the graph's outputs, and the stepped sources do. Gradients are only ever taken with
-# respect to the offset sources (`autograd.grad`), never accumulated here.
-_ANCHOR = torch.zeros((), requires_grad=True)
+# The ascent differentiates its sources offset by a zero leaf of their device, so that they require
+# grad without `requires_grad_`: in a `torch.compile`d step, a tensor that had `requires_grad_`
+# called may not reach the graph's outputs, and the stepped sources do. One leaf per device, made by
+# the first (eager) step, so the compiled step neither creates nor copies one. Gradients are only
+# ever taken with respect to the offset sources (`autograd.grad`), never accumulated here.
+_ANCHORS: dict[torch.device, Tensor] = {}
 
 
 def _ascent_leaf(src: Tensor) -> Tensor:
-    return src.detach() + _ANCHOR.to(src.device)
+    anchor = _ANCHORS.get(src.device)
+    if anchor is None:
+        anchor = _ANCHORS[src.device] = torch.zeros((), device=src.device, requires_grad=True)
+    return src.detach() + anchor
 
 
 def _signed_step(src: Tensor, grad: Tensor, cfg: schema._PGD, shared: bool) -> Tensor:
