@@ -598,7 +598,7 @@ class Config(BaseConfig):
         None,
         description="torch.compile the whole training step (forwards, CI functions, losses, "
         "backward) as one graph, the masks drawn eagerly from the run's streams and passed in "
-        "(same numbers as the eager step; a PGD loss splits it into a few graphs). None: on for "
+        "(same numbers as the eager step; PGD's inner gradient is traced too). None: on for "
         "1-worker runs of at least 1000 steps (core.step.COMPILE_MIN_STEPS), where the ~10-60 s "
         "compile pays off; false: eager.",
     )
