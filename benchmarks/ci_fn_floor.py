@@ -34,6 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from spd_ray.argtypes import positive_int
+
 _SOURCE = r"""
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -202,8 +204,8 @@ def measure(kernel: Any, N: int, C: int, H: int, reps: int) -> tuple[dict[str, f
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--reps", type=int, default=30)
+    parser.add_argument("--threads", type=positive_int, default=2)
+    parser.add_argument("--reps", type=positive_int, default=30)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     kernel = build()

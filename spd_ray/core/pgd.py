@@ -95,10 +95,10 @@ def pgd_recon_loss(inp: StepInputs, cfg: schema._PGD, routes_per_copy: list[Rout
             out.append(masks)
         return out
 
+    detached = _detached_cache_inputs(inp)  # the same for every ascent step
     for _ in range(cfg.n_steps):
         with torch.enable_grad():
             leaves = [{p: _ascent_leaf(s) for p, s in c.items()} for c in sources]
-            detached = _detached_cache_inputs(inp)
             grads = iter(_ascent_grads(detached, copies(leaves, detached=True), leaves))
         with torch.no_grad():
             sources = [
