@@ -602,6 +602,14 @@ class Config(BaseConfig):
         "1-worker runs of at least 1000 steps (core.step.COMPILE_MIN_STEPS), where the ~10-60 s "
         "compile pays off; false: eager.",
     )
+    ci_skip_zero_rows: bool | None = Field(
+        None,
+        description="Evaluate the CI functions once for all rows whose module input is exactly "
+        "zero (they share one value: a CI function is row-wise and x @ V of a zero row is 0) and "
+        "on the other rows alone, compacted to a size measured on the first batch; the same "
+        "numbers up to float rounding (most rows of the sparse toy tasks are zero). None: on for "
+        "CPU workers; off on GPUs, where the check of the compacted size would sync the host.",
+    )
     masked_copies_per_forward: int | None = Field(
         None,
         ge=1,

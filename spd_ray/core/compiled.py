@@ -134,6 +134,11 @@ class EagerReplayNoise(ReplayNoise):
         return super()._take(shape)
 
 
+# A metric a step function may return: a 0-d bool, False when an assumption that its compiled graph
+# made about the batch does not hold (a fixed number of nonzero rows, `ci_on_nonzero_rows`), so
+# that its values are wrong; `CompiledStep` then runs the step again eagerly with the same draws.
+STEP_VALID = "_step_valid"
+
 # (batch, noise, step_frac) -> (total loss, metrics): the step's losses, with step_frac a float
 # eagerly and a 0-d tensor inside the compiled graph (`LossFn`), a float from the loop (`StepFn`)
 LossFn = Callable[[Tensor, Noise, "float | Tensor"], tuple[Tensor, dict[str, Tensor]]]
@@ -166,6 +171,8 @@ class CompiledStep:
         self.eager = False  # set when compiling failed
         self._frac: Tensor | None = None
         self._tapes: dict[tuple[int, ...], list[Draw]] = {}
+        self._checks_valid: bool | None = None  # whether the step returns STEP_VALID
+        self.reruns = 0  # compiled steps run again eagerly (STEP_VALID False)
 
     def _run(
         self, noise: ReplayNoise, batch: Tensor, step_frac: Tensor
@@ -202,12 +209,23 @@ class CompiledStep:
         if self._frac is None or self._frac.device != batch.device:
             self._frac = torch.zeros((), dtype=torch.float64, device=batch.device)
         frac = self._frac.fill_(step_frac)
+        # A step that may find itself invalid is run again on the same draws, which it may
+        # change in place (PGD's): a copy first.
+        kept = [d.clone() for d in draws] if self._checks_valid is not False else draws
         with _tracing_autograd():
             if self.fullgraph is None:
-                return self._first_compiled(batch, draws, frac, step_frac)
-            if self.fullgraph:
-                return self._whole(batch, draws, frac)
-            return self._pieces(batch, draws, frac)
+                result = self._first_compiled(batch, draws, frac, step_frac)
+            elif self.fullgraph:
+                result = self._whole(batch, draws, frac)
+            else:
+                result = self._pieces(batch, draws, frac)
+        total, metrics = result
+        valid = metrics.pop(STEP_VALID, None)
+        self._checks_valid = valid is not None
+        if valid is None or bool(valid):
+            return total, metrics
+        self.reruns += 1
+        return self._fn(batch, ReplayNoise(kept), step_frac)
 
     def _first_compiled(
         self, batch: Tensor, draws: list[Tensor], frac: Tensor, step_frac: float

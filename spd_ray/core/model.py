@@ -35,7 +35,14 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from spd_ray.config import CIFnType, SigmoidType
-from spd_ray.core.ci import CIFn, make_ci_fn, sigmoid_pair
+from spd_ray.core.ci import (
+    CIFn,
+    ci_on_nonzero_rows,
+    make_ci_fn,
+    nonzero_row_capacity,
+    nonzero_rows,
+    sigmoid_pair,
+)
 from spd_ray.core.components import (
     Components,
     EmbeddingComponents,
@@ -314,6 +321,10 @@ class CIOutputs:
     lower: dict[str, Tensor]  # lower-leaky CI: masks and every recon metric
     upper: dict[str, Tensor]  # upper-leaky CI: importance minimality only
     pre_sigmoid: dict[str, Tensor]
+    # Inside a compiled step that skipped zero rows: a 0-d bool, False when some module had more
+    # nonzero rows than its capacity (the values above are then wrong; the step must be re-run
+    # eagerly). None otherwise.
+    rows_fit: Tensor | None = None
 
 
 class ComponentModel(nn.Module):
@@ -386,6 +397,10 @@ class ComponentModel(nn.Module):
             setattr(parent, child, wrapper)
             self.wrappers[path] = wrapper
         self._ci_forward: dict[str, Callable[[Tensor], Tensor]] = {}
+        # CI functions evaluated apart on zero rows (`ci_on_nonzero_rows`; `skip_zero_rows`):
+        # the capacity per (module, rows per batch), measured on the first such batch.
+        self.skip_zero_rows = False
+        self._row_capacity: dict[tuple[str, int], int | None] = {}
 
     # -- structure ---------------------------------------------------------------------------
 
@@ -488,10 +503,13 @@ class ComponentModel(nn.Module):
         noise: Noise | None = None,
     ) -> CIOutputs:
         lower, upper, pre = {}, {}, {}
+        rows_fit: Tensor | None = None
         for path in self.module_paths:
             fn = self.ci_fn(path)
             inp = cache.acts(path) if fn.takes_component_acts else cache.inputs[path]
-            z = self._ci_forward.get(path, fn)(inp)
+            z, fit = self._ci_rows(path, self._ci_forward.get(path, fn), inp, cache.inputs[path])
+            if fit is not None:
+                rows_fit = fit if rows_fit is None else rows_fit & fit
             z_lower = z
             if sampling == "binomial":
                 assert noise is not None, "binomial sampling needs noise"
@@ -500,7 +518,36 @@ class ComponentModel(nn.Module):
             lower[path] = self._lower_sigmoid(z_lower)
             upper[path] = self._upper_sigmoid(z)
             pre[path] = z
-        return CIOutputs(lower=lower, upper=upper, pre_sigmoid=pre)
+        return CIOutputs(lower=lower, upper=upper, pre_sigmoid=pre, rows_fit=rows_fit)
+
+    def _ci_rows(
+        self, path: str, fn: Callable[[Tensor], Tensor], inp: Tensor, module_input: Tensor
+    ) -> tuple[Tensor, Tensor | None]:
+        """`fn(inp)`, skipping zero rows of the module input where that saves work (an
+        embedding's input is token ids, whose zero is a token like any other), and, inside a
+        compiled step, whether the rows fit the capacity (see `CIOutputs.rows_fit`)."""
+        if not self.skip_zero_rows or self.wrappers[path].kind == "embedding":
+            return fn(inp), None
+        n = inp.shape[:-1].numel()
+        key = (path, n)
+        if torch.compiler.is_compiling():
+            capacity = self._row_capacity.get(key)  # set by the first, eager step
+            if capacity is None:
+                return fn(inp), None
+            return ci_on_nonzero_rows(fn, inp, nonzero_rows(module_input, n), capacity)
+        capacity = self._row_capacity.get(key, -1)
+        if capacity is None:  # too few zero rows to skip (measured on the first batch)
+            return fn(inp), None
+        nonzero = nonzero_rows(module_input, n)
+        n_nonzero = int(nonzero.sum())
+        if n_nonzero > capacity:
+            # The first batch of this shape, or a denser one than that (also the eager re-run of
+            # a compiled step that did not fit): it sets the capacity from here on (a compiled
+            # step compiles once more), so data that grows denser does not run every step twice.
+            capacity = self._row_capacity[key] = nonzero_row_capacity(n_nonzero, n)
+        if capacity is None:
+            return fn(inp), None
+        return ci_on_nonzero_rows(fn, inp, nonzero, capacity)[0], None
 
     def causal_importances(self, batch: Tensor) -> dict[str, Tensor]:
         """Lower-leaky CI values {path: [..., C]} of a batch (continuous sampling)."""

@@ -10,7 +10,7 @@ from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from spd_ray.config import Config, IHTargetConfig, IHTaskConfig, LMTaskConfig
-from spd_ray.core.compiled import CompiledStep, StepFn
+from spd_ray.core.compiled import STEP_VALID, CompiledStep, StepFn
 from spd_ray.core.losses import total_loss
 from spd_ray.core.masks import Noise
 from spd_ray.core.model import ComponentModel
@@ -117,6 +117,8 @@ def train_step_losses(
     total, terms = total_loss(list(config.loss_metric_configs), inp)
     metrics = {k: v.detach() for k, v in terms.items()}
     metrics["loss/total"] = total.detach()
+    if inp.ci.rows_fit is not None:  # compiled, skipping zero rows: see `CompiledStep`
+        metrics[STEP_VALID] = inp.ci.rows_fit
     thr = config.ci_alive_threshold
     for path, ci in inp.ci.lower.items():
         metrics[f"l0/{path}"] = (ci.detach() > thr).sum(-1).float().mean()

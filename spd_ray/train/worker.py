@@ -59,6 +59,8 @@ def build_worker(
     # derived from config.seed (spd_ray.core.streams), so none repeats another's numbers.
     torch.manual_seed(stream_seed(config.seed, "init"))
     model = build_component_model(config, target).to(device)
+    skip = config.ci_skip_zero_rows
+    model.skip_zero_rows = device.type == "cpu" if skip is None else skip
     if config.compile_ci_fns and not compiles_step(config, world_size):
         model.compile_ci_fns()  # a compiled step compiles them with everything else
     train, fresh_eval, single = data_streams(config, target, out_root, device, rank, world_size)
