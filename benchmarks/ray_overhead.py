@@ -40,19 +40,7 @@ from pathlib import Path
 
 import torch
 
-
-def positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
-    return value
-
-
-def nonneg(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be at least 0, not {value}")
-    return value
+from spd_ray.argtypes import nonneg_int, positive_int
 
 
 def overhead_runs(
@@ -310,13 +298,13 @@ def print_pairs(pairs: list[dict[str, float]]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--experiment", default="tms_5-2", help="registry experiment")
-    parser.add_argument("--steps", type=positive, default=2000, help="steps of each paired run")
+    parser.add_argument("--steps", type=positive_int, default=2000, help="steps of each paired run")
     parser.add_argument(
-        "--repeats", type=nonneg, default=3, help="in-process/Ray pairs, run in turns (0: none)"
+        "--repeats", type=nonneg_int, default=3, help="in-process/Ray pairs, run in turns (0: none)"
     )
     parser.add_argument(
         "--interleave",
-        type=nonneg,
+        type=nonneg_int,
         default=0,
         metavar="N",
         help="first measure the per-step ratio with both runs alive, taking turns (the other "
