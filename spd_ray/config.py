@@ -61,6 +61,7 @@ class ModulePatternInfo(BaseConfig):
 CIFnType = Literal["mlp", "vector_mlp", "shared_mlp"]
 SigmoidType = Literal["normal", "hard", "leaky_hard", "upper_leaky_hard", "swish_hard"]
 Sampling = Literal["continuous", "binomial"]
+MaskRng = Literal["counter", "generator"]
 OutputLossType = Literal["mse", "kl"]
 
 
@@ -601,6 +602,14 @@ class Config(BaseConfig):
         "(same numbers as the eager step; PGD's inner gradient is traced too). None: on for "
         "1-worker runs of at least 1000 steps (core.step.COMPILE_MIN_STEPS), where the ~10-60 s "
         "compile pays off; false: eager.",
+    )
+    mask_rng: MaskRng = Field(
+        "counter",
+        description="Where mask noise and PGD's random sources come from: 'counter' hashes "
+        "(stream seed, draw number, element index) (spd_ray.core.counter_rng), so a compiled "
+        "step computes its draws inside the graph and CPU and GPU draw the same numbers; "
+        "'generator' draws from torch.Generators (a serial Mersenne Twister on CPU), the "
+        "stream of runs made before counter-based noise existed.",
     )
     ci_skip_zero_rows: bool | None = Field(
         None,

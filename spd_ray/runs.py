@@ -183,14 +183,21 @@ class RunDir:
     def finished(self) -> bool:
         return (self.path / SUMMARY).exists()
 
-    def read_config(self) -> Config:
+    def _stored_config(self) -> Any:
+        """config.yaml as written, with the defaults of runs made before a field existed where
+        today's default would change their numbers."""
         data = yaml.safe_load((self.path / CONFIG).read_text())
-        return config_from_dict(data, str(self.path / CONFIG))
+        if isinstance(data, dict) and "mask_rng" not in data:
+            data = {**data, "mask_rng": "generator"}  # mask noise from torch.Generators back then
+        return data
+
+    def read_config(self) -> Config:
+        return config_from_dict(self._stored_config(), str(self.path / CONFIG))
 
     def init(self, config: Config) -> None:
         """Create the folder and config.yaml, or check that an existing run has the same config."""
         if self.exists():
-            old = yaml.safe_load((self.path / CONFIG).read_text())
+            old = self._stored_config()
             # Read through today's schema, so a field added since takes its default; a config the
             # schema refuses is compared as written (the first difference names what changed).
             with contextlib.suppress(ConfigError):
@@ -198,9 +205,15 @@ class RunDir:
             new = config.model_dump(mode="json")
             key = _first_difference(old, new)
             if key is not None:
+                hint = ""
+                if key.rstrip(".") == "mask_rng" and old.get("mask_rng") == "generator":
+                    hint = (
+                        " (its mask noise comes from torch.Generators: add --set "
+                        "mask_rng=generator to resume it)"
+                    )
                 raise ConfigError(
-                    f"{self.path} holds a run with a different config (first difference: {key}); "
-                    "use --fresh to start over or another --name"
+                    f"{self.path} holds a run with a different config (first difference: "
+                    f"{key}){hint}; use --fresh to start over or another --name"
                 )
             return
         self.path.mkdir(parents=True, exist_ok=True)

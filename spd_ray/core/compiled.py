@@ -1,16 +1,18 @@
 """The whole training step (clean forward, CI functions, every loss term and, through AOTAutograd,
 their backward) as one `torch.compile`d graph.
 
-Dynamo cannot put draws from a `torch.Generator` into a graph, and the run's masks must stay the
-eager step's masks draw for draw (same numbers at a fixed seed, however the step is run). So the
-step's random numbers are drawn eagerly, from the run's own generators, and passed in as inputs:
+The run's masks must stay the eager step's masks draw for draw (same numbers at a fixed seed,
+however the step is run), and Dynamo cannot put draws from a `torch.Generator` into a graph. So:
 
 1. The first call runs the step eagerly through a `RecordingNoise`, which draws from the real
    streams and writes down each draw's kind and shape (the step's *tape*: it depends only on the
    config and the batch shape, which are fixed for a run).
 2. Every later call first replays the tape against the real streams (`draw_tape`: the same calls
-   in the same order, so the same numbers), then runs the compiled step with a `ReplayNoise` that
-   hands out those tensors in order.
+   in the same order), then runs the compiled step with a `ReplayNoise` that hands them out in
+   order. With counter-based noise (`mask_rng: counter`, the default: `CounterNoise`) what is
+   replayed is each draw's key, two words, and the graph computes the numbers from it - hashing
+   fused with the mask arithmetic, the same bits as the eager draw. With generator noise the
+   numbers themselves are drawn eagerly and passed in.
 
 Scalars that change every step (the training fraction that anneals the importance-minimality p)
 enter the graph as 0-d tensors, so nothing recompiles after the first compiled step. A change of
@@ -24,6 +26,7 @@ option) the step is compiled in pieces, and a step the compiler fails on runs ea
 from __future__ import annotations
 
 import contextlib
+import math
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -32,7 +35,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from spd_ray.core.masks import Noise
+from spd_ray.core.masks import CounterNoise, Noise, counter_randint, counter_uniform
 
 Which = Literal["masks", "pgd"]
 
@@ -57,51 +60,49 @@ class RecordingNoise(Noise):
         self._base, self.tape, self.which = base, tape, which
 
     def pgd_init(self) -> Noise:
-        if self.which == "pgd" or self.pgd_generator is None:
+        pgd = self._base.pgd_init()
+        if self.which == "pgd" or pgd is self._base:
             return self  # no separate stream: PGD draws from this one
-        return RecordingNoise(self._base.pgd_init(), self.tape, "pgd")
+        return RecordingNoise(pgd, self.tape, "pgd")
 
     def rand(self, shape: tuple[int, ...], device: torch.device, dtype: torch.dtype) -> Tensor:
         self.tape.append(Draw(self.which, "rand", tuple(shape), dtype))
-        return super().rand(shape, device, dtype)
+        return self._base.rand(shape, device, dtype)
 
     def randint(self, low: int, high: int, shape: tuple[int, ...], device: torch.device) -> Tensor:
         self.tape.append(Draw(self.which, "randint", tuple(shape), low=low, high=high))
-        return super().randint(low, high, shape, device)
+        return self._base.randint(low, high, shape, device)
 
     def rand_unbatched(
         self, shape: tuple[int, ...], device: torch.device, dtype: torch.dtype
     ) -> Tensor:
         self.tape.append(Draw(self.which, "rand_unbatched", tuple(shape), dtype))
-        return super().rand_unbatched(shape, device, dtype)
+        return self._base.rand_unbatched(shape, device, dtype)
 
 
-def draw_tape(noise: Noise, tape: list[Draw], device: torch.device) -> list[Tensor]:
-    """The tape's draws from the real streams of `noise`, in order: the numbers an eager step
-    would have drawn."""
+def draw_tape(noise: Noise, tape: list[Draw], device: torch.device) -> tuple[list[Tensor], bool]:
+    """The tape's draws from the real streams of `noise`, in order (`Noise.prepare`): the numbers
+    an eager step would have drawn, or for counter-based noise each draw's key, from which the graph
+    computes the same numbers; and whether they are keys."""
     streams = {"masks": noise, "pgd": noise.pgd_init()}
-    out = []
-    for d in tape:
-        n = streams[d.which]
-        match d.kind:
-            case "rand":
-                assert d.dtype is not None
-                out.append(n.rand(d.shape, device, d.dtype))
-            case "randint":
-                out.append(n.randint(d.low, d.high, d.shape, device))
-            case "rand_unbatched":
-                assert d.dtype is not None
-                out.append(n.rand_unbatched(d.shape, device, d.dtype))
-    return out
+    keyed = {isinstance(n, CounterNoise) for n in streams.values()}
+    assert len(keyed) == 1, "counter-based and generator streams mixed in one noise"
+    out = [streams[d.which].prepare(d.kind, d.shape, device, d.dtype, d.low, d.high) for d in tape]
+    return out, keyed.pop()
 
 
 class ReplayNoise(Noise):
-    """Hands out pre-drawn tensors in the order they were recorded (inside the compiled step)."""
+    """Hands out pre-drawn tensors in the order they were recorded (inside the compiled step), or,
+    `keyed`, computes each draw there from its key (counter-based noise of a worker at `rank` of
+    `world_size`: the numbers `CounterNoise` draws eagerly)."""
 
-    def __init__(self, draws: list[Tensor]):
-        super().__init__(None)
+    def __init__(
+        self, draws: list[Tensor], keyed: bool = False, rank: int = 0, world_size: int = 1
+    ):
+        super().__init__(None, rank, world_size)
         self._draws = draws
         self._next = 0
+        self._keyed = keyed
 
     def pgd_init(self) -> Noise:
         return self  # one tape for both streams, in call order
@@ -109,19 +110,30 @@ class ReplayNoise(Noise):
     def _take(self, shape: tuple[int, ...]) -> Tensor:
         t = self._draws[self._next]
         self._next += 1
-        assert tuple(t.shape) == tuple(shape), f"replayed draw {tuple(t.shape)} != {shape}"
+        want = (2,) if self._keyed else tuple(shape)
+        assert tuple(t.shape) == want, f"replayed draw {tuple(t.shape)} != {want}"
         return t
 
     def rand(self, shape: tuple[int, ...], device: torch.device, dtype: torch.dtype) -> Tensor:
-        return self._take(shape)
+        if not self._keyed:
+            return self._take(shape)
+        shape = tuple(shape)
+        start = self.rank * math.prod(shape)
+        return counter_uniform(self._take(shape), shape, start, device, dtype)
 
     def randint(self, low: int, high: int, shape: tuple[int, ...], device: torch.device) -> Tensor:
-        return self._take(shape)
+        if not self._keyed:
+            return self._take(shape)
+        shape = tuple(shape)
+        start = self.rank * math.prod(shape)
+        return counter_randint(self._take(shape), shape, start, device, low, high)
 
     def rand_unbatched(
         self, shape: tuple[int, ...], device: torch.device, dtype: torch.dtype
     ) -> Tensor:
-        return self._take(shape)
+        if not self._keyed:
+            return self._take(shape)
+        return counter_uniform(self._take(shape), tuple(shape), 0, device, dtype)
 
 
 class EagerReplayNoise(ReplayNoise):
@@ -173,6 +185,8 @@ class CompiledStep:
         self._tapes: dict[tuple[int, ...], list[Draw]] = {}
         self._checks_valid: bool | None = None  # whether the step returns STEP_VALID
         self.reruns = 0  # compiled steps run again eagerly (STEP_VALID False)
+        # (keyed, rank, world_size): whether the draws are counter-based keys, and the worker
+        self._keyed: tuple[bool, int, int] = (False, 0, 1)
 
     def _run(
         self, noise: ReplayNoise, batch: Tensor, step_frac: Tensor
@@ -184,12 +198,12 @@ class CompiledStep:
     def _replayed(
         self, batch: Tensor, draws: list[Tensor], step_frac: Tensor
     ) -> tuple[Tensor, dict[str, Tensor]]:
-        return self._run(ReplayNoise(draws), batch, step_frac)
+        return self._run(ReplayNoise(draws, *self._keyed), batch, step_frac)
 
     def _replayed_in_pieces(
         self, batch: Tensor, draws: list[Tensor], step_frac: Tensor
     ) -> tuple[Tensor, dict[str, Tensor]]:
-        return self._run(EagerReplayNoise(draws), batch, step_frac)
+        return self._run(EagerReplayNoise(draws, *self._keyed), batch, step_frac)
 
     def __call__(
         self, batch: Tensor, noise: Noise, step_frac: float
@@ -204,7 +218,8 @@ class CompiledStep:
             return result
         if self.eager:
             return self._fn(batch, noise, step_frac)
-        draws = draw_tape(noise, tape, batch.device)
+        draws, keyed = draw_tape(noise, tape, batch.device)
+        self._keyed = (keyed, noise.rank, noise.world_size)  # constants of the graph
         # One device scalar, refilled: a fill is a kernel launch, not a host-to-device copy.
         if self._frac is None or self._frac.device != batch.device:
             self._frac = torch.zeros((), dtype=torch.float64, device=batch.device)
@@ -225,7 +240,7 @@ class CompiledStep:
         if valid is None or bool(valid):
             return total, metrics
         self.reruns += 1
-        return self._fn(batch, ReplayNoise(kept), step_frac)
+        return self._fn(batch, ReplayNoise(kept, *self._keyed), step_frac)
 
     def _first_compiled(
         self, batch: Tensor, draws: list[Tensor], frac: Tensor, step_frac: float
@@ -252,4 +267,4 @@ class CompiledStep:
             self.eager = True
         # The same draws, eagerly: the numbers of an eager run. An error of the step itself
         # (not of the compiler) is raised here again.
-        return self._fn(batch, ReplayNoise(kept), step_frac)
+        return self._fn(batch, ReplayNoise(kept, *self._keyed), step_frac)

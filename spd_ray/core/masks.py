@@ -8,6 +8,7 @@ a module missing from the dict is not replaced at all, `None` for a module means
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -15,8 +16,9 @@ import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
 
-from spd_ray.config import Sampling
-from spd_ray.core.streams import Stream, stream_generator
+from spd_ray.config import MaskRng, Sampling
+from spd_ray.core import counter_rng
+from spd_ray.core.streams import Stream, stream_generator, stream_seed
 
 Routes = dict[str, Tensor | None]
 
@@ -45,10 +47,17 @@ class Noise:
         device: torch.device | str,
         rank: int = 0,
         world_size: int = 1,
+        rng: MaskRng = "counter",
     ) -> Noise:
-        """The mask and PGD-init streams of a run's training or eval (`spd_ray.core.streams`)."""
+        """The mask and PGD-init streams of a run's training or eval (`spd_ray.core.streams`):
+        counter-based (`CounterNoise`, the default) or `torch.Generator`s (`rng="generator"`)."""
         masks: Stream = "train_masks" if phase == "train" else "eval_masks"
         pgd: Stream = "train_pgd_init" if phase == "train" else "eval_pgd_init"
+        if rng == "counter":
+            pgd_noise = CounterNoise(stream_seed(seed, pgd), rank, world_size)
+            return CounterNoise(stream_seed(seed, masks), rank, world_size, pgd=pgd_noise)
+        if rng != "generator":
+            raise ValueError(f"mask_rng must be 'counter' or 'generator', not {rng!r}")
         return cls(
             stream_generator(seed, masks, device),
             rank,
@@ -85,6 +94,125 @@ class Noise:
     ) -> Tensor:
         """U[0, 1) with no batch dim: identical on every worker."""
         return torch.rand(shape, generator=self.generator, device=device, dtype=dtype)
+
+    def prepare(
+        self,
+        kind: Literal["rand", "randint", "rand_unbatched"],
+        shape: tuple[int, ...],
+        device: torch.device,
+        dtype: torch.dtype | None = None,
+        low: int = 0,
+        high: int = 0,
+    ) -> Tensor:
+        """What a compiled step needs to make one draw inside its graph, taken from the stream
+        now: here the numbers themselves (a generator cannot be traced)."""
+        match kind:
+            case "rand":
+                assert dtype is not None
+                return self.rand(shape, device, dtype)
+            case "randint":
+                return self.randint(low, high, shape, device)
+            case "rand_unbatched":
+                assert dtype is not None
+                return self.rand_unbatched(shape, device, dtype)
+
+
+class CounterNoise(Noise):
+    """Noise from one counter-based stream (`spd_ray.core.counter_rng`): draw c is a hash of
+    (stream seed, c, element index), so a worker computes just its own rows of the global draw
+    (the numbers of a 1-worker run), a compiled step computes its draws inside the graph from each
+    draw's key, and CPU and GPU give the same bits. The state is the number of draws taken."""
+
+    def __init__(
+        self,
+        seed: int,
+        rank: int = 0,
+        world_size: int = 1,
+        pgd: CounterNoise | None = None,
+        counter: int = 0,
+    ):
+        super().__init__(None, rank, world_size)
+        self.seed, self.counter, self._pgd = seed, counter, pgd
+
+    def pgd_init(self) -> Noise:
+        return self if self._pgd is None else self._pgd
+
+    def _key(self) -> tuple[int, int]:
+        self.counter += 1
+        return counter_rng.draw_key(self.seed, self.counter - 1)
+
+    def _start(self, shape: tuple[int, ...], batched: bool) -> int:
+        """Flat index of this worker's first element in the global draw (checked to fit)."""
+        n = math.prod(shape)
+        counter_rng.check_size(0, n * (self.world_size if batched else 1))
+        return self.rank * n if batched else 0
+
+    def _uniform(
+        self, shape: tuple[int, ...], device: torch.device, dtype: torch.dtype, batched: bool
+    ) -> Tensor:
+        start, key = self._start(shape, batched), self._key()
+        if device.type == "cpu":
+            bits = counter_rng.bits_np(key, start, math.prod(shape))
+            return counter_rng.uniform_np(bits, dtype).reshape(shape)
+        return counter_uniform(key_tensor(key, device), shape, start, device, dtype)
+
+    def rand(self, shape: tuple[int, ...], device: torch.device, dtype: torch.dtype) -> Tensor:
+        return self._uniform(tuple(shape), device, dtype, batched=True)
+
+    def rand_unbatched(
+        self, shape: tuple[int, ...], device: torch.device, dtype: torch.dtype
+    ) -> Tensor:
+        return self._uniform(tuple(shape), device, dtype, batched=False)
+
+    def randint(self, low: int, high: int, shape: tuple[int, ...], device: torch.device) -> Tensor:
+        shape = tuple(shape)
+        start, key = self._start(shape, True), self._key()
+        if device.type == "cpu":
+            bits = torch.from_numpy(counter_rng.bits_np(key, start, math.prod(shape)))
+            return counter_rng.randint_from_bits(bits, low, high).reshape(shape)
+        return counter_randint(key_tensor(key, device), shape, start, device, low, high)
+
+    def prepare(
+        self,
+        kind: Literal["rand", "randint", "rand_unbatched"],
+        shape: tuple[int, ...],
+        device: torch.device,
+        dtype: torch.dtype | None = None,
+        low: int = 0,
+        high: int = 0,
+    ) -> Tensor:
+        """The draw's key, [k0, k1] (int64): the graph hashes the elements itself."""
+        self._start(tuple(shape), kind != "rand_unbatched")
+        return key_tensor(self._key(), device)
+
+
+def key_tensor(key: tuple[int, int], device: torch.device) -> Tensor:
+    return torch.tensor(key, dtype=torch.int64).to(device, non_blocking=True)
+
+
+def counter_uniform(
+    key: Tensor,
+    shape: tuple[int, ...],
+    start: int,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> Tensor:
+    """U[0, 1) of the draw with `key` (`key_tensor`), elements from flat index `start` (torch ops:
+    traceable, any device; the same bits as `CounterNoise`'s numpy path)."""
+    bits = counter_rng.bits_torch(key, start, math.prod(shape), device)
+    return counter_rng.uniform_from_bits(bits, dtype).reshape(shape)
+
+
+def counter_randint(
+    key: Tensor,
+    shape: tuple[int, ...],
+    start: int,
+    device: torch.device,
+    low: int,
+    high: int,
+) -> Tensor:
+    bits = counter_rng.bits_torch(key, start, math.prod(shape), device)
+    return counter_rng.randint_from_bits(bits, low, high).reshape(shape)
 
 
 def stochastic_mask(

@@ -127,7 +127,7 @@ def eval_fn(
         # The same eval batches and mask noise at every eval, so evals are comparable across steps
         # and a resumed run evaluates exactly like an uninterrupted one.
         batches = fresh_eval()
-        noise = Noise.for_run(config.seed, "eval", device, rank, world_size)
+        noise = Noise.for_run(config.seed, "eval", device, rank, world_size, rng=config.mask_rng)
         return evaluate(
             config,
             m,

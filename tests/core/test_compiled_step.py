@@ -141,9 +141,10 @@ def test_compiled_step_matches_eager_step_by_step(
             assert got[key] == pytest.approx(value, rel=rtol, abs=1e-6), key
 
 
-def test_the_tape_replays_the_real_streams_draw_for_draw():
+@pytest.mark.parametrize("rng", ["counter", "generator"])
+def test_the_tape_replays_the_real_streams_draw_for_draw(rng: Any):
     def noise() -> Noise:
-        return Noise.for_run(3, "train", CPU, rank=1, world_size=2)
+        return Noise.for_run(3, "train", CPU, rank=1, world_size=2, rng=rng)
 
     eager, recorded = noise(), noise()
     tape: list[Any] = []
@@ -167,12 +168,18 @@ def test_the_tape_replays_the_real_streams_draw_for_draw():
         ("pgd", "rand_unbatched"),
         ("masks", "rand"),
     ]
-    # The next step: replaying the tape on the real streams gives what eager calls draw next.
+    # The next step: replaying the tape on the real streams gives what eager calls draw next -
+    # the numbers themselves (generator), or keys from which a ReplayNoise computes them.
     second = calls(eager)
-    replayed = draw_tape(recorded, tape, CPU)
-    assert all(torch.equal(a, b) for a, b in zip(second, replayed, strict=True))
-    # ... and a ReplayNoise hands them out in call order, checking shapes.
-    assert all(torch.equal(a, b) for a, b in zip(second, calls(ReplayNoise(replayed)), strict=True))
+    replayed, keyed = draw_tape(recorded, tape, CPU)
+    assert keyed == (rng == "counter")
+    if not keyed:
+        assert all(torch.equal(a, b) for a, b in zip(second, replayed, strict=True))
+    # ... and a ReplayNoise hands them out in call order, checking shapes, eagerly and compiled.
+    replay = ReplayNoise(replayed, keyed, rank=1, world_size=2)
+    assert all(torch.equal(a, b) for a, b in zip(second, calls(replay), strict=True))
+    compiled = torch.compile(lambda d: calls(ReplayNoise(d, keyed, 1, 2)), fullgraph=True)
+    assert all(torch.equal(a, b) for a, b in zip(second, compiled(replayed), strict=True))
     with pytest.raises(AssertionError, match="replayed draw"):
         ReplayNoise(replayed).rand((9,), CPU, torch.float32)
 

@@ -12,7 +12,7 @@ import torch
 
 import spd_ray.train.worker as run_module
 from spd_ray.config import load_config
-from spd_ray.core.masks import Noise
+from spd_ray.core.masks import CounterNoise, Noise
 from spd_ray.core.streams import STREAM_IDS, Stream, stream_generator, stream_seed
 from spd_ray.data.toy import ToyBatches, make_toy_dataset
 from spd_ray.targets.loading import build_toy
@@ -53,9 +53,10 @@ def test_draws_of_the_named_streams_never_coincide():
         assert not torch.isin(x, y).any(), f"streams {a} and {b} share a draw"
 
 
-def test_noise_for_run_shards_both_streams_like_one_worker():
-    one = Noise.for_run(3, "train", "cpu")
-    two = [Noise.for_run(3, "train", "cpu", rank=r, world_size=2) for r in range(2)]
+@pytest.mark.parametrize("rng", ["counter", "generator"])
+def test_noise_for_run_shards_both_streams_like_one_worker(rng: Any):
+    one = Noise.for_run(3, "train", "cpu", rng=rng)
+    two = [Noise.for_run(3, "train", "cpu", rank=r, world_size=2, rng=rng) for r in range(2)]
     cpu = torch.device("cpu")
     for _ in range(2):
         want = one.rand((4, 5), cpu, torch.float32)
@@ -63,7 +64,10 @@ def test_noise_for_run_shards_both_streams_like_one_worker():
         want = one.pgd_init().rand((4, 3), cpu, torch.float32)
         got = torch.cat([n.pgd_init().rand((2, 3), cpu, torch.float32) for n in two])
         assert torch.equal(got, want)
-    train, evals = Noise.for_run(3, "train", "cpu"), Noise.for_run(3, "eval", "cpu")
+    if rng == "counter":
+        return  # its streams: tests/core/test_counter_rng.py
+    train = Noise.for_run(3, "train", "cpu", rng=rng)
+    evals = Noise.for_run(3, "eval", "cpu", rng=rng)
     firsts = [
         torch.rand(256, generator=g)
         for g in (train.generator, train.pgd_generator, evals.generator, evals.pgd_generator)
@@ -89,21 +93,21 @@ def test_a_run_draws_each_stream_from_its_own_generator(monkeypatch: pytest.Monk
 
     monkeypatch.setattr(run_module, "evaluate", capture)
     worker.ctx.evaluate(worker.model, 0, False)
-    gens = {
-        "train_data": worker.ctx.train_batches.generator,
-        "train_masks": state.noise.generator,
-        "train_pgd_init": state.noise.pgd_generator,
-        "eval_masks": seen["noise"].generator,
-        "eval_pgd_init": seen["noise"].pgd_generator,
+    assert worker.ctx.train_batches.generator.initial_seed() == stream_seed(5, "train_data")
+    noises = {
+        "train_masks": state.noise,
+        "train_pgd_init": state.noise.pgd_init(),
+        "eval_masks": seen["noise"],
+        "eval_pgd_init": seen["noise"].pgd_init(),
     }
-    for name, g in gens.items():
-        assert g.initial_seed() == stream_seed(5, name), name  # type: ignore[arg-type]
+    for name, n in noises.items():  # counter-based streams (mask_rng: counter, the default)
+        assert isinstance(n, CounterNoise) and n.seed == stream_seed(5, name), name  # type: ignore[arg-type]
     dataset = make_toy_dataset(config.task_config, target)  # type: ignore[arg-type]
     eval_bs = config.effective_eval_batch_size
     first_eval = next(ToyBatches(dataset, eval_bs, stream_seed(5, "eval_data")))
     assert torch.equal(seen["batch"], first_eval)
     # The bug the streams fix: at step 0 the ResidMLP data's uniforms u[b, c] were the mask noise.
     shape = (config.batch_size, dataset.n_features)
-    u = torch.rand(shape, generator=_clone(gens["train_data"]))
-    noise = torch.rand(shape, generator=_clone(gens["train_masks"]))
+    u = torch.rand(shape, generator=_clone(worker.ctx.train_batches.generator))
+    noise = CounterNoise(stream_seed(5, "train_masks")).rand(shape, torch.device("cpu"), u.dtype)
     assert not torch.isin(u, noise).any()

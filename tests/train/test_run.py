@@ -253,3 +253,45 @@ def test_tensorboard_and_offline_wandb_tracking(tmp_path: Path) -> None:
     assert [e.step for e in tb] == [m["step"] for m in evals] == [0, 20, 40]
     assert [e.value for e in tb] == pytest.approx([m["eval/loss/FaithfulnessLoss"] for m in evals])
     assert "figures/causal_importances" in events.Tags()["images"]
+
+
+def test_a_run_from_before_counter_noise_resumes_only_on_its_generator_stream(tmp_path: Path):
+    """Runs made before `mask_rng` existed drew their masks from torch.Generators: their stored
+    config reads as `mask_rng: generator`, today's default (counter) is refused with the fix in
+    the message, and the checkpoint's noise state must match the config's kind."""
+    from spd_ray.config import ConfigError, save_config
+    from spd_ray.core.masks import Noise
+    from spd_ray.errors import InputError
+    from spd_ray.train.loop import load_noise_state, noise_state
+
+    counter = load_config(TINY)
+    assert counter.mask_rng == "counter"
+    generator = load_config(TINY, ["mask_rng=generator"])
+    run = RunDir(tmp_path / "old")
+    run.path.mkdir()
+    save_config(generator, run.path / "config.yaml")
+    text = (run.path / "config.yaml").read_text()
+    (run.path / "config.yaml").write_text(
+        "\n".join(line for line in text.splitlines() if not line.startswith("mask_rng"))
+    )
+    before = (run.path / "config.yaml").read_bytes()
+    assert run.read_config().mask_rng == "generator"
+    with pytest.raises(ConfigError, match="first difference: mask_rng.*--set mask_rng=generator"):
+        run.init(counter)
+    run.init(generator)  # the same config: resumes
+    assert (run.path / "config.yaml").read_bytes() == before  # nothing rewritten
+
+    cpu = torch.device("cpu")
+    old, new = Noise.for_run(0, "train", cpu, rng="generator"), Noise.for_run(0, "train", cpu)
+    old.rand((3,), cpu, torch.float32)
+    new.rand((3,), cpu, torch.float32)
+    with pytest.raises(InputError, match="--set mask_rng=generator"):
+        load_noise_state(Noise.for_run(0, "train", cpu), noise_state(old))
+    with pytest.raises(InputError, match="--set mask_rng=counter"):
+        load_noise_state(Noise.for_run(0, "train", cpu, rng="generator"), noise_state(new))
+    # Matching kinds continue where they stopped.
+    for made, rng in ((old, "generator"), (new, "counter")):
+        fresh = Noise.for_run(0, "train", cpu, rng=rng)  # type: ignore[arg-type]
+        load_noise_state(fresh, noise_state(made))
+        want = made.rand((4,), cpu, torch.float32)
+        assert torch.equal(fresh.rand((4,), cpu, torch.float32), want)
