@@ -26,7 +26,6 @@ option) the step is compiled in pieces, and a step the compiler fails on runs ea
 from __future__ import annotations
 
 import contextlib
-import math
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -35,7 +34,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from spd_ray.core.masks import CounterNoise, Noise, counter_randint, counter_uniform
+from spd_ray.core.masks import Noise, counter_randint, counter_uniform
 
 Which = Literal["masks", "pgd"]
 
@@ -85,10 +84,9 @@ def draw_tape(noise: Noise, tape: list[Draw], device: torch.device) -> tuple[lis
     an eager step would have drawn, or for counter-based noise each draw's key, from which the graph
     computes the same numbers; and whether they are keys."""
     streams = {"masks": noise, "pgd": noise.pgd_init()}
-    keyed = {isinstance(n, CounterNoise) for n in streams.values()}
-    assert len(keyed) == 1, "counter-based and generator streams mixed in one noise"
+    assert noise.keyed == streams["pgd"].keyed, "counter-based and generator streams mixed"
     out = [streams[d.which].prepare(d.kind, d.shape, device, d.dtype, d.low, d.high) for d in tape]
-    return out, keyed.pop()
+    return out, noise.keyed
 
 
 class ReplayNoise(Noise):
@@ -118,14 +116,13 @@ class ReplayNoise(Noise):
         if not self._keyed:
             return self._take(shape)
         shape = tuple(shape)
-        start = self.rank * math.prod(shape)
-        return counter_uniform(self._take(shape), shape, start, device, dtype)
+        return counter_uniform(self._take(shape), shape, self.first_index(shape), device, dtype)
 
     def randint(self, low: int, high: int, shape: tuple[int, ...], device: torch.device) -> Tensor:
         if not self._keyed:
             return self._take(shape)
         shape = tuple(shape)
-        start = self.rank * math.prod(shape)
+        start = self.first_index(shape)
         return counter_randint(self._take(shape), shape, start, device, low, high)
 
     def rand_unbatched(

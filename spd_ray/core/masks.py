@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from jaxtyping import Bool, Float
@@ -19,6 +19,7 @@ from torch import Tensor
 from spd_ray.config import MaskRng, Sampling
 from spd_ray.core import counter_rng
 from spd_ray.core.streams import Stream, stream_generator, stream_seed
+from spd_ray.errors import InputError
 
 Routes = dict[str, Tensor | None]
 
@@ -80,6 +81,41 @@ class Noise:
     def _global(self, shape: tuple[int, ...]) -> tuple[int, ...]:
         return shape if self.world_size == 1 else (shape[0] * self.world_size, *shape[1:])
 
+    def first_index(self, shape: tuple[int, ...], batched: bool = True) -> int:
+        """Flat index of this worker's first element in a global draw whose dim 0 is split across
+        workers (`batched`), or 0 for a draw every worker shares."""
+        return self.rank * math.prod(shape) if batched else 0
+
+    # Counter-based streams compute draws from keys (`CounterNoise.prepare`); generators cannot.
+    keyed = False
+
+    def state_dict(self) -> dict[str, Any]:
+        """The streams' positions (checkpoint keys `noise_rng`, `pgd_init_rng`)."""
+        if self.generator is None or self.pgd_generator is None:
+            raise ValueError("only a run's noise (Noise.for_run) has a state to save")
+        return {
+            "noise_rng": self.generator.get_state(),
+            "pgd_init_rng": self.pgd_generator.get_state(),
+        }
+
+    def load_state_dict(self, saved: dict[str, Any]) -> None:
+        """Restore `state_dict`; a checkpoint of the other kind of stream is an `InputError` that
+        says which `--set mask_rng=...` resumes it."""
+        if "noise_counter" in saved:
+            raise InputError(
+                "checkpoint holds counter-based mask noise but the config says mask_rng: "
+                "generator; resume with --set mask_rng=counter or start again with --fresh"
+            )
+        if "pgd_init_rng" not in saved:
+            raise InputError(
+                "checkpoint has no 'pgd_init_rng': it predates the separate random streams "
+                "(spd_ray.core.streams); start the run again with --fresh"
+            )
+        if self.generator is None or self.pgd_generator is None:
+            raise ValueError("only a run's noise (Noise.for_run) has a state to load")
+        self.generator.set_state(saved["noise_rng"])
+        self.pgd_generator.set_state(saved["pgd_init_rng"])
+
     def rand(self, shape: tuple[int, ...], device: torch.device, dtype: torch.dtype) -> Tensor:
         """U[0, 1) of `shape`, whose dim 0 is this worker's share of the batch."""
         g = torch.rand(self._global(shape), generator=self.generator, device=device, dtype=dtype)
@@ -134,8 +170,27 @@ class CounterNoise(Noise):
         super().__init__(None, rank, world_size)
         self.seed, self.counter, self._pgd = seed, counter, pgd
 
+    keyed = True
+
     def pgd_init(self) -> Noise:
         return self if self._pgd is None else self._pgd
+
+    def state_dict(self) -> dict[str, Any]:
+        """The draw counters of the mask and PGD-init streams (checkpoint key `noise_counter`)."""
+        if self._pgd is None:
+            raise ValueError("only a run's noise (Noise.for_run) has a state to save")
+        return {"noise_counter": [self.counter, self._pgd.counter]}
+
+    def load_state_dict(self, saved: dict[str, Any]) -> None:
+        if "noise_counter" not in saved:
+            raise InputError(
+                "checkpoint holds torch.Generator mask noise but the config says mask_rng: "
+                "counter; resume with --set mask_rng=generator (the stream it was made with) or "
+                "start again with --fresh"
+            )
+        if self._pgd is None:
+            raise ValueError("only a run's noise (Noise.for_run) has a state to load")
+        self.counter, self._pgd.counter = (int(c) for c in saved["noise_counter"])
 
     def _key(self) -> tuple[int, int]:
         self.counter += 1
@@ -143,9 +198,8 @@ class CounterNoise(Noise):
 
     def _start(self, shape: tuple[int, ...], batched: bool) -> int:
         """Flat index of this worker's first element in the global draw (checked to fit)."""
-        n = math.prod(shape)
-        counter_rng.check_size(0, n * (self.world_size if batched else 1))
-        return self.rank * n if batched else 0
+        counter_rng.check_size(0, math.prod(shape) * (self.world_size if batched else 1))
+        return self.first_index(shape, batched)
 
     def _uniform(
         self, shape: tuple[int, ...], device: torch.device, dtype: torch.dtype, batched: bool

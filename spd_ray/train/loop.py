@@ -23,11 +23,10 @@ from torch import Tensor
 
 from spd_ray.config import Config
 from spd_ray.core.losses import faithfulness_loss
-from spd_ray.core.masks import CounterNoise, Noise
+from spd_ray.core.masks import Noise
 from spd_ray.core.model import ComponentModel
 from spd_ray.core.schedule import scheduled_value
 from spd_ray.core.step import attention_backend, autocast, step_function
-from spd_ray.errors import InputError
 
 
 class Batches(Protocol):
@@ -97,46 +96,6 @@ def make_state(config: Config, ctx: LoopContext) -> LoopState:
     return LoopState(optimizer, noise)
 
 
-def noise_state(noise: Noise) -> dict[str, Any]:
-    """The mask and PGD-init streams' positions: draw counters, or generator states."""
-    if isinstance(noise, CounterNoise):
-        pgd = noise.pgd_init()
-        assert isinstance(pgd, CounterNoise) and pgd is not noise
-        return {"noise_counter": [noise.counter, pgd.counter]}
-    assert noise.generator is not None and noise.pgd_generator is not None
-    return {
-        "noise_rng": noise.generator.get_state(),
-        "pgd_init_rng": noise.pgd_generator.get_state(),
-    }
-
-
-def load_noise_state(noise: Noise, saved: dict[str, Any]) -> None:
-    if isinstance(noise, CounterNoise):
-        if "noise_counter" not in saved:
-            raise InputError(
-                "checkpoint holds torch.Generator mask noise but the config says mask_rng: "
-                "counter; resume with --set mask_rng=generator (the stream it was made with) or "
-                "start again with --fresh"
-            )
-        pgd = noise.pgd_init()
-        assert isinstance(pgd, CounterNoise)
-        noise.counter, pgd.counter = (int(c) for c in saved["noise_counter"])
-        return
-    if "noise_counter" in saved:
-        raise InputError(
-            "checkpoint holds counter-based mask noise but the config says mask_rng: generator; "
-            "resume with --set mask_rng=counter or start again with --fresh"
-        )
-    if "pgd_init_rng" not in saved:
-        raise InputError(
-            "checkpoint has no 'pgd_init_rng': it predates the separate random streams "
-            "(spd_ray.core.streams); start the run again with --fresh"
-        )
-    assert noise.generator is not None and noise.pgd_generator is not None
-    noise.generator.set_state(saved["noise_rng"])
-    noise.pgd_generator.set_state(saved["pgd_init_rng"])
-
-
 def state_dict(state: LoopState, model: ComponentModel, batches: Batches) -> dict[str, Any]:
     """The whole training state, independent of the number of workers."""
     return {
@@ -144,7 +103,7 @@ def state_dict(state: LoopState, model: ComponentModel, batches: Batches) -> dic
         "optimizer": state.optimizer.state_dict(),
         "step": state.step,
         "warmup_done": state.warmup_done,
-        **noise_state(state.noise),
+        **state.noise.state_dict(),
         "data": batches.state_dict(),
         "sums": {k: v.detach().cpu() for k, v in state.sums.items()},
         "n_summed": state.n_summed,
@@ -159,7 +118,7 @@ def load_state(
     state.optimizer.load_state_dict(saved["optimizer"])
     state.step = int(saved["step"])
     state.warmup_done = bool(saved["warmup_done"])
-    load_noise_state(state.noise, saved)
+    state.noise.load_state_dict(saved)
     batches.load_state_dict(saved["data"])
     device = next(iter(model.parameters())).device
     state.sums = {k: v.to(device) for k, v in saved["sums"].items()}

@@ -262,7 +262,6 @@ def test_a_run_from_before_counter_noise_resumes_only_on_its_generator_stream(tm
     from spd_ray.config import ConfigError, save_config
     from spd_ray.core.masks import Noise
     from spd_ray.errors import InputError
-    from spd_ray.train.loop import load_noise_state, noise_state
 
     counter = load_config(TINY)
     assert counter.mask_rng == "counter"
@@ -286,12 +285,12 @@ def test_a_run_from_before_counter_noise_resumes_only_on_its_generator_stream(tm
     old.rand((3,), cpu, torch.float32)
     new.rand((3,), cpu, torch.float32)
     with pytest.raises(InputError, match="--set mask_rng=generator"):
-        load_noise_state(Noise.for_run(0, "train", cpu), noise_state(old))
+        Noise.for_run(0, "train", cpu).load_state_dict(old.state_dict())
     with pytest.raises(InputError, match="--set mask_rng=counter"):
-        load_noise_state(Noise.for_run(0, "train", cpu, rng="generator"), noise_state(new))
+        Noise.for_run(0, "train", cpu, rng="generator").load_state_dict(new.state_dict())
     # Matching kinds continue where they stopped.
     for made, rng in ((old, "generator"), (new, "counter")):
         fresh = Noise.for_run(0, "train", cpu, rng=rng)  # type: ignore[arg-type]
-        load_noise_state(fresh, noise_state(made))
+        fresh.load_state_dict(made.state_dict())
         want = made.rand((4,), cpu, torch.float32)
         assert torch.equal(fresh.rand((4,), cpu, torch.float32), want)
