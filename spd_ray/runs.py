@@ -135,6 +135,12 @@ def tune_malloc() -> None:
     libc.mallopt(m_trim_threshold, 128 * 1024 * 1024)
 
 
+# Config fields a resumed run may change: when it logs, evaluates and checkpoints. Training reads
+# none of them (evals draw fresh eval batches and noise each time), so its numbers stay those of an
+# uninterrupted run; config.yaml is rewritten to the new values.
+RESCHEDULABLE = ("train_log_freq", "eval_freq", "slow_eval_freq", "save_freq")
+
+
 def _first_difference(a: Any, b: Any, prefix: str = "") -> str | None:
     if isinstance(a, dict) and isinstance(b, dict):
         for key in sorted(set(a) | set(b)):
@@ -203,7 +209,8 @@ class RunDir:
             with contextlib.suppress(ConfigError):
                 old = config_from_dict(old).model_dump(mode="json")
             new = config.model_dump(mode="json")
-            key = _first_difference(old, new)
+            # How often the run logs, evaluates and checkpoints never changes what it trains.
+            key = _first_difference({**old, **{k: new[k] for k in RESCHEDULABLE}}, new)
             if key is not None:
                 hint = ""
                 if key.rstrip(".") == "mask_rng" and old.get("mask_rng") == "generator":
@@ -213,8 +220,11 @@ class RunDir:
                     )
                 raise ConfigError(
                     f"{self.path} holds a run with a different config (first difference: "
-                    f"{key}){hint}; use --fresh to start over or another --name"
+                    f"{key}){hint}; use --fresh to start over or another --name (of the "
+                    f"settings only {', '.join(RESCHEDULABLE)} may change on resume)"
                 )
+            if _first_difference(old, new) is not None:
+                save_config(config, self.path / CONFIG)  # the schedule it now runs under
             return
         self.path.mkdir(parents=True, exist_ok=True)
         save_config(config, self.path / CONFIG)

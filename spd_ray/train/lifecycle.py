@@ -109,6 +109,8 @@ def open_run(config: Config, run_dir: RunDir, root: Path, fingerprint: str, fres
     on a rerun, checked against the run's own)."""
     if fresh:
         run_dir.clear()
+    else:  # before init, which may rewrite config.yaml's schedule (RESCHEDULABLE)
+        run_dir.check_target(fingerprint, describe_target(config), record=False)
     run_dir.init(config)
     run_dir.check_target(fingerprint, describe_target(config))
     copy_target_file(config, root, run_dir)

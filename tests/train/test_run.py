@@ -294,3 +294,46 @@ def test_a_run_from_before_counter_noise_resumes_only_on_its_generator_stream(tm
         fresh.load_state_dict(made.state_dict())
         want = made.rand((4,), cpu, torch.float32)
         assert torch.equal(fresh.rand((4,), cpu, torch.float32), want)
+
+
+def test_a_resumed_run_may_change_when_it_logs_evaluates_and_checkpoints_but_nothing_else(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run stopped at step 30 (the finished run's previous checkpoint) and resumed with evals
+    and train logs every 5 steps trains exactly as the uninterrupted run did; another setting is
+    still refused by name, leaving the run as it was."""
+    import shutil
+
+    res = _main(capsys, monkeypatch, "run", str(TINY), "--name", "ref", out=tmp_path)
+    assert res.returncode == 0, res.stderr
+    ref, cut = tmp_path / "ref", tmp_path / "cut"
+    shutil.copytree(ref, cut)
+    assert torch.load(cut / "checkpoint.prev.pt", weights_only=False)["step"] == 30
+    (cut / "checkpoint.prev.pt").replace(cut / "checkpoint.pt")
+    (cut / "summary.json").unlink()
+
+    def files() -> dict[str, bytes]:
+        return {p.name: p.read_bytes() for p in cut.iterdir() if p.is_file() and p.name != ".lock"}
+
+    before = files()
+    bad = _main(
+        capsys, monkeypatch, "run", str(TINY), "--name", "cut", "--set", "batch_size=32",
+        "--set", "eval_freq=5", out=tmp_path,
+    )  # fmt: skip
+    assert bad.returncode == 2
+    assert "first difference: batch_size" in bad.stderr and "eval_freq" in bad.stderr
+    assert files() == before
+
+    sets = ("--set", "eval_freq=5", "--set", "slow_eval_freq=10", "--set", "train_log_freq=5")
+    res = _main(capsys, monkeypatch, "run", str(TINY), "--name", "cut", *sets, out=tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert "resumed cut from step 30" in res.stderr
+    a, b = _final_eval(ref), _final_eval(cut)
+    assert a.keys() == b.keys()
+    for key in a:
+        assert b[key] == pytest.approx(a[key], rel=1e-6, abs=1e-9), key
+    rows = RunDir(cut).read_metrics()
+    assert [m["step"] for m in rows if "train/loss/total" in m] == [10, 20, 30, 35, 40]
+    assert [m["step"] for m in rows if "eval/loss/StochasticReconLoss" in m] == [0, 20, 35, 40]
+    stored = RunDir(cut).read_config()
+    assert (stored.eval_freq, stored.slow_eval_freq, stored.train_log_freq) == (5, 10, 5)
