@@ -3,7 +3,7 @@ PY ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: install test test-all test-slurm check fmt run bench clean
+.PHONY: install test test-all test-slurm check fmt run bench gpu-kit clean
 
 install:
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -30,7 +30,7 @@ test-slurm:
 	fi
 
 check:
-	$(BIN)/shellcheck cluster/slurm/ray.sbatch cluster/slurm/submit cluster/slurm/testbed
+	$(BIN)/shellcheck cluster/slurm/ray.sbatch cluster/slurm/submit cluster/slurm/testbed benchmarks/gpu_kit.sh benchmarks/gpu_session.sh
 	$(BIN)/ruff check spd_ray tests benchmarks cluster
 	$(BIN)/ruff format --check spd_ray tests benchmarks cluster
 	$(BIN)/mypy
@@ -44,6 +44,10 @@ run:
 
 bench:
 	$(BIN)/spd-ray bench
+
+# What benchmarks/gpu_session.sh needs on a lent GPU machine (README, "Checks on a GPU").
+gpu-kit:
+	PY=$(BIN)/python bash benchmarks/gpu_kit.sh
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -382,7 +382,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from spd_ray.autointerp.client import LLMError
+    from spd_ray.autointerp.errors import LLMError  # not .client: that imports openai
 
     args = build_parser().parse_args(argv)
     func: Callable[[argparse.Namespace], int] = args.func

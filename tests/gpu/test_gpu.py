@@ -1,0 +1,190 @@
+"""What only a GPU can show: counter-based mask noise draws the CPU's bits on the device, the
+compiled bf16 step there matches the eager one and never waits for the device between logs, and
+the clustering merge on the device takes the CPU's merges.
+
+Skipped without CUDA. On a lent GPU machine `benchmarks/gpu_session.sh` runs this file with
+`pytest --noconftest` (the suite's conftest needs Ray, which that machine lacks), so nothing here
+uses the suite's fixtures. `SPD_RAY_TEST_DEVICE=cpu` runs it on the CPU instead, to check the tests
+themselves; the host-sync check needs CUDA and is skipped then.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from spd_ray.config import Config, load_config
+from spd_ray.core import counter_rng
+from spd_ray.core.masks import CounterNoise, counter_randint, counter_uniform, key_tensor
+from spd_ray.core.streams import stream_seed
+
+TINY = Path(__file__).resolve().parents[1] / "fixtures" / "tiny_resid_mlp.yaml"
+CPU = torch.device("cpu")
+_WANT = os.environ.get("SPD_RAY_TEST_DEVICE") or ("cuda" if torch.cuda.is_available() else "")
+DEVICE = torch.device(_WANT or "cpu")
+CUDA = DEVICE.type == "cuda"
+pytestmark = pytest.mark.skipif(
+    not _WANT, reason="needs a CUDA GPU (or SPD_RAY_TEST_DEVICE=cpu to check the tests)"
+)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_counter_noise_draws_the_cpu_bits_on_the_device(dtype: torch.dtype) -> None:
+    seed = stream_seed(7, "train_masks")
+    on_cpu, on_device = CounterNoise(seed), CounterNoise(seed)
+    for shape in ((4096, 20), (3, 5, 7)):
+        want = on_cpu.rand(shape, CPU, dtype)
+        got = on_device.rand(shape, DEVICE, dtype)
+        assert got.device.type == DEVICE.type and torch.equal(got.cpu(), want)
+    assert torch.equal(
+        on_device.randint(0, 13, (64, 3), DEVICE).cpu(), on_cpu.randint(0, 13, (64, 3), CPU)
+    )
+    # Worker 1 of 2 computes rows 2..3 of the global [4, 6] draw, in a compiled graph too.
+    key = counter_rng.draw_key(seed, on_cpu.counter)
+    want = on_cpu.rand((4, 6), CPU, dtype)[2:]
+    graph = torch.compile(lambda k: counter_uniform(k, (2, 6), 12, DEVICE, dtype), fullgraph=True)
+    assert torch.equal(graph(key_tensor(key, DEVICE)).cpu(), want)
+    key = counter_rng.draw_key(seed, on_cpu.counter)
+    want = on_cpu.randint(2, 9, (5,), CPU)
+    assert torch.equal(counter_randint(key_tensor(key, DEVICE), (5,), 0, DEVICE, 2, 9).cpu(), want)
+
+
+class _Rows:
+    def __init__(self) -> None:
+        self.rows: dict[int, dict[str, float]] = {}
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        self.rows.setdefault(step, {}).update(metrics)
+
+    def figures(self, step: int, figures: Any) -> None:
+        pass
+
+    def checkpoint(self, step: int, state: Any, final: bool) -> None:
+        pass
+
+
+# tiny_llama_1L's kind of losses: subset routes and a PGD ascent inside the step.
+WITH_PGD = (
+    "loss_metric_configs=["
+    "{classname: ImportanceMinimalityLoss, coeff: 1.0e-3, pnorm: 2.0, p_anneal_start_frac: 0.0,"
+    " p_anneal_final_p: 0.5},"
+    "{classname: StochasticReconSubsetLoss, coeff: 0.5},"
+    "{classname: PGDReconSubsetLoss, coeff: 0.5, init: random, step_size: 0.1, n_steps: 2,"
+    " mask_scope: shared_across_batch},"
+    "{classname: FaithfulnessLoss, coeff: 1.0}]"
+)
+
+
+def _config(*overrides: str, steps: int = 8, log_every: int = 1) -> Config:
+    return load_config(
+        TINY,
+        [
+            f"steps={steps}",
+            f"train_log_freq={log_every}",
+            f"eval_freq={steps}",
+            "slow_eval_freq=null",
+            "eval_metric_configs=[]",
+            "faithfulness_warmup_steps=2",
+            "autocast_bf16=true",
+            WITH_PGD,
+            *overrides,
+        ],
+    )
+
+
+def _train(config: Config, on_step: Any = None) -> dict[int, dict[str, float]]:
+    from spd_ray.targets.loading import build_toy
+    from spd_ray.train.loop import make_state, run_loop
+    from spd_ray.train.worker import build_worker
+
+    assert config.target_model is not None
+    torch.manual_seed(0)
+    target = build_toy(config.target_model).requires_grad_(False)  # type: ignore[arg-type]
+    worker = build_worker(config, target, device=DEVICE)
+    ctx = dataclasses.replace(worker.ctx, on_step=on_step)
+    rows = _Rows()
+    run_loop(config, ctx, make_state(config, ctx), rows)
+    return rows.rows
+
+
+def _train_metrics(rows: dict[int, dict[str, float]]) -> dict[tuple[int, str], float]:
+    skip = ("train/steps_per_s", "train/lr")
+    return {
+        (step, k): v
+        for step, row in rows.items()
+        for k, v in row.items()
+        if k.startswith("train/") and k not in skip
+    }
+
+
+def test_the_compiled_bf16_step_on_the_device_matches_eager_and_compiles_once() -> None:
+    eager = _train(_config("compile=false"))
+    torch._dynamo.reset()
+    counters = torch._dynamo.utils.counters
+    counters.clear()
+    graphs: list[int] = []
+    compiled = _train(
+        _config("compile=true"), lambda step, s: graphs.append(counters["stats"]["unique_graphs"])
+    )
+    assert graphs[0] == 0 and graphs[1] >= 1
+    assert graphs[2:] == [graphs[1]] * 6, graphs  # no recompilation as masks and p change
+    want, got = _train_metrics(eager), _train_metrics(compiled)
+    assert set(want) == set(got) and len(want) >= 8 * 6
+    for key, value in want.items():
+        if "/l0/" in key[1]:  # a count over thresholded CI: a rounding flip moves it by 1/64
+            assert got[key] == pytest.approx(value, abs=2 / 64), key
+        else:
+            assert got[key] == pytest.approx(value, rel=2e-2, abs=1e-6), key
+
+
+@pytest.mark.skipif(not CUDA, reason="host syncs exist only on CUDA")
+@pytest.mark.parametrize("compile_step", [True, False])
+def test_steps_between_logs_never_wait_for_the_device(compile_step: bool) -> None:
+    """From the end of step 2 (the compiled graph built) to the end of step 11, any op that makes
+    the host wait for the GPU (`.item()`, a sync copy to the CPU, `nonzero`) raises."""
+    steps = 12
+    checked: list[int] = []
+
+    def on_step(step: int, seconds: float) -> None:
+        if step == 2:
+            torch.cuda.set_sync_debug_mode("error")
+        elif step == steps - 1:
+            torch.cuda.set_sync_debug_mode(0)
+        if 2 < step < steps:
+            checked.append(step)
+
+    try:
+        rows = _train(
+            _config(f"compile={str(compile_step).lower()}", steps=steps, log_every=steps), on_step
+        )
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert checked == list(range(3, steps)) and steps in rows
+
+
+def test_the_merge_on_the_device_takes_the_cpu_merges() -> None:
+    from spd_ray.clustering.merge import MergeSettings, merge
+
+    rng = np.random.default_rng(5)
+    K, samples = 6, 3000
+    owner = np.repeat(np.arange(K), rng.integers(1, 6, size=K))
+    rng.shuffle(owner)
+    fires = rng.random((samples, K)) < rng.uniform(0.05, 0.4, size=K)
+    noise = rng.random((samples, owner.size)) < 0.01  # members do not fire in perfect lockstep
+    active = torch.tensor(fires[:, owner] ^ noise)
+    labels = [f"m:{c}" for c in range(owner.size)]
+    settings = MergeSettings(sampler="range", threshold=0.0)
+    a = merge(active, labels, settings, seed=1, device=CPU)
+    b = merge(active, labels, settings, seed=1, device=DEVICE)
+    np.testing.assert_array_equal(a.group_idxs, b.group_idxs)
+    np.testing.assert_array_equal(a.pairs, b.pairs)
+    np.testing.assert_allclose(b.costs, a.costs, rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(b.mdl, a.mdl, rtol=1e-6, atol=1e-9)
+    ids = b.group_idxs[b.row_for_k(K)]
+    assert ((ids[:, None] == ids[None, :]) == (owner[:, None] == owner[None, :])).all()
