@@ -3,9 +3,10 @@
 # prepare here with `make gpu-kit`, then call the device tool with
 #     command: bash benchmarks/gpu_session.sh     carry: [".whl", ".gpu-assets"]     timeout_s: 540
 # It installs the carried wheels, runs tests/gpu (counter noise bits, compiled bf16 step, no host
-# sync between logs, clustering merge) and `spd-ray bench --gpu` on tiny_llama, tiny_llama_1L and a
-# random-weight GPT-2 small. Writes nvidia-smi.txt, tests.log, bench.log and results.jsonl to $OUT.
-# BENCH_FLAGS (default "--gpu --memory --rounds 3 --steps 30") and BENCH_SET (extra --set
+# sync between logs, clustering merge) and `spd-ray bench --gpu` (one round: a lease is ~15 min) on
+# tiny_llama, tiny_llama_1L, a random-weight GPT-2 small and resid_mlp3 (to size its ground-truth
+# run). Writes nvidia-smi.txt, tests.log, bench.log and results.jsonl to $OUT.
+# BENCH_FLAGS (default "--gpu --memory --rounds 1 --steps 30") and BENCH_SET (extra --set
 # arguments) change the bench; `BENCH_FLAGS=--memory PY=.venv/bin/python` dry-runs it on a CPU.
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
@@ -33,9 +34,9 @@ if not os.path.exists(os.path.join(path, "config.json")):
     torch.manual_seed(0)
     GPT2LMHeadModel(GPT2Config()).save_pretrained(path)  # 124M parameters, random
 PYEOF
-read -r -a flags <<< "${BENCH_FLAGS:---gpu --memory --rounds 3 --steps 30}"
+read -r -a flags <<< "${BENCH_FLAGS:---gpu --memory --rounds 1 --steps 30}"
 read -r -a sets <<< "${BENCH_SET:-}"
 "$PY" -m spd_ray.cli bench "${flags[@]}" "${sets[@]}" --results "$OUT/results.jsonl" \
-    --experiments tiny_llama,tiny_llama_1L,benchmarks/gpu/gpt2_small.yaml 2>&1 \
+    --experiments tiny_llama,tiny_llama_1L,benchmarks/gpu/gpt2_small.yaml,resid_mlp3 2>&1 \
     | tee "$OUT/bench.log" || status=1
 exit $status
