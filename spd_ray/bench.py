@@ -476,8 +476,9 @@ def run_bench(opts: BenchOptions) -> list[dict[str, Any]]:
 
 
 def format_table(rows: list[dict[str, Any]], memory: bool) -> str:
+    name_width = max([14, *(len(str(row["experiment"])) for row in rows)])  # YAML paths too
     cols: list[tuple[str, str, str]] = [
-        ("experiment", "experiment", "<14"),
+        ("experiment", "experiment", f"<{name_width}"),
         ("steps/s", "steps_per_s", ">8.1f"),
         ("samples/s", "samples_per_s", ">10.0f"),
         ("tokens/s", "tokens_per_s", ">9.0f"),
