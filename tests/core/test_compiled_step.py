@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 import torch
+from step_helpers import WITH_PGD, Rows, assert_same_train_metrics
 
 from spd_ray.config import Config, load_config
 from spd_ray.core.compiled import CompiledStep, RecordingNoise, ReplayNoise, draw_tape
@@ -40,20 +41,6 @@ EVERY_DRAW = (
 )
 
 
-class _Rows:
-    def __init__(self) -> None:
-        self.rows: dict[int, dict[str, float]] = {}
-
-    def log(self, step: int, metrics: dict[str, float]) -> None:
-        self.rows.setdefault(step, {}).update(metrics)
-
-    def figures(self, step: int, figures: Any) -> None:
-        pass
-
-    def checkpoint(self, step: int, state: Any, final: bool) -> None:
-        pass
-
-
 def _config(*overrides: str) -> Config:
     return load_config(
         TINY,
@@ -79,30 +66,9 @@ def _train(config: Config, graphs: list[int] | None = None) -> dict[int, dict[st
     if graphs is not None:
         counters = torch._dynamo.utils.counters
         worker.ctx.on_step = lambda step, s: graphs.append(counters["stats"]["unique_graphs"])
-    rows = _Rows()
+    rows = Rows()
     run_loop(config, worker.ctx, make_state(config, worker.ctx), rows)
     return rows.rows
-
-
-def _train_metrics(rows: dict[int, dict[str, float]]) -> dict[tuple[int, str], float]:
-    return {
-        (step, k): v
-        for step, row in rows.items()
-        for k, v in row.items()
-        if k.startswith("train/") and k not in ("train/steps_per_s", "train/lr")
-    }
-
-
-# A language model's losses (tiny_llama_1L's): a PGD ascent inside the step.
-WITH_PGD = (
-    "loss_metric_configs=["
-    "{classname: ImportanceMinimalityLoss, coeff: 1.0e-3, pnorm: 2.0, p_anneal_start_frac: 0.0,"
-    " p_anneal_final_p: 0.5},"
-    "{classname: StochasticReconSubsetLoss, coeff: 0.5},"
-    "{classname: PGDReconSubsetLoss, coeff: 0.5, init: random, step_size: 0.1, n_steps: 2,"
-    " mask_scope: shared_across_batch},"
-    "{classname: FaithfulnessLoss, coeff: 1.0}]"
-)
 
 
 @pytest.mark.parametrize(
@@ -132,13 +98,7 @@ def test_compiled_step_matches_eager_step_by_step(
     assert graphs[2:] == [graphs[1]] * 6, graphs
     # One graph, PGD's inner autograd.grad included, where this torch can trace it.
     assert (graphs[1] == 1) == one_graph, graphs
-    want, got = _train_metrics(eager), _train_metrics(compiled)
-    assert set(want) == set(got) and len(want) >= 8 * 6
-    for key, value in want.items():
-        if "/l0/" in key[1]:  # a count over thresholded CI: a rounding flip moves it by 1/64
-            assert got[key] == pytest.approx(value, abs=2 / 64), key
-        else:
-            assert got[key] == pytest.approx(value, rel=rtol, abs=1e-6), key
+    assert_same_train_metrics(eager, compiled, rtol)
 
 
 @pytest.mark.parametrize("rng", ["counter", "generator"])
