@@ -1,12 +1,19 @@
-"""What the compiled-step tests share (CPU in tests/core, GPU in tests/gpu): a reporter that keeps
-the loop's logged rows, the loss recipe with a PGD ascent inside the step, and the train metrics
-two runs are compared on."""
+"""What the compiled-step tests share (CPU in tests/core, GPU in tests/gpu): short runs of the tiny
+ResidMLP fixture through the real training loop, a reporter that keeps the loop's logged rows, the
+loss recipe with a PGD ascent inside the step, and the train metrics two runs are compared on."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
+
+from spd_ray.config import Config, load_config
+
+TINY = Path(__file__).resolve().parent / "fixtures" / "tiny_resid_mlp.yaml"
 
 # A language model's losses (tiny_llama_1L's): subset routes and a PGD ascent inside the step.
 WITH_PGD = (
@@ -34,6 +41,48 @@ class Rows:
 
     def checkpoint(self, step: int, state: Any, final: bool) -> None:
         pass
+
+
+def tiny_config(*overrides: str, steps: int = 8, log_every: int = 1) -> Config:
+    """The tiny fixture for `steps` steps, train metrics every `log_every`, eval_freq = steps."""
+    return load_config(
+        TINY,
+        [
+            f"steps={steps}",
+            f"train_log_freq={log_every}",
+            f"eval_freq={steps}",
+            "slow_eval_freq=null",
+            "eval_metric_configs=[]",
+            "faithfulness_warmup_steps=2",
+            *overrides,
+        ],
+    )
+
+
+def train_tiny(
+    config: Config,
+    device: torch.device | str = "cpu",
+    on_step: Callable[[int, float], None] | None = None,
+) -> dict[int, dict[str, float]]:
+    """Train on the tiny target (seed 0) on `device`; the logged rows by step."""
+    from spd_ray.targets.loading import build_toy
+    from spd_ray.train.loop import make_state, run_loop
+    from spd_ray.train.worker import build_worker
+
+    assert config.target_model is not None
+    torch.manual_seed(0)
+    target = build_toy(config.target_model).requires_grad_(False)  # type: ignore[arg-type]
+    worker = build_worker(config, target, device=device)
+    worker.ctx.on_step = on_step
+    rows = Rows()
+    run_loop(config, worker.ctx, make_state(config, worker.ctx), rows)
+    return rows.rows
+
+
+def count_graphs(graphs: list[int]) -> Callable[[int, float], None]:
+    """An `on_step` that appends, after each step, how many graphs Dynamo has compiled so far."""
+    counters = torch._dynamo.utils.counters
+    return lambda step, seconds: graphs.append(counters["stats"]["unique_graphs"])
 
 
 def train_metrics(rows: dict[int, dict[str, float]]) -> dict[tuple[int, str], float]:

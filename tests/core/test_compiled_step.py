@@ -4,23 +4,25 @@ of random draws replaying the real streams exactly."""
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-from step_helpers import WITH_PGD, Rows, assert_same_train_metrics
+from step_helpers import (
+    TINY,
+    WITH_PGD,
+    assert_same_train_metrics,
+    count_graphs,
+    tiny_config,
+    train_tiny,
+)
 
-from spd_ray.config import Config, load_config
+from spd_ray.config import load_config
 from spd_ray.core.compiled import CompiledStep, RecordingNoise, ReplayNoise, draw_tape
 from spd_ray.core.masks import Noise
 from spd_ray.core.schedule import annealed_p
 from spd_ray.core.step import COMPILE_MIN_STEPS, compiles_step
-from spd_ray.targets.loading import build_toy
-from spd_ray.train.loop import make_state, run_loop
-from spd_ray.train.worker import build_worker
 
-TINY = Path(__file__).resolve().parents[1] / "fixtures" / "tiny_resid_mlp.yaml"
 CPU = torch.device("cpu")
 
 # Every kind of draw a step makes: stochastic and delta masks (rand), subset routes (randint +
@@ -41,36 +43,6 @@ EVERY_DRAW = (
 )
 
 
-def _config(*overrides: str) -> Config:
-    return load_config(
-        TINY,
-        [
-            "steps=8",
-            "train_log_freq=1",
-            "eval_freq=8",
-            "slow_eval_freq=null",
-            "eval_metric_configs=[]",
-            "faithfulness_warmup_steps=2",
-            *overrides,
-        ],
-    )
-
-
-def _train(config: Config, graphs: list[int] | None = None) -> dict[int, dict[str, float]]:
-    """Train on the tiny target; `graphs` receives, after each step, how many graphs Dynamo has
-    compiled so far."""
-    assert config.target_model is not None
-    torch.manual_seed(0)
-    target = build_toy(config.target_model).requires_grad_(False)  # type: ignore[arg-type]
-    worker = build_worker(config, target)
-    if graphs is not None:
-        counters = torch._dynamo.utils.counters
-        worker.ctx.on_step = lambda step, s: graphs.append(counters["stats"]["unique_graphs"])
-    rows = Rows()
-    run_loop(config, worker.ctx, make_state(config, worker.ctx), rows)
-    return rows.rows
-
-
 @pytest.mark.parametrize(
     ("settings", "rtol", "one_graph"),
     [
@@ -87,11 +59,11 @@ def _train(config: Config, graphs: list[int] | None = None) -> dict[int, dict[st
 def test_compiled_step_matches_eager_step_by_step(
     settings: tuple[str, ...], rtol: float, one_graph: bool
 ):
-    eager = _train(_config("compile=false", *settings))
+    eager = train_tiny(tiny_config("compile=false", *settings))
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
     graphs: list[int] = []
-    compiled = _train(_config("compile=true", *settings), graphs)
+    compiled = train_tiny(tiny_config("compile=true", *settings), on_step=count_graphs(graphs))
     # Step 1 runs eagerly (recording the tape), step 2 compiles, steps 3..8 reuse what step 2
     # compiled although the masks and the annealed p change every step.
     assert graphs[0] == 0 and graphs[1] >= 1
@@ -154,10 +126,10 @@ def test_annealed_p_as_a_tensor_equals_the_float_schedule():
 
 
 def test_when_a_step_compiles():
-    short, long = _config(), _config(f"steps={COMPILE_MIN_STEPS}")
+    short, long = tiny_config(), tiny_config(f"steps={COMPILE_MIN_STEPS}")
     assert not compiles_step(short) and compiles_step(long)
     assert not compiles_step(long, world_size=2)  # data-parallel steps stay eager
-    assert compiles_step(_config("compile=true")) and not compiles_step(
+    assert compiles_step(tiny_config("compile=true")) and not compiles_step(
         load_config(TINY, [f"steps={COMPILE_MIN_STEPS}", "compile=false"])
     )
 

@@ -10,22 +10,18 @@ themselves; the host-sync check needs CUDA and is skipped then.
 
 from __future__ import annotations
 
-import dataclasses
 import os
-from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
 import torch
-from step_helpers import WITH_PGD, Rows, assert_same_train_metrics
+from step_helpers import WITH_PGD, assert_same_train_metrics, count_graphs, tiny_config, train_tiny
 
-from spd_ray.config import Config, load_config
+from spd_ray.config import Config
 from spd_ray.core import counter_rng
 from spd_ray.core.masks import CounterNoise, counter_randint, counter_uniform, key_tensor
 from spd_ray.core.streams import stream_seed
 
-TINY = Path(__file__).resolve().parents[1] / "fixtures" / "tiny_resid_mlp.yaml"
 CPU = torch.device("cpu")
 _WANT = os.environ.get("SPD_RAY_TEST_DEVICE") or ("cuda" if torch.cuda.is_available() else "")
 DEVICE = torch.device(_WANT or "cpu")
@@ -57,46 +53,15 @@ def test_counter_noise_draws_the_cpu_bits_on_the_device(dtype: torch.dtype) -> N
 
 
 def _config(*overrides: str, steps: int = 8, log_every: int = 1) -> Config:
-    return load_config(
-        TINY,
-        [
-            f"steps={steps}",
-            f"train_log_freq={log_every}",
-            f"eval_freq={steps}",
-            "slow_eval_freq=null",
-            "eval_metric_configs=[]",
-            "faithfulness_warmup_steps=2",
-            "autocast_bf16=true",
-            WITH_PGD,
-            *overrides,
-        ],
-    )
-
-
-def _train(config: Config, on_step: Any = None) -> dict[int, dict[str, float]]:
-    from spd_ray.targets.loading import build_toy
-    from spd_ray.train.loop import make_state, run_loop
-    from spd_ray.train.worker import build_worker
-
-    assert config.target_model is not None
-    torch.manual_seed(0)
-    target = build_toy(config.target_model).requires_grad_(False)  # type: ignore[arg-type]
-    worker = build_worker(config, target, device=DEVICE)
-    ctx = dataclasses.replace(worker.ctx, on_step=on_step)
-    rows = Rows()
-    run_loop(config, ctx, make_state(config, ctx), rows)
-    return rows.rows
+    return tiny_config("autocast_bf16=true", WITH_PGD, *overrides, steps=steps, log_every=log_every)
 
 
 def test_the_compiled_bf16_step_on_the_device_matches_eager_and_compiles_once() -> None:
-    eager = _train(_config("compile=false"))
+    eager = train_tiny(_config("compile=false"), DEVICE)
     torch._dynamo.reset()
-    counters = torch._dynamo.utils.counters
-    counters.clear()
+    torch._dynamo.utils.counters.clear()
     graphs: list[int] = []
-    compiled = _train(
-        _config("compile=true"), lambda step, s: graphs.append(counters["stats"]["unique_graphs"])
-    )
+    compiled = train_tiny(_config("compile=true"), DEVICE, count_graphs(graphs))
     assert graphs[0] == 0 and graphs[1] >= 1
     assert graphs[2:] == [graphs[1]] * 6, graphs  # no recompilation as masks and p change
     assert_same_train_metrics(eager, compiled, rtol=2e-2)
@@ -119,9 +84,8 @@ def test_steps_between_logs_never_wait_for_the_device(compile_step: bool) -> Non
             checked.append(step)
 
     try:
-        rows = _train(
-            _config(f"compile={str(compile_step).lower()}", steps=steps, log_every=steps), on_step
-        )
+        config = _config(f"compile={str(compile_step).lower()}", steps=steps, log_every=steps)
+        rows = train_tiny(config, DEVICE, on_step)
     finally:
         torch.cuda.set_sync_debug_mode(0)
     assert checked == list(range(3, steps)) and steps in rows
