@@ -6,8 +6,9 @@
 # sync between logs, clustering merge) and `spd-ray bench --gpu` (one round: a lease is ~15 min) on
 # tiny_llama, tiny_llama_1L, a random-weight GPT-2 small and resid_mlp3 (to size its ground-truth
 # run). Writes nvidia-smi.txt, tests.log, bench.log and results.jsonl to $OUT.
-# BENCH_FLAGS (default "--gpu --memory --rounds 1 --steps 30") and BENCH_SET (extra --set
-# arguments) change the bench; `BENCH_FLAGS=--memory PY=.venv/bin/python` dry-runs it on a CPU.
+# BENCH_FLAGS (default "--gpu --memory --rounds 1 --steps 30"), BENCH_SET (extra --set arguments,
+# applied to every experiment) and BENCH_EXPERIMENTS (comma-separated) change the bench;
+# `BENCH_FLAGS=--memory PY=.venv/bin/python` dry-runs it on a CPU.
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
 OUT=${OUT:-/tmp/spd-ray-gpu-session}
@@ -27,16 +28,19 @@ status=0
 "$PY" -m pytest -q --noconftest -p no:cacheprovider tests/gpu 2>&1 | tee "$OUT/tests.log" || status=1
 "$PY" - <<'PYEOF' || status=1
 import os
+import shutil
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 path = "/tmp/spd-ray-gpt2-small"
-if not os.path.exists(os.path.join(path, "config.json")):
+if not os.path.exists(path):  # saved beside it, then renamed: a killed save leaves no half model
     torch.manual_seed(0)
-    GPT2LMHeadModel(GPT2Config()).save_pretrained(path)  # 124M parameters, random
+    shutil.rmtree(path + ".tmp", ignore_errors=True)
+    GPT2LMHeadModel(GPT2Config()).save_pretrained(path + ".tmp")  # 124M parameters, random
+    os.rename(path + ".tmp", path)
 PYEOF
 read -r -a flags <<< "${BENCH_FLAGS:---gpu --memory --rounds 1 --steps 30}"
 read -r -a sets <<< "${BENCH_SET:-}"
 "$PY" -m spd_ray.cli bench "${flags[@]}" "${sets[@]}" --results "$OUT/results.jsonl" \
-    --experiments tiny_llama,tiny_llama_1L,benchmarks/gpu/gpt2_small.yaml,resid_mlp3 2>&1 \
+    --experiments "${BENCH_EXPERIMENTS:-tiny_llama,tiny_llama_1L,benchmarks/gpu/gpt2_small.yaml,resid_mlp3}" 2>&1 \
     | tee "$OUT/bench.log" || status=1
 exit $status
