@@ -14,7 +14,8 @@ cd "$(dirname "$0")/.." || exit 1
 OUT=${OUT:-/tmp/spd-ray-gpu-session}
 PY=${PY:-python3}
 mkdir -p "$OUT"
-if [ -d .whl ]; then
+# The carried wheels, where this Python lacks them (a checkout's .venv has them all).
+if [ -d .whl ] && ! "$PY" -c "import pydantic, datasets" 2>/dev/null; then
     "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
         --target /tmp/spd-ray-site .whl/*.whl || exit 1
     export PYTHONPATH=/tmp/spd-ray-site
