@@ -589,7 +589,8 @@ class Config(BaseConfig):
     use_delta_component: bool = Field(True, description="Add W - VU^T as an extra maskable term.")
     reuse_clean_activations: bool = Field(
         True,
-        description="Masked forwards reuse the clean run's activations until a copy diverges "
+        description="Masked forwards reuse the clean run's activations until a copy diverges, "
+        "and start from its prefix where the target splits its forward (forward_prefix) "
         "(exact for models that run each decomposed module once per forward).",
     )
     compile_ci_fns: bool = Field(
@@ -618,6 +619,16 @@ class Config(BaseConfig):
         "on the other rows alone, compacted to a size measured on the first batch; the same "
         "numbers up to float rounding (most rows of the sparse toy tasks are zero). None: on for "
         "CPU workers; off on GPUs, where the check of the compacted size would sync the host.",
+    )
+    compact_zero_rows: bool | None = Field(
+        None,
+        description="Run a training step on the batch's rows where some decomposed module's "
+        "input is nonzero, compacted to a size measured on the first batch, for targets whose "
+        "rows are independent (the toy models): the other rows reconstruct exactly under any "
+        "masks, so they add nothing to a reconstruction loss or gradient, and importance "
+        "minimality and L0 count them analytically (spd_ray.core.rows); the same numbers up to "
+        "float rounding. None: on for CPU workers; off on GPUs, where the check of the "
+        "compacted size would sync the host.",
     )
     masked_copies_per_forward: int | None = Field(
         None,

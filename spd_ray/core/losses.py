@@ -28,6 +28,7 @@ from spd_ray.core.masks import (
 from spd_ray.core.model import ComponentModel, ModuleMask
 from spd_ray.core.pgd import pgd_recon_loss
 from spd_ray.core.recon import StepInputs, masked_recon
+from spd_ray.core.rows import KeptRows
 from spd_ray.core.schedule import annealed_p
 
 # -- faithfulness and minimality -------------------------------------------------------------
@@ -65,7 +66,12 @@ def all_reduce_sum(x: Tensor) -> Tensor:
 
 
 def importance_minimality_loss(
-    ci_upper: dict[str, Tensor], pnorm: float | Tensor, beta: float, eps: float, world_size: int = 1
+    ci_upper: dict[str, Tensor],
+    pnorm: float | Tensor,
+    beta: float,
+    eps: float,
+    world_size: int = 1,
+    kept: KeptRows | None = None,
 ) -> Tensor:
     """sum_layers sum_c [m_c + beta m_c log2(1 + S_c)], S_c = sum over positions of (g_c + eps)^p,
     m_c = S_c / N with N the number of positions.
@@ -73,8 +79,9 @@ def importance_minimality_loss(
     Across data-parallel workers S_c and N are summed over all workers (S_c with a differentiable
     all-reduce), so the loss and, after gradient averaging, its gradient equal a 1-worker run on the
     global batch exactly (the reference approximates the global S_c by local S_c * world_size).
+    `kept`: the CI is of a compacted batch's rows; S_c and N are the whole batch's.
     """
-    S, n_positions = importance_sums(ci_upper, pnorm, eps)
+    S, n_positions = importance_sums(ci_upper, pnorm, eps, kept)
     if world_size > 1:
         S = {path: all_reduce_sum(s) for path, s in S.items()}
     # Each worker's gradient gets a factor world_size from the all-reduce backward; averaging the
@@ -83,14 +90,16 @@ def importance_minimality_loss(
 
 
 def importance_sums(
-    ci_upper: dict[str, Tensor], pnorm: float | Tensor, eps: float
+    ci_upper: dict[str, Tensor], pnorm: float | Tensor, eps: float, kept: KeptRows | None = None
 ) -> tuple[dict[str, Tensor], int]:
     """Per layer S_c = sum over positions of (g_c + eps)^p (fp32), and N, the number of
-    positions (the first layer's)."""
+    positions (the first layer's); with `kept`, of the whole batch the kept rows come from."""
     first = next(iter(ci_upper.values()))
     n_positions = first.numel() // first.shape[-1]
-    S = {path: ((g.float() + eps) ** pnorm).flatten(0, -2).sum(0) for path, g in ci_upper.items()}
-    return S, n_positions
+    terms = {path: ((g.float() + eps) ** pnorm).flatten(0, -2) for path, g in ci_upper.items()}
+    if kept is None:
+        return {path: t.sum(0) for path, t in terms.items()}, n_positions
+    return {path: kept.batch_sum(t) for path, t in terms.items()}, kept.n_rows
 
 
 def importance_minimality_from_sums(S: dict[str, Tensor], n_positions: int, beta: float) -> Tensor:
@@ -177,7 +186,18 @@ def _samples(inp: StepInputs, make: Callable[[], Routes]) -> list[Routes]:
 
 
 def loss_term(cfg: schema.LossConfig | schema.EvalOnlyConfig, inp: StepInputs) -> Tensor:
-    """The value of one loss/metric config on this step's inputs."""
+    """The value of one loss/metric config on this step's inputs (of the whole batch when the
+    step runs on its nonzero rows: `spd_ray.core.rows`)."""
+    value = _loss_term(cfg, inp)
+    if inp.kept is None or isinstance(
+        cfg, schema.FaithfulnessLoss | schema.ImportanceMinimalityLoss
+    ):
+        return value
+    # A reconstruction term: a mean over the kept rows, 0 on every dropped row.
+    return value * inp.kept.scale
+
+
+def _loss_term(cfg: schema.LossConfig | schema.EvalOnlyConfig, inp: StepInputs) -> Tensor:
     every = lambda: all_routes(inp.paths)  # noqa: E731
     match cfg:
         case schema.FaithfulnessLoss():
@@ -190,7 +210,9 @@ def loss_term(cfg: schema.LossConfig | schema.EvalOnlyConfig, inp: StepInputs) -
                 cfg.p_anneal_start_frac,
                 cfg.p_anneal_end_frac,
             )
-            return importance_minimality_loss(inp.ci.upper, p, cfg.beta, cfg.eps, inp.world_size)
+            return importance_minimality_loss(
+                inp.ci.upper, p, cfg.beta, cfg.eps, inp.world_size, inp.kept
+            )
         case schema.UnmaskedReconLoss():
             return unmasked_recon_loss(inp)
         case schema.CIMaskedReconLoss():

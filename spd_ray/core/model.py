@@ -50,6 +50,7 @@ from spd_ray.core.components import (
     TiedLinearComponents,
 )
 from spd_ray.core.masks import Noise
+from spd_ray.core.rows import KeptRows, kept_rows
 from spd_ray.errors import InputError
 
 ModuleKind = Literal["linear", "conv1d", "embedding", "identity"]
@@ -174,6 +175,8 @@ class CleanCache:
     outputs: dict[str, Tensor] = field(default_factory=dict)
     _acts: dict[str, Tensor] = field(default_factory=dict)
     _components: dict[str, Components] = field(default_factory=dict)
+    # The target's `forward_prefix` output, where it splits its forward (`ComponentModel`).
+    prefix: Tensor | None = None
 
     def acts(self, path: str) -> Tensor:
         if path not in self._acts:
@@ -355,6 +358,12 @@ class ComponentModel(nn.Module):
         self.output_attr = output_attr
         self.output_positions = output_positions
         self.reuse_clean_activations = reuse_clean_activations
+        # A target may split its forward at a point before every decomposed module
+        # (`forward_prefix`, `forward_from_prefix`): masked forwards that reuse clean activations
+        # then start from the clean forward's prefix rather than recomputing it per copy.
+        self._splits_forward = hasattr(target, "forward_prefix") and hasattr(
+            target, "forward_from_prefix"
+        )
         self._holder = _PlanHolder()
         self._lower_sigmoid, self._upper_sigmoid = sigmoid_pair(sigmoid_type)
         hidden = [8] if ci_fn_hidden_dims is None else ci_fn_hidden_dims
@@ -401,6 +410,12 @@ class ComponentModel(nn.Module):
         # the capacity per (module, rows per batch), measured on the first such batch.
         self.skip_zero_rows = False
         self._row_capacity: dict[tuple[str, int], int | None] = {}
+        # Training steps on the nonzero rows alone (`spd_ray.core.rows`; `compact_zero_rows`),
+        # for targets whose rows are independent: the capacity per batch size, measured on the
+        # first batch.
+        self.compact_zero_rows = False
+        self.rows_independent = bool(getattr(target, "rows_independent", False))
+        self._batch_capacity: dict[int, int | None] = {}
 
     # -- structure ---------------------------------------------------------------------------
 
@@ -461,8 +476,17 @@ class ComponentModel(nn.Module):
     def clean_forward(self, batch: Tensor) -> tuple[Tensor, CleanCache]:
         cache = CleanCache()
         with self._with_plan(_Plan(mode="clean", cache=cache)):
-            out = self._extract(self.target(batch))
-        return out, cache
+            if self._splits_forward:
+                cache.prefix = self.target.forward_prefix(batch)  # type: ignore[operator]
+                if cache.inputs:
+                    raise RuntimeError(
+                        "the target's forward_prefix ran a decomposed module "
+                        f"({', '.join(cache.inputs)}); it must end before every one"
+                    )
+                raw = self.target.forward_from_prefix(cache.prefix)  # type: ignore[operator]
+            else:
+                raw = self.target(batch)
+        return self._extract(raw), cache
 
     def masked_forward(
         self,
@@ -483,7 +507,10 @@ class ComponentModel(nn.Module):
         for copy in copies:
             for path in copy:
                 assert path in self.wrappers, f"unknown module path '{path}'"
-        stacked = batch if K == 1 else batch.repeat(K, *([1] * (batch.dim() - 1)))
+
+        def stack(t: Tensor) -> Tensor:
+            return t if K == 1 else t.repeat(K, *([1] * (t.dim() - 1)))
+
         plan = _Plan(
             mode="masked",
             copies=copies,
@@ -492,7 +519,11 @@ class ComponentModel(nn.Module):
             dirty=[False] * K,
         )
         with self._with_plan(plan):
-            return self._extract(self.target(stacked))
+            if plan.cache is not None and plan.cache.prefix is not None:
+                # Every copy starts from the clean forward's prefix (no module replaced there).
+                prefix = stack(plan.cache.prefix)
+                return self._extract(self.target.forward_from_prefix(prefix))  # type: ignore[operator]
+            return self._extract(self.target(stack(batch)))
 
     # -- causal importances ------------------------------------------------------------------
 
@@ -548,6 +579,44 @@ class ComponentModel(nn.Module):
         if capacity is None:
             return fn(inp), None
         return ci_on_nonzero_rows(fn, inp, nonzero, capacity)[0], None
+
+    def kept_rows(self, batch: Tensor) -> KeptRows | None:
+        """The rows a training step on `batch` runs on (`spd_ray.core.rows`): its nonzero rows,
+        then zero rows, to a capacity measured on the first batch; None where the step runs on
+        every row (not on, rows not independent, a batch that is not [rows, features], too few
+        zero rows to pay, or a zero row that does not reach the decomposed modules as zeros:
+        `quiet_zero_row`)."""
+        if not (self.compact_zero_rows and self.rows_independent):
+            return None
+        if batch.dim() != 2 or not batch.is_floating_point():
+            return None
+        n = batch.shape[0]
+        nonzero = nonzero_rows(batch, n)
+        if torch.compiler.is_compiling():
+            capacity = self._batch_capacity.get(n)  # set by the first, eager step
+            return None if capacity is None else kept_rows(nonzero, capacity, compiling=True)
+        capacity = self._batch_capacity.get(n, -1)
+        if capacity is None:  # too few zero rows (measured on the first batch)
+            return None
+        n_nonzero = int(nonzero.sum())
+        if n_nonzero >= capacity:
+            # The first batch of this size, or a denser one (also the eager re-run of a compiled
+            # step that did not fit): the capacity from here on, always above the count.
+            capacity = self._batch_capacity[n] = nonzero_row_capacity(n_nonzero, n)
+        return None if capacity is None else kept_rows(nonzero, capacity, compiling=False)
+
+    def quiet_zero_row(self, cache: CleanCache, kept: KeptRows) -> Tensor:
+        """0-d bool: whether every decomposed module's clean input is zero on the last kept row
+        (a zero row of the batch). The rows are independent, so then it is on every zero row and
+        the masked forwards reconstruct them exactly; a target whose zero rows reach a module as
+        something else (a bias before it) is not compacted (`forgo_compaction`)."""
+        row = kept.capacity - 1
+        quiet = [(cache.inputs[p][row] == 0).all() for p in self.module_paths]
+        return quiet[0] if len(quiet) == 1 else torch.stack(quiet).all()
+
+    def forgo_compaction(self, batch: Tensor) -> None:
+        """Steps on batches of this size run on every row from here on."""
+        self._batch_capacity[batch.shape[0]] = None
 
     def causal_importances(self, batch: Tensor) -> dict[str, Tensor]:
         """Lower-leaky CI values {path: [..., C]} of a batch (continuous sampling)."""

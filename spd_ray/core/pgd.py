@@ -212,7 +212,7 @@ def pgd_multibatch_recon_loss(
 def _detached_cache_inputs(inp: StepInputs) -> StepInputs:
     """The same inputs, whose cached component acts are detached so inner steps build no graph
     through the components."""
-    cache = CleanCache(inputs=inp.cache.inputs, outputs=inp.cache.outputs)
+    cache = CleanCache(inputs=inp.cache.inputs, outputs=inp.cache.outputs, prefix=inp.cache.prefix)
     for path in inp.paths:
         cache._acts[path] = inp.cache.acts(path).detach()
     return replace(inp, cache=cache)

@@ -29,6 +29,7 @@ from torch.utils.checkpoint import checkpoint
 from spd_ray.config import OutputLossType, Sampling
 from spd_ray.core.masks import Noise
 from spd_ray.core.model import CIOutputs, CleanCache, ComponentModel, ModuleMask
+from spd_ray.core.rows import KeptRows
 
 
 @dataclass
@@ -49,6 +50,9 @@ class StepInputs:
     world_size: int = 1
     copies_per_forward: int | None = None  # None: every masked copy in one forward
     forward_budget_bytes: int | None = None  # chunk so a forward's activations fit this
+    # A training step on the nonzero rows of the batch (`spd_ray.core.rows`): every tensor above
+    # holds the kept rows, and the loss terms put the dropped ones back. None: every row.
+    kept: KeptRows | None = None
 
     @property
     def paths(self) -> list[str]:

@@ -13,8 +13,9 @@ from spd_ray.config import Config, IHTargetConfig, IHTaskConfig, LMTaskConfig
 from spd_ray.core.compiled import STEP_VALID, CompiledStep, StepFn
 from spd_ray.core.losses import total_loss
 from spd_ray.core.masks import Noise
-from spd_ray.core.model import ComponentModel
+from spd_ray.core.model import CleanCache, ComponentModel
 from spd_ray.core.recon import StepInputs
+from spd_ray.core.rows import KeptRows, RowNoise
 
 
 def build_component_model(config: Config, target: torch.nn.Module) -> ComponentModel:
@@ -81,6 +82,20 @@ def step_inputs(
     """Clean forward (cached), then causal importances: everything a loss term needs."""
     with torch.no_grad():
         target_out, cache = model.clean_forward(batch)
+    return _inputs(config, model, batch, target_out, cache, noise, step_frac, world_size)
+
+
+def _inputs(
+    config: Config,
+    model: ComponentModel,
+    batch: Tensor,
+    target_out: Tensor,
+    cache: CleanCache,
+    noise: Noise,
+    step_frac: float | Tensor,
+    world_size: int,
+    kept: KeptRows | None = None,
+) -> StepInputs:
     ci = model.ci_from_cache(cache, sampling=config.sampling, noise=noise)
     return StepInputs(
         model=model,
@@ -101,6 +116,45 @@ def step_inputs(
             if config.masked_forward_budget_mb is None
             else int(config.masked_forward_budget_mb * 2**20)
         ),
+        kept=kept,
+    )
+
+
+def train_step_inputs(
+    config: Config,
+    model: ComponentModel,
+    batch: Tensor,
+    noise: Noise,
+    step_frac: float | Tensor,
+    world_size: int = 1,
+) -> StepInputs:
+    """`step_inputs` of a training step: on the batch's nonzero rows alone where the model
+    allows (`ComponentModel.kept_rows`, `spd_ray.core.rows`), the loss terms putting the others
+    back."""
+    kept = model.kept_rows(batch)
+    if kept is not None:
+        with torch.no_grad():
+            target_out, cache = model.clean_forward(kept.take(batch))
+        quiet = model.quiet_zero_row(cache, kept)
+        if kept.fits is not None:  # compiled: a step that does not hold is run again eagerly
+            kept.fits = kept.fits & quiet
+        elif not bool(quiet):
+            model.forgo_compaction(batch)
+            kept = None
+    if kept is None:
+        with torch.no_grad():
+            target_out, cache = model.clean_forward(batch)
+        return _inputs(config, model, batch, target_out, cache, noise, step_frac, world_size)
+    return _inputs(
+        config,
+        model,
+        kept.take(batch),
+        target_out,
+        cache,
+        RowNoise(noise, kept),
+        step_frac,
+        world_size,
+        kept,
     )
 
 
@@ -113,15 +167,21 @@ def train_step_losses(
     world_size: int = 1,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Total loss (to backpropagate) and detached per-term values plus train L0 per layer."""
-    inp = step_inputs(config, model, batch, noise, step_frac, world_size)
+    inp = train_step_inputs(config, model, batch, noise, step_frac, world_size)
     total, terms = total_loss(list(config.loss_metric_configs), inp)
     metrics = {k: v.detach() for k, v in terms.items()}
     metrics["loss/total"] = total.detach()
-    if inp.ci.rows_fit is not None:  # compiled, skipping zero rows: see `CompiledStep`
-        metrics[STEP_VALID] = inp.ci.rows_fit
+    kept = inp.kept
+    # Inside a compiled step: whether the batch fit the sizes the graph assumed (`CompiledStep`).
+    fits = [f for f in (inp.ci.rows_fit, None if kept is None else kept.fits) if f is not None]
+    if fits:
+        metrics[STEP_VALID] = fits[0] if len(fits) == 1 else fits[0] & fits[1]
     thr = config.ci_alive_threshold
     for path, ci in inp.ci.lower.items():
-        metrics[f"l0/{path}"] = (ci.detach() > thr).sum(-1).float().mean()
+        active = (ci.detach() > thr).sum(-1).float()
+        metrics[f"l0/{path}"] = (
+            active.mean() if kept is None else kept.batch_sum(active) / kept.n_rows
+        )
     return total, metrics
 
 

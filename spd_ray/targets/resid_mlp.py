@@ -46,6 +46,8 @@ class ResidMLP(nn.Module):
 
     W_E: Tensor
     label_coeffs: Tensor
+    # Each output row depends on its own input row alone (`spd_ray.core.rows`).
+    rows_independent = True
 
     def __init__(self, config: ResidMLPTargetConfig, generator: torch.Generator | None = None):
         super().__init__()
@@ -93,13 +95,25 @@ class ResidMLP(nn.Module):
 
     def residual(self, x: Float[Tensor, "... n_features"]) -> Float[Tensor, "... d_embed"]:
         """The residual stream after the last block."""
-        residual = x @ self.W_E
+        return self._blocks(self.forward_prefix(x))
+
+    def _blocks(self, residual: Float[Tensor, "... d_embed"]) -> Float[Tensor, "... d_embed"]:
         for block in self.blocks:
             residual = residual + block.mlp_out(self.act(block.mlp_in(residual)))
         return residual
 
     def forward(self, x: Float[Tensor, "... n_features"]) -> Float[Tensor, "... n_features"]:
-        return self.residual(x) @ self.W_E.T
+        return self.forward_from_prefix(self.forward_prefix(x))
+
+    # The forward in two parts, the first before any module a decomposition can replace, so a
+    # masked forward starts from the clean forward's embedding (`ComponentModel`).
+    def forward_prefix(self, x: Float[Tensor, "... n_features"]) -> Float[Tensor, "... d_embed"]:
+        return x @ self.W_E
+
+    def forward_from_prefix(
+        self, embedded: Float[Tensor, "... d_embed"]
+    ) -> Float[Tensor, "... n_features"]:
+        return self._blocks(embedded) @ self.W_E.T
 
     def labels(self, x: Float[Tensor, "... n_features"]) -> Float[Tensor, "... n_features"]:
         """act(c * x) + x for label_type act_plus_resid, |c * x| for abs."""

@@ -40,6 +40,9 @@ class TMSModel(nn.Module):
     shares one parameter between them while training.
     """
 
+    # Each output row depends on its own input row alone (`spd_ray.core.rows`).
+    rows_independent = True
+
     def __init__(self, config: TMSTargetConfig, generator: torch.Generator | None = None):
         super().__init__()
         self.config = config

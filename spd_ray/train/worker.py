@@ -61,6 +61,8 @@ def build_worker(
     model = build_component_model(config, target).to(device)
     skip = config.ci_skip_zero_rows
     model.skip_zero_rows = device.type == "cpu" if skip is None else skip
+    compact = config.compact_zero_rows
+    model.compact_zero_rows = device.type == "cpu" if compact is None else compact
     if config.compile_ci_fns and not compiles_step(config, world_size):
         model.compile_ci_fns()  # a compiled step compiles them with everything else
     train, fresh_eval, single = data_streams(config, target, out_root, device, rank, world_size)

@@ -39,6 +39,25 @@ class MLP(nn.Module):
         return self.l3(torch.relu(self.l2(torch.relu(self.l1(x)))))
 
 
+class SplitMLP(MLP):
+    """An MLP behind a fixed input layer l0 (not decomposed), with its forward split there."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.l0 = frozen(nn.Linear(3, 3))
+        self.prefix_calls = 0
+
+    def forward_prefix(self, x: Tensor) -> Tensor:
+        self.prefix_calls += 1
+        return torch.tanh(self.l0(x))
+
+    def forward_from_prefix(self, h: Tensor) -> Tensor:
+        return super().forward(h)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.forward_from_prefix(self.forward_prefix(x))
+
+
 class EmbedModel(nn.Module):
     def __init__(self) -> None:
         super().__init__()
@@ -268,8 +287,13 @@ def test_every_loss_class_is_covered():
 
 @pytest.mark.parametrize("cfg", _all_loss_configs(), ids=lambda c: c.classname)
 @pytest.mark.parametrize("delta", [True, False])
-def test_reuse_clean_activations_does_not_change_losses(cfg, delta):
-    model = build(MLP(), MLP_INFO)
+@pytest.mark.parametrize("split", [False, True], ids=["whole", "split_forward"])
+def test_reuse_clean_activations_does_not_change_losses(cfg, delta, split):
+    """Masked forwards from the clean activations (and, `split_forward`, from the clean
+    forward's prefix: the target's forward_prefix runs once per step) give the losses and
+    gradients of masked forwards from scratch."""
+    target = SplitMLP() if split else MLP()
+    model = build(target, MLP_INFO)
     x = torch.randn(8, 3, generator=torch.Generator().manual_seed(5))
     values = {}
     grads = {}
@@ -278,6 +302,8 @@ def test_reuse_clean_activations_does_not_change_losses(cfg, delta):
         model.zero_grad()
         with torch.no_grad():
             target_out, cache = model.clean_forward(x)
+        assert (cache.prefix is not None) == split
+        calls = getattr(target, "prefix_calls", 0)
         inp = StepInputs(
             model=model,
             batch=x,
@@ -292,6 +318,8 @@ def test_reuse_clean_activations_does_not_change_losses(cfg, delta):
         )
         value = loss_term(cfg, inp)
         value.backward()
+        if split and reuse:  # no masked forward recomputed the prefix
+            assert target.prefix_calls == calls  # type: ignore[union-attr]
         values[reuse] = value.detach()
         grads[reuse] = [
             p.grad.clone() if p.grad is not None else torch.zeros_like(p)
@@ -302,6 +330,13 @@ def test_reuse_clean_activations_does_not_change_losses(cfg, delta):
     assert torch.allclose(values[True], values[False], rtol=1e-5, atol=1e-7)
     for a, b in zip(grads[True], grads[False], strict=True):
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_a_forward_prefix_that_runs_a_decomposed_module_is_refused():
+    target = SplitMLP()
+    model = build(target, [("l0", 2), ("l1", 2)])
+    with pytest.raises(RuntimeError, match=r"forward_prefix ran a decomposed module \(l0\)"):
+        model.clean_forward(X)
 
 
 def test_wrapper_called_twice_raises_with_reuse():
