@@ -104,14 +104,14 @@ _FLOPS: dict[int, int] = {}
 
 def tms_flops(batch: int) -> int:
     """One tms_5-2 training step's FLOPs at `batch`, counted in this process (the registry's
-    full run compiles the step; the count is the eager ops', so it equals an eager child's)."""
+    full run compiles the step; the count is the eager ops', so it equals an eager child's), on
+    every row (a compacted step's count follows the batch's nonzero rows)."""
     if batch not in _FLOPS:
         from spd_ray.train.loop import make_state
         from spd_ray.train.worker import build_worker
 
-        config = bench.bench_config(
-            "tms_5-2", 1, 1, [f"batch_size={batch}", "compile_ci_fns=false"]
-        )
+        overrides = [f"batch_size={batch}", "compile_ci_fns=false", "compact_zero_rows=false"]
+        config = bench.bench_config("tms_5-2", 1, 1, overrides)
         worker = build_worker(config)
         _FLOPS[batch] = bench.step_flops(config, worker.ctx, make_state(config, worker.ctx))
     return _FLOPS[batch]
