@@ -106,3 +106,34 @@ def assert_same_train_metrics(
             assert got[key] == pytest.approx(value, abs=2 / 64), key
         else:
             assert got[key] == pytest.approx(value, rel=rtol, abs=1e-6), key
+
+
+def assert_same_step(
+    got: tuple[torch.Tensor, dict[str, torch.Tensor]],
+    want: tuple[torch.Tensor, dict[str, torch.Tensor]],
+    fast: torch.nn.Module,
+    plain: torch.nn.Module,
+    atol: float = 1e-7,
+    grad_atol: float = 1e-6,
+    grads_nonzero: bool = False,
+) -> None:
+    """Two models' steps on the same batch and draws, `got` (total, metrics) of `fast` and `want`
+    of `plain`: the total and every metric within rel 1e-5, then, after backward, every
+    parameter's gradient within rel 1e-4 (all nonzero, with `grads_nonzero`); the gradients are
+    cleared."""
+    (got_total, got_metrics), (want_total, want_metrics) = got, want
+    torch.testing.assert_close(got_total, want_total, rtol=1e-5, atol=atol)
+    assert set(got_metrics) == set(want_metrics)
+    for key in want_metrics:
+        torch.testing.assert_close(
+            got_metrics[key], want_metrics[key], rtol=1e-5, atol=atol, msg=key
+        )
+    got_total.backward()
+    want_total.backward()
+    for (name, p), q in zip(fast.named_parameters(), plain.parameters(), strict=True):
+        assert (p.grad is None) == (q.grad is None), name
+        if p.grad is not None:
+            assert q.grad is not None
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=grad_atol, msg=name)
+            assert not grads_nonzero or q.grad.abs().max() > 0, name
+        p.grad = q.grad = None

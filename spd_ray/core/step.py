@@ -78,11 +78,29 @@ def step_inputs(
     noise: Noise,
     step_frac: float | Tensor,
     world_size: int = 1,
+    compact: bool = False,
 ) -> StepInputs:
-    """Clean forward (cached), then causal importances: everything a loss term needs."""
-    with torch.no_grad():
-        target_out, cache = model.clean_forward(batch)
-    return _inputs(config, model, batch, target_out, cache, noise, step_frac, world_size)
+    """Clean forward (cached), then causal importances: everything a loss term needs. `compact`
+    (a training step): on the batch's nonzero rows alone where the model allows
+    (`ComponentModel.kept_rows`, `spd_ray.core.rows`), the loss terms putting the others back."""
+    kept = model.kept_rows(batch) if compact else None
+    if kept is not None:
+        with torch.no_grad():
+            target_out, cache = model.clean_forward(kept.take(batch))
+        quiet = model.quiet_zero_row(cache, kept)
+        if kept.fits is not None:  # compiled: a step that does not hold is run again eagerly
+            kept.fits = kept.fits & quiet
+        elif not bool(quiet):
+            model.forgo_compaction(batch)
+            kept = None
+    if kept is None:
+        with torch.no_grad():
+            target_out, cache = model.clean_forward(batch)
+        return _inputs(config, model, batch, target_out, cache, noise, step_frac, world_size)
+    noise = RowNoise(noise, kept)
+    return _inputs(
+        config, model, kept.take(batch), target_out, cache, noise, step_frac, world_size, kept
+    )
 
 
 def _inputs(
@@ -120,44 +138,6 @@ def _inputs(
     )
 
 
-def train_step_inputs(
-    config: Config,
-    model: ComponentModel,
-    batch: Tensor,
-    noise: Noise,
-    step_frac: float | Tensor,
-    world_size: int = 1,
-) -> StepInputs:
-    """`step_inputs` of a training step: on the batch's nonzero rows alone where the model
-    allows (`ComponentModel.kept_rows`, `spd_ray.core.rows`), the loss terms putting the others
-    back."""
-    kept = model.kept_rows(batch)
-    if kept is not None:
-        with torch.no_grad():
-            target_out, cache = model.clean_forward(kept.take(batch))
-        quiet = model.quiet_zero_row(cache, kept)
-        if kept.fits is not None:  # compiled: a step that does not hold is run again eagerly
-            kept.fits = kept.fits & quiet
-        elif not bool(quiet):
-            model.forgo_compaction(batch)
-            kept = None
-    if kept is None:
-        with torch.no_grad():
-            target_out, cache = model.clean_forward(batch)
-        return _inputs(config, model, batch, target_out, cache, noise, step_frac, world_size)
-    return _inputs(
-        config,
-        model,
-        kept.take(batch),
-        target_out,
-        cache,
-        RowNoise(noise, kept),
-        step_frac,
-        world_size,
-        kept,
-    )
-
-
 def train_step_losses(
     config: Config,
     model: ComponentModel,
@@ -167,7 +147,7 @@ def train_step_losses(
     world_size: int = 1,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Total loss (to backpropagate) and detached per-term values plus train L0 per layer."""
-    inp = train_step_inputs(config, model, batch, noise, step_frac, world_size)
+    inp = step_inputs(config, model, batch, noise, step_frac, world_size, compact=True)
     total, terms = total_loss(list(config.loss_metric_configs), inp)
     metrics = {k: v.detach() for k, v in terms.items()}
     metrics["loss/total"] = total.detach()
