@@ -137,3 +137,42 @@ def assert_same_step(
             torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=grad_atol, msg=name)
             assert not grads_nonzero or q.grad.abs().max() > 0, name
         p.grad = q.grad = None
+
+
+def steps_across_an_overflow(
+    fast_step: Callable[..., Any],
+    plain_step: Callable[..., Any],
+    fast: torch.nn.Module,
+    plain: torch.nn.Module,
+    capacity: Callable[[], object],
+) -> tuple[int, int, list[object], list[int], list[int]]:
+    """tms_5-2-shaped batches of 512 through a compiled step skipping zero rows (`fast_step` of
+    `fast`) and a plain one, on the same draws, each step compared (`assert_same_step`): four
+    sparse batches with the same count of nonzero rows, then a denser one (250 nonzero rows, more
+    than the first batch's capacity), then a sparse one again. Returns the capacities for the
+    sparse and the dense count, and per step `capacity()`, the graphs compiled so far and the
+    re-runs so far."""
+    from spd_ray.core.ci import nonzero_row_capacity, nonzero_rows
+    from spd_ray.core.masks import Noise
+
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    fast_noise, plain_noise = Noise.for_run(0, "train", "cpu"), Noise.for_run(0, "train", "cpu")
+    g = torch.Generator().manual_seed(0)
+    sparse = [(torch.rand(512, 5, generator=g) < 0.05) * torch.rand(512, 5, generator=g)]
+    sparse += [sparse[0].roll(k, 0) for k in (1, 2, 3)]  # the same count of nonzero rows
+    denser = torch.rand(512, 5, generator=g) * (torch.arange(512) < 250).unsqueeze(-1)
+    n_sparse = int(nonzero_rows(sparse[0], 512).sum())
+    first, second = nonzero_row_capacity(n_sparse, 512), nonzero_row_capacity(250, 512)
+    assert first is not None and second is not None and first < 250 < second < 512
+    capacities: list[object] = []
+    graphs: list[int] = []
+    reruns: list[int] = []
+    for k, batch in enumerate([*sparse, denser, sparse[1]]):
+        got = fast_step(batch, fast_noise, k / 10)
+        want = plain_step(batch, plain_noise, k / 10)
+        graphs.append(torch._dynamo.utils.counters["stats"]["unique_graphs"])
+        reruns.append(fast_step.reruns)
+        capacities.append(capacity())
+        assert_same_step(got, want, fast, plain)
+    return first, second, capacities, graphs, reruns

@@ -7,7 +7,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from step_helpers import assert_same_step, assert_same_train_metrics, tiny_config, train_tiny
+from step_helpers import (
+    assert_same_step,
+    assert_same_train_metrics,
+    steps_across_an_overflow,
+    tiny_config,
+    train_tiny,
+)
 
 from spd_ray.core.ci import nonzero_row_capacity, nonzero_rows
 from spd_ray.core.masks import CounterNoise, Noise
@@ -143,26 +149,11 @@ def test_a_compiled_step_on_the_nonzero_rows_matches_and_reruns_a_batch_that_ove
     config, fast = _tms(compact=True)
     _, plain = _tms(compact=False)
     fast.load_state_dict(plain.state_dict())
-    torch._dynamo.reset()
-    torch._dynamo.utils.counters.clear()
     fast_step = step_function(config, fast)
     plain_step = step_function(config.model_copy(update={"compile": False}), plain)
-    fast_noise, plain_noise = Noise.for_run(0, "train", CPU), Noise.for_run(0, "train", CPU)
-    g = torch.Generator().manual_seed(0)
-    sparse = [(torch.rand(512, 5, generator=g) < 0.05) * torch.rand(512, 5, generator=g)]
-    sparse += [sparse[0].roll(k, 0) for k in (1, 2, 3)]  # the same count of nonzero rows
-    denser = torch.rand(512, 5, generator=g) * (torch.arange(512) < 250).unsqueeze(-1)
-    n_sparse = int(nonzero_rows(sparse[0], 512).sum())
-    first, second = nonzero_row_capacity(n_sparse, 512), nonzero_row_capacity(250, 512)
-    assert first is not None and second is not None and first < 250 < second < 512
-    graphs, reruns, capacities = [], [], []
-    for k, batch in enumerate([*sparse, denser, sparse[1]]):
-        got = fast_step(batch, fast_noise, k / 10)
-        want = plain_step(batch, plain_noise, k / 10)
-        graphs.append(torch._dynamo.utils.counters["stats"]["unique_graphs"])
-        reruns.append(fast_step.reruns)  # type: ignore[attr-defined]
-        capacities.append(fast._batch_capacity[512])
-        assert_same_step(got, want, fast, plain)
+    first, second, capacities, graphs, reruns = steps_across_an_overflow(
+        fast_step, plain_step, fast, plain, lambda: fast._batch_capacity[512]
+    )
     assert capacities == [first] * 4 + [second] * 2
     assert graphs == [0, 1, 1, 1, 1, 2], graphs  # one graph, compiled again for the new capacity
     assert reruns == [0, 0, 0, 0, 1, 1]

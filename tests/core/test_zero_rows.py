@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from step_helpers import assert_same_step
+from step_helpers import steps_across_an_overflow
 
 from spd_ray.core.ci import (
     ci_on_nonzero_rows,
@@ -16,7 +16,6 @@ from spd_ray.core.ci import (
     nonzero_row_capacity,
     nonzero_rows,
 )
-from spd_ray.core.masks import Noise
 from spd_ray.core.step import step_function
 from spd_ray.registry import load_experiment
 from spd_ray.targets.loading import build_toy
@@ -102,28 +101,12 @@ def test_a_compiled_step_skipping_zero_rows_matches_an_eager_step_and_reruns_on_
     config, fast = _tms_worker(skip=True, batch_size=512)
     _, plain = _tms_worker(skip=False, batch_size=512)
     fast.load_state_dict(plain.state_dict())
-    torch._dynamo.reset()
-    torch._dynamo.utils.counters.clear()
     fast_step = step_function(config, fast)
     plain_config = config.model_copy(update={"compile": False, "ci_skip_zero_rows": False})
     plain_step = step_function(plain_config, plain)
-    fast_noise = Noise.for_run(0, "train", CPU)
-    plain_noise = Noise.for_run(0, "train", CPU)
-    g = torch.Generator().manual_seed(0)
-    sparse = [(torch.rand(512, 5, generator=g) < 0.05) * torch.rand(512, 5, generator=g)]
-    sparse += [sparse[0].roll(k, 0) for k in (1, 2, 3)]  # the same count of nonzero rows
-    denser = torch.rand(512, 5, generator=g) * (torch.arange(512) < 250).unsqueeze(-1)
-    n_sparse = int(nonzero_rows(sparse[0], 512).sum())
-    first, second = nonzero_row_capacity(n_sparse, 512), nonzero_row_capacity(250, 512)
-    assert first is not None and second is not None and first < 250 < second < 512
-    graphs, reruns, capacities = [], [], []
-    for k, batch in enumerate([*sparse, denser, sparse[1]]):
-        got = fast_step(batch, fast_noise, k / 10)
-        want = plain_step(batch, plain_noise, k / 10)
-        graphs.append(torch._dynamo.utils.counters["stats"]["unique_graphs"])
-        reruns.append(fast_step.reruns)  # type: ignore[attr-defined]
-        capacities.append(sorted(set(fast._row_capacity.values())))
-        assert_same_step(got, want, fast, plain)
+    first, second, capacities, graphs, reruns = steps_across_an_overflow(
+        fast_step, plain_step, fast, plain, lambda: sorted(set(fast._row_capacity.values()))
+    )
     assert len(fast._row_capacity) == 2  # linear1, linear2: the same rows are zero in both
     assert capacities == [[first]] * 4 + [[second]] * 2
     assert graphs == [0, 1, 1, 1, 1, 2], graphs  # one graph, compiled again for the new capacity
