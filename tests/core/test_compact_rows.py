@@ -210,3 +210,63 @@ def test_a_target_whose_zero_rows_reach_a_module_as_nonzero_is_not_compacted():
     want, _ = steps[1](x, Noise.for_run(0, "train", CPU), 0.0)
     assert models[0]._batch_capacity == {512: None}
     assert got.item() == want.item()
+
+
+def _ddp_worker(rank: int, store_file: str, out_dir: str) -> None:
+    """One of two gloo workers: the compacted eager step on its half of the batch."""
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store_file}", rank=rank, world_size=2)
+    config, model = _sparse_resid(compact=True)
+    step = step_function(config, model, world_size=2)
+    x = _sparse_batch()
+    total, metrics = step(x[256 * rank : 256 * (rank + 1)], _ddp_noise(rank, 2), 0.5)
+    total.backward()
+    grads = {}
+    for name, p in model.named_parameters():
+        if p.grad is not None:
+            dist.all_reduce(p.grad)
+            grads[name] = p.grad / 2  # the loop's gradient averaging
+    out = {"metrics": metrics, "grads": grads, "capacity": model._batch_capacity}
+    torch.save(out, f"{out_dir}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def _sparse_resid(compact: bool):
+    config = tiny_config(*SPARSE, EVERY_LOSS, "compile=false", "ci_skip_zero_rows=false")
+    config = config.model_copy(update={"compact_zero_rows": compact})
+    torch.manual_seed(0)
+    target = build_toy(config.target_model).requires_grad_(False)  # type: ignore[arg-type]
+    return config, build_worker(config, target).ctx.model
+
+
+def _sparse_batch() -> torch.Tensor:
+    g = torch.Generator().manual_seed(1)
+    return (torch.rand(512, 10, generator=g) < 0.02) * (torch.rand(512, 10, generator=g) * 2 - 1)
+
+
+def _ddp_noise(rank: int, world_size: int) -> Noise:
+    return Noise.for_run(0, "train", CPU, rank=rank, world_size=world_size)
+
+
+def test_two_workers_compacting_their_halves_give_the_one_worker_step(tmp_path):
+    """2 gloo processes, each compacting its own 256 rows (its own capacity, its rows of the
+    global noise): the mean of their loss terms and the averaged gradient equal one worker's
+    step on all 512 rows."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_ddp_worker, args=(str(tmp_path / "store"), str(tmp_path)), nprocs=2, join=True)
+    config, model = _sparse_resid(compact=False)
+    want_total, want = step_function(config, model)(_sparse_batch(), _ddp_noise(0, 1), 0.5)
+    want_total.backward()
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    for r in ranks:
+        assert r["capacity"] == {256: 96}  # compacted: ~46 nonzero rows of 256
+    for key, value in want.items():
+        got = (ranks[0]["metrics"][key] + ranks[1]["metrics"][key]) / 2
+        torch.testing.assert_close(got, value, rtol=1e-5, atol=1e-8, msg=key)
+    for name, p in model.named_parameters():
+        if p.grad is not None:
+            for r in ranks:
+                torch.testing.assert_close(r["grads"][name], p.grad, rtol=1e-4, atol=1e-7)
