@@ -57,6 +57,13 @@ class KeptRows:
         """The kept rows of a whole-batch tensor (dim 0)."""
         return t.index_select(0, self.index)
 
+    def expand(self, per_row: Tensor) -> Tensor:
+        """The whole batch's [n_rows, ...] of a per-row value [capacity, ...] that every zero row
+        shares (the last kept row's value in every dropped row)."""
+        zero = per_row[self.capacity - 1]
+        whole = zero.expand(self.n_rows, *zero.shape).contiguous()
+        return whole.index_copy(0, self.index, per_row)
+
     def batch_sum(self, per_row: Tensor) -> Tensor:
         """Sum over the whole batch of a per-row value [capacity, ...] that every zero row shares:
         the kept rows' sum plus the dropped rows' share, read off the last kept row (a zero row)."""

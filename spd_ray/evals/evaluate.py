@@ -27,7 +27,7 @@ from spd_ray.core.losses import (
     subset_routes,
 )
 from spd_ray.core.masks import Noise, Routes, all_routes
-from spd_ray.core.model import ComponentModel
+from spd_ray.core.model import CIOutputs, ComponentModel
 from spd_ray.core.pgd import pgd_multibatch_recon_loss
 from spd_ray.core.recon import StepInputs
 from spd_ray.core.schedule import annealed_p
@@ -169,21 +169,25 @@ def evaluate(
     device = next(iter(model.parameters())).device
     for batch in batches:
         with autocast(config, device, evaluating=True):
-            inp = step_inputs(config, model, batch, noise, step / config.steps, world_size)
+            # The loss terms on the batch's nonzero rows where the model allows (as a training
+            # step: `spd_ray.core.rows`); the CI statistics on every row, rebuilt from them.
+            frac = step / config.steps
+            inp = step_inputs(config, model, batch, noise, frac, world_size, compact=True)
             values = {f"loss/{c.classname}": loss_term(c, inp).detach().float() for c in loss_cfgs}  # type: ignore[arg-type]
+            ci = whole_batch_ci(inp)
             if pooled_im is not None:
-                pooled_im.update(inp.ci.upper)
+                pooled_im.update(ci.upper)
             if ce_kl is not None:
                 ce_kl.update(inp)
             if subset_ce_kl is not None:
                 subset_ce_kl.update(inp)
         for key, value in values.items():
             sums[key] = sums[key] + value if key in sums else value
-        stats.update(inp.ci.lower)
+        stats.update(ci.lower)
         limit = hist_cfg.n_batches_accum if hist_cfg else None  # type: ignore[union-attr]
         if slow and hist_cfg and (limit is None or len(hist_lower) < limit):
-            hist_lower.append({k: v.detach().cpu() for k, v in inp.ci.lower.items()})
-            hist_pre.append({k: v.detach().cpu() for k, v in inp.ci.pre_sigmoid.items()})
+            hist_lower.append({k: v.detach().cpu() for k, v in ci.lower.items()})
+            hist_pre.append({k: v.detach().cpu() for k, v in ci.pre_sigmoid.items()})
         n_batches += 1
     assert n_batches > 0, "evaluate needs at least one batch"
     scalars = {k: v / n_batches for k, v in sums.items()}
@@ -218,6 +222,21 @@ def evaluate(
     out.update({f"eval/{k}": torch.tensor(v, device=device) for k, v in extra.items()})
     figures.update(figs)
     return out, figures
+
+
+def whole_batch_ci(inp: StepInputs) -> CIOutputs:
+    """The causal importances of every row of the batch `inp` was made from: its own where it
+    holds every row, else its kept rows' with the dropped (zero) rows' shared value put back."""
+    kept = inp.kept
+    if kept is None:
+        return inp.ci
+
+    def whole(d: dict[str, Tensor]) -> dict[str, Tensor]:
+        return {path: kept.expand(t) for path, t in d.items()}
+
+    return CIOutputs(
+        lower=whole(inp.ci.lower), upper=whole(inp.ci.upper), pre_sigmoid=whole(inp.ci.pre_sigmoid)
+    )
 
 
 def _multibatch_pgd(

@@ -270,3 +270,40 @@ def test_two_workers_compacting_their_halves_give_the_one_worker_step(tmp_path):
         if p.grad is not None:
             for r in ranks:
                 torch.testing.assert_close(r["grads"][name], p.grad, rtol=1e-4, atol=1e-7)
+
+
+def test_an_eval_on_the_nonzero_rows_gives_every_metric_of_an_eval_on_every_row():
+    """The run's evaluation (fp32, fresh eval batches, CI statistics plus every loss that draws
+    noise): loss terms on the kept rows, CI statistics on every row rebuilt from them; every
+    scalar within float rounding of the eval on every row. Random CI-function biases, so that the
+    zero rows' shared CI is far from 0 and counts in L0, means and densities."""
+    stats = (
+        "{classname: CI_L0}, {classname: CIMeanPerComponent},"
+        " {classname: ComponentActivationDensity},"
+        " {classname: CIHistograms, n_batches_accum: 1}]"
+    )
+    metrics = "eval_metric_configs=" + EVERY_LOSS.split("=", 1)[1].replace("]", ",") + stats
+    config = tiny_config(*SPARSE, "compile=false", metrics, "n_eval_steps=3")
+    evals, models = {}, []
+    for compact in (True, False):
+        c = config.model_copy(update={"compact_zero_rows": compact})
+        torch.manual_seed(0)
+        target = build_toy(c.target_model).requires_grad_(False)  # type: ignore[arg-type]
+        worker = build_worker(c, target)
+        model = worker.ctx.model
+        if not models:
+            torch.manual_seed(1)
+            for name, p in model.ci_fns.named_parameters():
+                if name.rsplit(".", 1)[-1].startswith("b"):
+                    torch.nn.init.normal_(p, 0.0, 1.0)
+        else:
+            model.load_state_dict(models[0].state_dict())
+        models.append(model)
+        scalars, figures = worker.ctx.evaluate(model, 0, True)
+        evals[compact] = ({k: float(v) for k, v in scalars.items()}, set(figures))
+        assert model._batch_capacity.get(512) == (160 if compact else None)
+    (got, got_figs), (want, want_figs) = evals[True], evals[False]
+    assert set(got) == set(want) and len(want) >= 10 and got_figs == want_figs
+    assert want["eval/l0/layers.0.mlp_in"] > 0.5  # the zero rows' CI counts
+    for key, value in want.items():
+        assert got[key] == pytest.approx(value, rel=1e-5, abs=1e-9), key
