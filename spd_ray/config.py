@@ -622,13 +622,14 @@ class Config(BaseConfig):
     )
     compact_zero_rows: bool | None = Field(
         None,
-        description="Run a training step on the batch's rows where some decomposed module's "
-        "input is nonzero, compacted to a size measured on the first batch, for targets whose "
-        "rows are independent (the toy models): the other rows reconstruct exactly under any "
-        "masks, so they add nothing to a reconstruction loss or gradient, and importance "
-        "minimality and L0 count them analytically (spd_ray.core.rows); the same numbers up to "
-        "float rounding. None: on for CPU workers; off on GPUs, where the check of the "
-        "compacted size would sync the host.",
+        description="Run training steps and evals on the batch's nonzero rows, compacted to a "
+        "size measured on the first batch, for targets whose rows are independent (the toy "
+        "models): a zero row that reaches every decomposed module as zeros (checked every "
+        "step) reconstructs exactly under any masks, so it adds nothing to a reconstruction "
+        "loss or gradient, and importance minimality, L0 and the eval's CI statistics count "
+        "the zero rows from one of them (spd_ray.core.rows); the same numbers up to float "
+        "rounding. None: on for CPU workers; off on GPUs, where the check of the compacted "
+        "size would sync the host.",
     )
     masked_copies_per_forward: int | None = Field(
         None,

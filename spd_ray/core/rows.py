@@ -1,4 +1,5 @@
-"""A training step on the nonzero rows of a sparse batch (`compact_zero_rows`).
+"""A training step (or an eval's loss terms) on the nonzero rows of a sparse batch
+(`compact_zero_rows`).
 
 In a target whose rows are independent (each output row a function of its own input row alone:
 the toy models, which say so with `rows_independent = True`), every zero row of a batch takes the
