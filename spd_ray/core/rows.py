@@ -8,7 +8,7 @@ of them: `ComponentModel.quiet_zero_row`), a zero row reconstructs exactly under
 masked module's component acts x @ V are 0 there, so it outputs what the target module does (0,
 or its bias), and the rest of the forward sees the clean values. Such a row adds nothing to a
 reconstruction loss and nothing to any gradient (up to the rounding of a bias under bf16
-autocast). Most rows of the sparse toy tasks are zero (37% of resid_mlp1's, 77% of tms_5-2's), so
+autocast). Many rows of the sparse toy tasks are zero (37% of resid_mlp1's, 77% of tms_5-2's), so
 the step - clean forward, CI functions, masked forwards, backward - runs on the nonzero rows alone,
 gathered into `capacity` rows (a size measured on the first batch, `nonzero_row_capacity`; the
 slots left over hold zero rows), and puts the dropped rows back analytically:
