@@ -217,6 +217,35 @@ def nonzero_rows(module_input: Tensor, n_rows: int) -> Tensor:
     return (module_input.reshape(n_rows, -1) != 0).any(-1)
 
 
+def measured_capacity(
+    table: dict[Any, int | None], key: Any, nonzero_of: Callable[[], Tensor], spare: int = 0
+) -> tuple[int, Tensor] | None:
+    """The capacity `key`'s rows are compacted to, and which rows are nonzero (`nonzero_of()`,
+    Bool [n_rows], called only when compacting); None: run every row. Eagerly the capacity is set
+    from the first batch (`nonzero_row_capacity`) and set again by a batch with more than
+    capacity - `spare` nonzero rows (also the eager re-run of a compiled step that did not fit),
+    so data that grows denser does not run every step twice; None there is for good. Inside a
+    compiled graph it is `table`'s value, a constant (the caller reports whether the batch fit)."""
+    compiling = torch.compiler.is_compiling()
+    capacity = table.get(key) if compiling else table.get(key, -1)
+    if capacity is None:
+        return None
+    nonzero = nonzero_of()
+    if not compiling:
+        n_nonzero = int(nonzero.sum())
+        if n_nonzero + spare > capacity:
+            capacity = table[key] = nonzero_row_capacity(n_nonzero, int(nonzero.shape[0]))
+            if capacity is None:
+                return None
+    return capacity, nonzero
+
+
+def nonzero_first(nonzero: Tensor, capacity: int) -> Tensor:
+    """Row indices [capacity]: the `nonzero` rows in order (a stable sort of a 0/1 key), then zero
+    rows; all the nonzero ones where there are at most `capacity`."""
+    return torch.argsort(nonzero.to(torch.uint8), descending=True, stable=True)[:capacity]
+
+
 def ci_on_nonzero_rows(
     fn: Callable[[Tensor], Tensor], inp: Tensor, nonzero: Tensor, capacity: int
 ) -> tuple[Tensor, Tensor]:
@@ -226,8 +255,7 @@ def ci_on_nonzero_rows(
     reads (component acts or the module input itself), [..., d]."""
     lead, d = inp.shape[:-1], inp.shape[-1]
     flat = inp.reshape(-1, d)
-    # Nonzero rows first (a stable sort of a 0/1 key): the first `capacity` rows hold them all.
-    rows = torch.argsort(nonzero.to(torch.uint8), descending=True, stable=True)[:capacity]
+    rows = nonzero_first(nonzero, capacity)
     z_rows = fn(flat.index_select(0, rows))
     z_zero = fn(flat.new_zeros(1, d))
     z = z_zero.expand(flat.shape[0], -1).contiguous().index_copy(0, rows, z_rows)

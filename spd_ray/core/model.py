@@ -39,7 +39,7 @@ from spd_ray.core.ci import (
     CIFn,
     ci_on_nonzero_rows,
     make_ci_fn,
-    nonzero_row_capacity,
+    measured_capacity,
     nonzero_rows,
     sigmoid_pair,
 )
@@ -560,25 +560,13 @@ class ComponentModel(nn.Module):
         if not self.skip_zero_rows or self.wrappers[path].kind == "embedding":
             return fn(inp), None
         n = inp.shape[:-1].numel()
-        key = (path, n)
-        if torch.compiler.is_compiling():
-            capacity = self._row_capacity.get(key)  # set by the first, eager step
-            if capacity is None:
-                return fn(inp), None
-            return ci_on_nonzero_rows(fn, inp, nonzero_rows(module_input, n), capacity)
-        capacity = self._row_capacity.get(key, -1)
-        if capacity is None:  # too few zero rows to skip (measured on the first batch)
+        sized = measured_capacity(
+            self._row_capacity, (path, n), lambda: nonzero_rows(module_input, n)
+        )
+        if sized is None:  # too few zero rows to skip (measured on the first batch)
             return fn(inp), None
-        nonzero = nonzero_rows(module_input, n)
-        n_nonzero = int(nonzero.sum())
-        if n_nonzero > capacity:
-            # The first batch of this shape, or a denser one than that (also the eager re-run of
-            # a compiled step that did not fit): it sets the capacity from here on (a compiled
-            # step compiles once more), so data that grows denser does not run every step twice.
-            capacity = self._row_capacity[key] = nonzero_row_capacity(n_nonzero, n)
-        if capacity is None:
-            return fn(inp), None
-        return ci_on_nonzero_rows(fn, inp, nonzero, capacity)[0], None
+        z, fits = ci_on_nonzero_rows(fn, inp, sized[1], sized[0])
+        return z, (fits if torch.compiler.is_compiling() else None)
 
     def kept_rows(self, batch: Tensor) -> KeptRows | None:
         """The rows a training step on `batch` runs on (`spd_ray.core.rows`): its nonzero rows,
@@ -591,19 +579,11 @@ class ComponentModel(nn.Module):
         if batch.dim() != 2 or not batch.is_floating_point():
             return None
         n = batch.shape[0]
-        nonzero = nonzero_rows(batch, n)
-        if torch.compiler.is_compiling():
-            capacity = self._batch_capacity.get(n)  # set by the first, eager step
-            return None if capacity is None else kept_rows(nonzero, capacity, compiling=True)
-        capacity = self._batch_capacity.get(n, -1)
-        if capacity is None:  # too few zero rows (measured on the first batch)
+        # One zero row must stay among the kept ones (`quiet_zero_row`, `KeptRows.batch_sum`).
+        sized = measured_capacity(self._batch_capacity, n, lambda: nonzero_rows(batch, n), spare=1)
+        if sized is None:
             return None
-        n_nonzero = int(nonzero.sum())
-        if n_nonzero >= capacity:
-            # The first batch of this size, or a denser one (also the eager re-run of a compiled
-            # step that did not fit): the capacity from here on, always above the count.
-            capacity = self._batch_capacity[n] = nonzero_row_capacity(n_nonzero, n)
-        return None if capacity is None else kept_rows(nonzero, capacity, compiling=False)
+        return kept_rows(sized[1], sized[0], compiling=torch.compiler.is_compiling())
 
     def quiet_zero_row(self, cache: CleanCache, kept: KeptRows) -> Tensor:
         """0-d bool: whether every decomposed module's clean input is zero on the last kept row

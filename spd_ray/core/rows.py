@@ -31,6 +31,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from spd_ray.core.ci import nonzero_first
 from spd_ray.core.masks import Noise
 
 
@@ -76,9 +77,8 @@ def kept_rows(nonzero: Tensor, capacity: int, compiling: bool) -> KeptRows:
     """The nonzero rows first (a stable sort of a 0/1 key), then zero rows, `capacity` in all.
     Eagerly the caller has checked that fewer than `capacity` rows are nonzero; compiled, `fits`
     says so."""
-    order = torch.argsort(nonzero.to(torch.uint8), descending=True, stable=True)
     fits = nonzero.sum() < capacity if compiling else None
-    return KeptRows(order[:capacity], int(nonzero.shape[0]), fits)
+    return KeptRows(nonzero_first(nonzero, capacity), int(nonzero.shape[0]), fits)
 
 
 class RowNoise(Noise):

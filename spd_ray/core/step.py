@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 from typing import Any
 
 import torch
@@ -155,7 +156,7 @@ def train_step_losses(
     # Inside a compiled step: whether the batch fit the sizes the graph assumed (`CompiledStep`).
     fits = [f for f in (inp.ci.rows_fit, None if kept is None else kept.fits) if f is not None]
     if fits:
-        metrics[STEP_VALID] = fits[0] if len(fits) == 1 else fits[0] & fits[1]
+        metrics[STEP_VALID] = functools.reduce(torch.logical_and, fits)
     thr = config.ci_alive_threshold
     for path, ci in inp.ci.lower.items():
         active = (ci.detach() > thr).sum(-1).float()
