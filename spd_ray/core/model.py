@@ -15,6 +15,12 @@ d_out] matmul. The delta component W - (VU)^T is never materialised per forward:
 acts a = x V and the target output y = x W^T + b, (a * m) U + m_d (x (W - (VU)^T)^T) + b  ==  (a *
 (m - m_d)) U + m_d y + (1 - m_d) b. All-ones masks therefore return the target output exactly.
 
+A target that keeps its wide activations as sums of narrow products (`spd_ray.core.lowrank`;
+ResidMLP's residual stream) runs its clean and masked forwards on those terms: a wrapper then reads
+a LowRank input through its weights (x @ (W_E V) rather than (x @ W_E) @ V) and, asked through
+`low_rank_forward`, writes its output as terms ((a * m) with U, x with W^T, the bias), and the cache
+forms a wide activation densely only where something reads it.
+
 The reuse assumes each wrapper runs once per forward and a module's input depends only on the model
 input and the modules run before it (true for feed-forward nets and transformers in eval mode); a
 second call of a wrapper within one forward raises.
@@ -49,6 +55,7 @@ from spd_ray.core.components import (
     LinearComponents,
     TiedLinearComponents,
 )
+from spd_ray.core.lowrank import LowRank, Term, linear_dense, linear_terms
 from spd_ray.core.masks import Noise
 from spd_ray.core.rows import KeptRows, kept_rows
 from spd_ray.errors import InputError
@@ -166,21 +173,79 @@ class ModuleMask:
     route: Tensor | None = None  # Bool[*batch]; None: every position routed
 
 
-@dataclass
+class Activations:
+    """Each wrapper's tensor from one clean forward, by path in forward order: dense, or kept as
+    LowRank terms (a target's wide activations: `spd_ray.core.lowrank`) and formed densely the
+    first time it is read."""
+
+    def __init__(self) -> None:
+        self._dense: dict[str, Tensor] = {}
+        self._low: dict[str, LowRank] = {}
+        self._order: list[str] = []
+
+    def __setitem__(self, path: str, value: Tensor | LowRank) -> None:
+        # A module run twice keeps its last tensor (a masked forward that reuses it refuses).
+        if path not in self._order:
+            self._order.append(path)
+        self._dense.pop(path, None)
+        self._low.pop(path, None)
+        if isinstance(value, LowRank):
+            self._low[path] = value
+        else:
+            self._dense[path] = value
+
+    def __getitem__(self, path: str) -> Tensor:
+        if path not in self._dense:
+            self._dense[path] = self._low[path].dense()
+        return self._dense[path]
+
+    def __contains__(self, path: object) -> bool:
+        return path in self._order
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._order)
+
+    def __len__(self) -> int:
+        return len(self._order)
+
+    def low_rank(self, path: str) -> LowRank | None:
+        return self._low.get(path)
+
+    def shape(self, path: str) -> torch.Size:
+        return self._low[path].shape if path in self._low else self._dense[path].shape
+
+    def row(self, path: str, i: int) -> Tensor:
+        low = self._low.get(path)
+        return self[path][i] if low is None else low.row_slice(i, i + 1).dense()[0]
+
+
 class CleanCache:
     """Inputs and outputs of every wrapper in one clean forward, plus component acts x @ V
     (lazy)."""
 
-    inputs: dict[str, Tensor] = field(default_factory=dict)
-    outputs: dict[str, Tensor] = field(default_factory=dict)
-    _acts: dict[str, Tensor] = field(default_factory=dict)
-    _components: dict[str, Components] = field(default_factory=dict)
-    # The target's `forward_prefix` output, where it splits its forward (`ComponentModel`).
-    prefix: Tensor | None = None
+    # (Not a dataclass: dynamo cannot call Activations as a default_factory in a compiled step.)
+    def __init__(
+        self,
+        inputs: Activations | None = None,
+        outputs: Activations | None = None,
+        prefix: Tensor | LowRank | None = None,
+    ):
+        self.inputs = Activations() if inputs is None else inputs
+        self.outputs = Activations() if outputs is None else outputs
+        # The target's `forward_prefix` output, where it splits its forward (`ComponentModel`);
+        # its `low_rank_prefix` where the model runs on terms.
+        self.prefix = prefix
+        self._acts: dict[str, Tensor] = {}
+        self._components: dict[str, Components] = {}
 
     def acts(self, path: str) -> Tensor:
         if path not in self._acts:
-            self._acts[path] = self._components[path].acts(self.inputs[path])
+            low = self.inputs.low_rank(path)
+            comps = self._components[path]
+            if low is not None:  # x @ V read through the terms
+                self._acts[path] = low.matmul(comps.get_V())
+            else:
+                self._acts[path] = comps.acts(self.inputs[path])
         return self._acts[path]
 
 
@@ -240,21 +305,61 @@ class DecomposedModule(nn.Module):
                 assert isinstance(self.original, Identity)
                 return torch.eye(self.original.d, device=self.components.get_V().device)
 
-    def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+    def forward(self, x: Tensor | LowRank, *args: Any, **kwargs: Any) -> Tensor:
+        """The module's output; in a masked forward the input may be a LowRank (a target that
+        keeps its wide activations as terms: `spd_ray.core.lowrank`)."""
         plan = self._holder.plan
-        if plan is None:
-            return self.original(x, *args, **kwargs)
+        if plan is None and not isinstance(x, LowRank):
+            return self.original(x, *args, **kwargs)  # type: ignore[no-any-return]
         assert not args and not kwargs, f"{self.path}: decomposed modules take one tensor input"
-        if plan.mode == "clean":
-            out = self.original(x)
-            assert plan.cache is not None
-            plan.cache.inputs[self.path] = x
-            plan.cache.outputs[self.path] = out
-            plan.cache._components[self.path] = self.components
-            return out
-        return self._masked_forward(x, plan)
+        if plan is None or plan.mode == "clean":
+            y = self._original(x)
+            if plan is not None:
+                self._record_clean(plan, x, y)
+            return y
+        out = self._masked_forward(x, plan, low_rank=False)
+        assert isinstance(out, Tensor)
+        return out
 
-    def _masked_forward(self, x: Tensor, plan: _Plan) -> Tensor:
+    def low_rank_forward(self, x: Float[Tensor, "rows d_in"]) -> LowRank:
+        """The module's output as a LowRank (`spd_ray.core.lowrank`): a wide output whose target
+        reads it through linear maps only, as terms keyed by this module's path."""
+        assert self.kind == "linear", f"{self.path}: low-rank outputs need a linear module"
+        plan = self._holder.plan
+        if plan is None or plan.mode == "clean":
+            low = LowRank(self._original_terms(x))
+            if plan is not None:
+                self._record_clean(plan, x, low)
+            return low
+        out = self._masked_forward(x, plan, low_rank=True)
+        assert isinstance(out, LowRank)
+        return out
+
+    def _record_clean(self, plan: _Plan, x: Tensor | LowRank, out: Tensor | LowRank) -> None:
+        assert plan.cache is not None
+        plan.cache.inputs[self.path] = x
+        plan.cache.outputs[self.path] = out
+        plan.cache._components[self.path] = self.components
+
+    def _original_terms(
+        self, x: Float[Tensor, "rows d_in"], scale: Tensor | None = None
+    ) -> list[Term]:
+        return linear_terms(self.path + ".W", x, _weight(self.original), self._bias, scale)
+
+    def _original(self, x: Tensor | LowRank) -> Tensor:
+        if isinstance(x, LowRank):
+            return linear_dense(self.original, x)
+        return self.original(x)  # type: ignore[no-any-return]
+
+    def _acts(self, x: Tensor | LowRank) -> Tensor:
+        if isinstance(x, LowRank):
+            return x.matmul(self.components.get_V())
+        return self.components.acts(x)
+
+    def _masked_forward(self, x: Tensor | LowRank, plan: _Plan, low_rank: bool) -> Tensor | LowRank:
+        """The K copies' outputs, stacked along the rows; as a LowRank with `low_rank` (whose
+        input is then dense)."""
+        assert not (low_rank and isinstance(x, LowRank)), f"{self.path}: low-rank in and out"
         if plan.cache is not None and self.path in plan.called:
             raise RuntimeError(
                 f"module '{self.path}' ran twice in one forward; clean-activation reuse assumes "
@@ -262,19 +367,24 @@ class DecomposedModule(nn.Module):
             )
         plan.called.add(self.path)
         if plan.record is not None:
-            plan.record[self.path] = x
+            plan.record[self.path] = x.dense() if isinstance(x, LowRank) else x
         K = len(plan.copies)
         rows = x.shape[0] // K
         assert rows * K == x.shape[0], f"{self.path}: batch {x.shape[0]} not a multiple of {K}"
         cache = plan.cache
         pieces: list[Tensor] = []
+        low_pieces: list[LowRank] = []
         k = 0
         while k < K:
             mm = plan.copies[k].get(self.path)
             clean = cache is not None and not plan.dirty[k]
             if mm is not None:
-                xk = x if K == 1 else x[k * rows : (k + 1) * rows]
-                pieces.append(self._replaced(xk, mm, cache if clean else None))
+                xk = x if K == 1 else _rows(x, k * rows, (k + 1) * rows)
+                if low_rank:
+                    assert isinstance(xk, Tensor)
+                    low_pieces.append(self._replaced_low_rank(xk, mm, cache if clean else None))
+                else:
+                    pieces.append(self._replaced(xk, mm, cache if clean else None))
                 plan.dirty[k] = True
                 k += 1
                 continue
@@ -284,22 +394,32 @@ class DecomposedModule(nn.Module):
                 j += 1
             if clean:
                 assert cache is not None
-                y = cache.outputs[self.path]
-                pieces.append(y if j - k == 1 else y.repeat(j - k, *([1] * (y.dim() - 1))))
+                if low_rank:
+                    clean_in = cache.inputs[self.path]
+                    low_pieces.append(LowRank(self._original_terms(clean_in)).repeat(j - k))
+                else:
+                    y = cache.outputs[self.path]
+                    pieces.append(y if j - k == 1 else y.repeat(j - k, *([1] * (y.dim() - 1))))
+            elif low_rank:
+                xs = _rows(x, k * rows, j * rows)
+                assert isinstance(xs, Tensor)
+                low_pieces.append(LowRank(self._original_terms(xs)))
             else:
-                pieces.append(self.original(x[k * rows : j * rows]))
+                pieces.append(self._original(_rows(x, k * rows, j * rows)))
             k = j
+        if low_rank:
+            return LowRank.cat(low_pieces)
         return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
 
-    def _replaced(self, x: Tensor, mm: ModuleMask, cache: CleanCache | None) -> Tensor:
+    def _replaced(self, x: Tensor | LowRank, mm: ModuleMask, cache: CleanCache | None) -> Tensor:
         comps = self.components
         if cache is not None:
-            assert cache.inputs[self.path].shape == x.shape, f"{self.path}: cache/batch mismatch"
+            assert cache.inputs.shape(self.path) == x.shape, f"{self.path}: cache/batch mismatch"
             a = cache.acts(self.path)
             y: Tensor | None = cache.outputs[self.path]
         else:
-            a = comps.acts(x)
-            y = self.original(x) if (mm.delta is not None or mm.route is not None) else None
+            a = self._acts(x)
+            y = self._original(x) if (mm.delta is not None or mm.route is not None) else None
         bias = self._bias
         # Masks follow the activations' dtype (bf16 under autocast), so the output keeps it too.
         mask = mm.mask.to(a.dtype)
@@ -317,6 +437,35 @@ class DecomposedModule(nn.Module):
             assert y is not None
             out = torch.where(mm.route.unsqueeze(-1), out, y)
         return out
+
+    def _replaced_low_rank(
+        self, x: Float[Tensor, "rows d_in"], mm: ModuleMask, cache: CleanCache | None
+    ) -> LowRank:
+        """`_replaced` as terms: (a * c_U) @ U + (c_W * x) @ W^T + b, where c_U = m - m_d and
+        c_W = m_d (c_U = m, no W term without the delta); a route r keeps the masked output on
+        its rows and the target's elsewhere: c_U r and c_W r + (1 - r)."""
+        if cache is not None:
+            assert cache.inputs.shape(self.path) == x.shape, f"{self.path}: cache/batch mismatch"
+            a, x = cache.acts(self.path), cache.inputs[self.path]
+        else:
+            a = self.components.acts(x)
+        coef_u = mm.mask.to(a.dtype)
+        coef_w: Tensor | None = None
+        if mm.delta is not None:
+            d = mm.delta.unsqueeze(-1).to(a.dtype)
+            coef_u, coef_w = coef_u - d, d
+        if mm.route is not None:
+            r = mm.route.unsqueeze(-1).to(a.dtype)
+            coef_u = coef_u * r
+            coef_w = 1 - r if coef_w is None else coef_w * r + (1 - r)
+        terms = [Term(self.path + ".U", a * coef_u, self.components.get_U())]
+        if coef_w is None:
+            if self._bias is not None:
+                terms.append(
+                    Term(self.path + ".W.bias", a.new_ones(a.shape[0], 1), self._bias[None, :])
+                )
+            return LowRank(terms)
+        return LowRank(terms + self._original_terms(x, coef_w))
 
 
 @dataclass
@@ -345,6 +494,7 @@ class ComponentModel(nn.Module):
         tied_pairs: list[tuple[str, str]] | None = None,
         reuse_clean_activations: bool = True,
         output_positions: Literal["all", "last"] = "all",
+        low_rank_forward: bool = True,
     ):
         """`output_positions` "last" keeps only the last sequence position of a [batch, seq, ...]
         output: then every output loss and eval compares that position alone."""
@@ -416,6 +566,19 @@ class ComponentModel(nn.Module):
         self.compact_zero_rows = False
         self.rows_independent = bool(getattr(target, "rows_independent", False))
         self._batch_capacity: dict[int, int | None] = {}
+        # A target that keeps its wide activations as terms (`spd_ray.core.lowrank`: ResidMLP)
+        # runs its masked forwards that way, from `low_rank_prefix`: the same function, a
+        # fraction of the FLOPs. Only plain linear modules read and write terms.
+        self.low_rank = (
+            low_rank_forward
+            and reuse_clean_activations
+            and self._splits_forward
+            and hasattr(target, "low_rank_prefix")
+            and all(
+                w.kind == "linear" and not hasattr(w, "pre_identity")
+                for w in self.wrappers.values()
+            )
+        )
 
     # -- structure ---------------------------------------------------------------------------
 
@@ -477,7 +640,10 @@ class ComponentModel(nn.Module):
         cache = CleanCache()
         with self._with_plan(_Plan(mode="clean", cache=cache)):
             if self._splits_forward:
-                cache.prefix = self.target.forward_prefix(batch)  # type: ignore[operator]
+                if self.low_rank:
+                    cache.prefix = self.target.low_rank_prefix(batch)  # type: ignore[operator]
+                else:
+                    cache.prefix = self.target.forward_prefix(batch)  # type: ignore[operator]
                 if cache.inputs:
                     raise RuntimeError(
                         "the target's forward_prefix ran a decomposed module "
@@ -521,7 +687,8 @@ class ComponentModel(nn.Module):
         with self._with_plan(plan):
             if plan.cache is not None and plan.cache.prefix is not None:
                 # Every copy starts from the clean forward's prefix (no module replaced there).
-                prefix = stack(plan.cache.prefix)
+                prefix = plan.cache.prefix
+                prefix = prefix.repeat(K) if isinstance(prefix, LowRank) else stack(prefix)
                 return self._extract(self.target.forward_from_prefix(prefix))  # type: ignore[operator]
             return self._extract(self.target(stack(batch)))
 
@@ -538,7 +705,7 @@ class ComponentModel(nn.Module):
         for path in self.module_paths:
             fn = self.ci_fn(path)
             inp = cache.acts(path) if fn.takes_component_acts else cache.inputs[path]
-            z, fit = self._ci_rows(path, self._ci_forward.get(path, fn), inp, cache.inputs[path])
+            z, fit = self._ci_rows(path, self._ci_forward.get(path, fn), inp, cache.inputs)
             if fit is not None:
                 rows_fit = fit if rows_fit is None else rows_fit & fit
             z_lower = z
@@ -552,7 +719,7 @@ class ComponentModel(nn.Module):
         return CIOutputs(lower=lower, upper=upper, pre_sigmoid=pre, rows_fit=rows_fit)
 
     def _ci_rows(
-        self, path: str, fn: Callable[[Tensor], Tensor], inp: Tensor, module_input: Tensor
+        self, path: str, fn: Callable[[Tensor], Tensor], inp: Tensor, inputs: Activations
     ) -> tuple[Tensor, Tensor | None]:
         """`fn(inp)`, skipping zero rows of the module input where that saves work (an
         embedding's input is token ids, whose zero is a token like any other), and, inside a
@@ -561,7 +728,7 @@ class ComponentModel(nn.Module):
             return fn(inp), None
         n = inp.shape[:-1].numel()
         sized = measured_capacity(
-            self._row_capacity, (path, n), lambda: nonzero_rows(module_input, n)
+            self._row_capacity, (path, n), lambda: nonzero_rows(inputs[path], n)
         )
         if sized is None:  # too few zero rows to skip (measured on the first batch)
             return fn(inp), None
@@ -591,7 +758,7 @@ class ComponentModel(nn.Module):
         the masked forwards reconstruct them exactly; a target whose zero rows reach a module as
         something else (a bias before it) is not compacted (`forgo_compaction`)."""
         row = kept.capacity - 1
-        quiet = [(cache.inputs[p][row] == 0).all() for p in self.module_paths]
+        quiet = [(cache.inputs.row(p, row) == 0).all() for p in self.module_paths]
         return quiet[0] if len(quiet) == 1 else torch.stack(quiet).all()
 
     def forgo_compaction(self, batch: Tensor) -> None:
@@ -602,6 +769,10 @@ class ComponentModel(nn.Module):
         """Lower-leaky CI values {path: [..., C]} of a batch (continuous sampling)."""
         _, cache = self.clean_forward(batch)
         return self.ci_from_cache(cache).lower
+
+
+def _rows(x: Tensor | LowRank, start: int, stop: int) -> Tensor | LowRank:
+    return x.row_slice(start, stop) if isinstance(x, LowRank) else x[start:stop]
 
 
 def _key(path: str) -> str:

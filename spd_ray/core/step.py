@@ -34,6 +34,7 @@ def build_component_model(config: Config, target: torch.nn.Module) -> ComponentM
         tied_pairs=list(getattr(target, "tied_module_pairs", [])),
         reuse_clean_activations=config.reuse_clean_activations,
         output_positions=positions,
+        low_rank_forward=config.low_rank_forward,
     )
 
 
