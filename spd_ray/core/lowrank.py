@@ -18,82 +18,126 @@ from jaxtyping import Float
 from torch import Tensor, nn
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Term:
-    """read @ write. Terms with the same key share their write: `LowRank.cat` stacks their reads."""
+    """read @ write on rows start .. start + len(read) of its matrix, zero on the others. Terms
+    with the same key share their write."""
 
     key: str
-    read: Float[Tensor, "rows r"]
+    read: Float[Tensor, "n r"]
     write: Float[Tensor, "r d"]
+    start: int = 0
+
+    @property
+    def stop(self) -> int:
+        return self.start + self.read.shape[0]
 
 
 class LowRank:
-    """A [rows, d] matrix held as the sum of its terms' products, never formed unless asked."""
+    """A [rows, d] matrix held as the sum of its terms' products, never formed unless asked.
 
-    def __init__(self, terms: list[Term]):
+    Stacking pieces (`cat`: the copies of a masked forward, each with its own terms) keeps each
+    term on its own rows, so a product costs what the rows that hold the term cost."""
+
+    def __init__(self, terms: list[Term], rows: int | None = None):
         assert len(terms) > 0, "a LowRank needs at least one term"
-        keys = [t.key for t in terms]
-        assert len(set(keys)) == len(keys), f"repeated LowRank term keys: {keys}"
-        rows, width = terms[0].read.shape[0], terms[0].write.shape[-1]
+        self.rows = max(t.stop for t in terms) if rows is None else rows
+        self.width = terms[0].write.shape[1]
         for t in terms:
             assert t.read.dim() == 2 and t.write.dim() == 2, f"term '{t.key}' is not a matrix pair"
-            assert t.read.shape[0] == rows and t.write.shape[1] == width, (
-                f"term '{t.key}': read {tuple(t.read.shape)} x write {tuple(t.write.shape)} "
-                f"is not [{rows}, {width}]"
-            )
             assert t.read.shape[1] == t.write.shape[0], f"term '{t.key}': inner sizes differ"
+            assert t.write.shape[1] == self.width and t.start >= 0 and t.stop <= self.rows, (
+                f"term '{t.key}': rows {t.start}..{t.stop} x width {t.write.shape[1]} is not "
+                f"inside [{self.rows}, {self.width}]"
+            )
         self.terms = terms
 
     @property
     def shape(self) -> torch.Size:
-        return torch.Size((self.terms[0].read.shape[0], self.terms[0].write.shape[1]))
+        return torch.Size((self.rows, self.width))
 
     def dense(self) -> Float[Tensor, "rows d"]:
-        return _sum([t.read @ t.write for t in self.terms])
+        return self._placed([(t.start, t.read @ t.write) for t in self.terms])
 
     def matmul(self, m: Float[Tensor, "d k"]) -> Float[Tensor, "rows k"]:
         """self.dense() @ m without forming the dense matrix."""
-        return _sum([t.read @ (t.write @ m) for t in self.terms])
+        through: dict[str, Tensor] = {}  # write @ m, once per key
+        parts = []
+        for t in self.terms:
+            if t.key not in through:
+                through[t.key] = t.write @ m
+            parts.append((t.start, t.read @ through[t.key]))
+        return self._placed(parts)
+
+    def _placed(self, parts: list[tuple[int, Tensor]]) -> Tensor:
+        """The sum of row blocks (start, block) on `rows` rows: blocks over every row added as
+        they are; the others laid end to end in as few zero-filled columns as do not overlap."""
+        whole = [y for s, y in parts if s == 0 and y.shape[0] == self.rows]
+        chains: list[list[tuple[int, Tensor]]] = []
+        for s, y in sorted(
+            ((s, y) for s, y in parts if not (s == 0 and y.shape[0] == self.rows)),
+            key=lambda p: p[0],
+        ):
+            chain = next((c for c in chains if c[-1][0] + c[-1][1].shape[0] <= s), None)
+            if chain is None:
+                chains.append([(s, y)])
+            else:
+                chain.append((s, y))
+        for chain in chains:
+            blocks, at = [], 0
+            for s, y in chain:
+                if s > at:
+                    blocks.append(y.new_zeros(s - at, y.shape[1]))
+                blocks.append(y)
+                at = s + y.shape[0]
+            if at < self.rows:
+                blocks.append(chain[0][1].new_zeros(self.rows - at, chain[0][1].shape[1]))
+            whole.append(torch.cat(blocks) if len(blocks) > 1 else blocks[0])
+        return sum(whole[1:], whole[0])
 
     def __add__(self, other: LowRank) -> LowRank:
-        return LowRank(self.terms + other.terms)
+        assert self.rows == other.rows, f"adding {self.rows} rows to {other.rows}"
+        return LowRank(self.terms + other.terms, self.rows)
 
     def row_slice(self, start: int, stop: int) -> LowRank:
-        return LowRank([Term(t.key, t.read[start:stop], t.write) for t in self.terms])
+        terms = []
+        for t in self.terms:
+            lo, hi = max(t.start, start), min(t.stop, stop)
+            if lo < hi:
+                terms.append(Term(t.key, t.read[lo - t.start : hi - t.start], t.write, lo - start))
+        return LowRank(terms, stop - start)
 
     def repeat(self, k: int) -> LowRank:
         """k copies stacked along the rows."""
         if k == 1:
             return self
-        return LowRank([Term(t.key, t.read.repeat(k, 1), t.write) for t in self.terms])
+        terms = []
+        for t in self.terms:
+            if t.start == 0 and t.stop == self.rows:
+                terms.append(Term(t.key, t.read.repeat(k, 1), t.write))
+            else:
+                terms += [Term(t.key, t.read, t.write, t.start + i * self.rows) for i in range(k)]
+        return LowRank(terms, k * self.rows)
 
     @staticmethod
     def cat(pieces: list[LowRank]) -> LowRank:
-        """The pieces stacked along the rows: one term per key, its read zero on the rows of the
-        pieces without that key."""
+        """The pieces stacked along the rows, each term on its piece's rows (a key's terms on
+        adjacent rows merged into one)."""
         if len(pieces) == 1:
             return pieces[0]
-        writes: dict[str, Tensor] = {}
+        terms: list[Term] = []
+        offset = 0
         for piece in pieces:
             for t in piece.terms:
-                if t.key not in writes:
-                    writes[t.key] = t.write
-                assert t.write.shape == writes[t.key].shape, f"term '{t.key}' changes shape"
-        terms = []
-        for key, write in writes.items():
-            reads = []
-            for piece in pieces:
-                read = next((t.read for t in piece.terms if t.key == key), None)
-                if read is None:
-                    ref = piece.terms[0].read
-                    read = ref.new_zeros(ref.shape[0], write.shape[0])
-                reads.append(read)
-            terms.append(Term(key, torch.cat(reads), write))
-        return LowRank(terms)
-
-
-def _sum(parts: list[Tensor]) -> Tensor:
-    return sum(parts[1:], parts[0])
+                start = offset + t.start
+                i = next((i for i in reversed(range(len(terms))) if terms[i].key == t.key), None)
+                if i is not None and terms[i].stop == start:
+                    prev = terms[i]
+                    terms[i] = Term(t.key, torch.cat([prev.read, t.read]), prev.write, prev.start)
+                else:
+                    terms.append(Term(t.key, t.read, t.write, start))
+            offset += piece.rows
+        return LowRank(terms, offset)
 
 
 def linear_terms(

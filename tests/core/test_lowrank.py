@@ -31,22 +31,30 @@ def test_low_rank_algebra_against_the_dense_matrices():
     torch.testing.assert_close(a.matmul(m), dense @ m)
     torch.testing.assert_close(a.row_slice(1, 4).dense(), dense[1:4])
     torch.testing.assert_close(a.repeat(3).dense(), dense.repeat(3, 1))
-    # Rows stacked from pieces with different keys: each key's read is zero on the other rows.
+    # Rows stacked from pieces: each term stays on its piece's rows (a key's adjacent terms
+    # merge), and the products are placed there.
     b = LowRank([Term("two", r2[:2], w2)])
-    both = LowRank.cat([a, b])
-    assert [t.key for t in both.terms] == ["one", "two"]
-    assert both.terms[0].read[5:].abs().sum() == 0 and both.terms[0].read.shape == (7, 2)
-    torch.testing.assert_close(both.dense(), torch.cat([dense, r2[:2] @ w2]))
+    c = LowRank([Term("one", r1[:3], w1)])
+    stacked = LowRank.cat([a, b, c])
+    assert [(t.key, t.start, t.stop) for t in stacked.terms] == [
+        ("one", 0, 5),
+        ("two", 0, 7),
+        ("one", 7, 10),
+    ]
+    want = torch.cat([dense, r2[:2] @ w2, r1[:3] @ w1])
+    torch.testing.assert_close(stacked.dense(), want)
+    torch.testing.assert_close(stacked.matmul(m), want @ m)
+    torch.testing.assert_close(stacked.row_slice(4, 9).dense(), want[4:9])
+    torch.testing.assert_close(stacked.row_slice(4, 9).repeat(2).dense(), want[4:9].repeat(2, 1))
+    assert [t.stop - t.start for t in stacked.row_slice(5, 7).terms] == [2]  # only "two" there
     # A linear map as terms: scale * (x @ W^T) + b.
     x, W, bias = torch.randn(5, 3, generator=g), torch.randn(4, 3, generator=g), torch.randn(4)
     s = torch.rand(5, 1, generator=g)
     torch.testing.assert_close(
         LowRank(linear_terms("l", x, W, bias, s)).dense(), s * (x @ W.T) + bias
     )
-    with pytest.raises(AssertionError, match="repeated"):
-        LowRank([Term("one", r1, w1), Term("one", r1, w1)])
-    with pytest.raises(AssertionError, match="is not"):
-        LowRank([Term("one", r1, w1), Term("two", r2[:4], w2)])
+    with pytest.raises(AssertionError, match="is not inside"):
+        LowRank([Term("one", r1, w1), Term("two", r2, w2, start=1)], rows=5)
 
 
 class CountingResidMLP(ResidMLP):
