@@ -314,8 +314,7 @@ class DecomposedModule(nn.Module):
         assert not args and not kwargs, f"{self.path}: decomposed modules take one tensor input"
         if plan is None or plan.mode == "clean":
             y = self._original(x)
-            if plan is not None:
-                self._record_clean(plan, x, y)
+            self._record_clean(plan, x, y)
             return y
         out = self._masked_forward(x, plan, low_rank=False)
         assert isinstance(out, Tensor)
@@ -328,14 +327,16 @@ class DecomposedModule(nn.Module):
         plan = self._holder.plan
         if plan is None or plan.mode == "clean":
             low = LowRank(self._original_terms(x))
-            if plan is not None:
-                self._record_clean(plan, x, low)
+            self._record_clean(plan, x, low)
             return low
         out = self._masked_forward(x, plan, low_rank=True)
         assert isinstance(out, LowRank)
         return out
 
-    def _record_clean(self, plan: _Plan, x: Tensor | LowRank, out: Tensor | LowRank) -> None:
+    def _record_clean(self, plan: _Plan | None, x: Tensor | LowRank, out: Tensor | LowRank) -> None:
+        """In a clean forward, the cache keeps the module's input and output."""
+        if plan is None:
+            return
         assert plan.cache is not None
         plan.cache.inputs[self.path] = x
         plan.cache.outputs[self.path] = out

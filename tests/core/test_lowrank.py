@@ -5,12 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_model import _all_loss_configs
+from test_model import _all_loss_configs, loss_with_grads
 
 from spd_ray.config import ResidMLPTargetConfig
-from spd_ray.core.losses import StepInputs, loss_term
 from spd_ray.core.lowrank import LowRank, Term, linear_terms
-from spd_ray.core.masks import Noise
 from spd_ray.core.model import ComponentModel, ModuleMask
 from spd_ray.targets.resid_mlp import ResidMLP
 
@@ -156,22 +154,7 @@ def test_every_loss_on_terms_equals_the_dense_loss(cfg):
     values, grads = [], []
     for low_rank in (True, False):
         model = _model(low_rank)
-        with torch.no_grad():
-            target_out, cache = model.clean_forward(x)
-        inp = StepInputs(
-            model=model,
-            batch=x,
-            target_out=target_out,
-            cache=cache,
-            ci=model.ci_from_cache(cache),
-            output_loss_type="mse",
-            use_delta_component=True,
-            sampling="continuous",
-            n_mask_samples=2,
-            noise=Noise(torch.Generator().manual_seed(6)),
-        )
-        value = loss_term(cfg, inp)
-        value.backward()
+        value, _ = loss_with_grads(model, x, cfg, delta=True)
         values.append(value.detach())
         grads.append([p.grad for p in model.parameters() if p.requires_grad])
     assert values[0].item() > 0

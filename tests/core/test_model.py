@@ -12,6 +12,7 @@ from spd_ray import config as C
 from spd_ray.core.losses import StepInputs, loss_term
 from spd_ray.core.masks import Noise
 from spd_ray.core.model import (
+    CleanCache,
     ComponentModel,
     DecomposedModule,
     Identity,
@@ -285,6 +286,30 @@ def test_every_loss_class_is_covered():
     assert {c.classname for c in _all_loss_configs()} == set(C.LOSS_CLASSNAMES)
 
 
+def loss_with_grads(
+    model: ComponentModel, x: Tensor, cfg: C.LossConfig, delta: bool
+) -> tuple[Tensor, CleanCache]:
+    """One loss term on `x` (2 mask samples, fixed noise), its gradients accumulated; the value
+    and the clean forward's cache."""
+    with torch.no_grad():
+        target_out, cache = model.clean_forward(x)
+    inp = StepInputs(
+        model=model,
+        batch=x,
+        target_out=target_out,
+        cache=cache,
+        ci=model.ci_from_cache(cache),
+        output_loss_type="mse",
+        use_delta_component=delta,
+        sampling="continuous",
+        n_mask_samples=2,
+        noise=Noise(torch.Generator().manual_seed(6)),
+    )
+    value = loss_term(cfg, inp)
+    value.backward()
+    return value, cache
+
+
 @pytest.mark.parametrize("cfg", _all_loss_configs(), ids=lambda c: c.classname)
 @pytest.mark.parametrize("delta", [True, False])
 @pytest.mark.parametrize("split", [False, True], ids=["whole", "split_forward"])
@@ -300,26 +325,11 @@ def test_reuse_clean_activations_does_not_change_losses(cfg, delta, split):
     for reuse in (True, False):
         model.reuse_clean_activations = reuse
         model.zero_grad()
-        with torch.no_grad():
-            target_out, cache = model.clean_forward(x)
-        assert (cache.prefix is not None) == split
         calls = getattr(target, "prefix_calls", 0)
-        inp = StepInputs(
-            model=model,
-            batch=x,
-            target_out=target_out,
-            cache=cache,
-            ci=model.ci_from_cache(cache),
-            output_loss_type="mse",
-            use_delta_component=delta,
-            sampling="continuous",
-            n_mask_samples=2,
-            noise=Noise(torch.Generator().manual_seed(6)),
-        )
-        value = loss_term(cfg, inp)
-        value.backward()
-        if split and reuse:  # no masked forward recomputed the prefix
-            assert target.prefix_calls == calls  # type: ignore[union-attr]
+        value, cache = loss_with_grads(model, x, cfg, delta)
+        assert (cache.prefix is not None) == split
+        if split and reuse:  # the clean forward's prefix only: no masked forward recomputed it
+            assert target.prefix_calls == calls + 1  # type: ignore[union-attr]
         values[reuse] = value.detach()
         grads[reuse] = [
             p.grad.clone() if p.grad is not None else torch.zeros_like(p)
