@@ -6,7 +6,7 @@ ever read through linear maps (the next block's mlp_in, the read-off W_E^T). Kep
 terms, a read through a map M contracts the small weight products first, read @ (write @ M), the
 same function and gradients as (read @ write) @ M at a fraction of the FLOPs when the stream is
 much wider than the reads (1000 vs 100 for ResidMLP 1), in the target's own training and in
-every masked forward of its decomposition (`ComponentModel`: `low_rank_forward`).
+every clean and masked forward of its decomposition (`ComponentModel`: `low_rank_forward`).
 """
 
 from __future__ import annotations
