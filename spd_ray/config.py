@@ -595,10 +595,10 @@ class Config(BaseConfig):
     )
     low_rank_forward: bool = Field(
         True,
-        description="Masked forwards of a target that keeps its wide activations as sums of "
-        "narrow products (ResidMLP's residual stream: x @ W_E plus each block's output) run on "
-        "those terms, contracting the small weight products first (spd_ray.core.lowrank): the "
-        "same function with a fraction of the FLOPs. Needs reuse_clean_activations.",
+        description="Clean and masked forwards of a target that keeps its wide activations as "
+        "sums of narrow products (ResidMLP's residual stream: x @ W_E plus each block's output) "
+        "run on those terms, contracting the small weight products first (spd_ray.core.lowrank): "
+        "the same function with a fraction of the FLOPs. Needs reuse_clean_activations.",
     )
     compile_ci_fns: bool = Field(
         False, description="torch.compile the CI functions (faster steps, slower start)."
