@@ -12,6 +12,9 @@ import pytest
 import torch
 
 from spd_ray.config import Config, load_config
+from spd_ray.core.masks import Noise
+from spd_ray.core.model import ComponentModel
+from spd_ray.core.recon import StepInputs
 
 TINY = Path(__file__).resolve().parent / "fixtures" / "tiny_resid_mlp.yaml"
 
@@ -176,3 +179,30 @@ def steps_across_an_overflow(
         capacities.append(capacity())
         assert_same_step(got, want, fast, plain)
     return first, second, capacities, graphs, reruns
+
+
+def clean_inputs(
+    model: ComponentModel,
+    batch: torch.Tensor,
+    output_loss_type: str,
+    delta: bool,
+    noise_seed: int,
+    copies_per_forward: int | None = None,
+) -> StepInputs:
+    """What a loss term reads, without a config: the clean forward (no grad) and its continuous
+    CI, 2 mask samples, noise from a generator seeded `noise_seed`."""
+    with torch.no_grad():
+        target_out, cache = model.clean_forward(batch)
+    return StepInputs(
+        model=model,
+        batch=batch,
+        target_out=target_out,
+        cache=cache,
+        ci=model.ci_from_cache(cache),
+        output_loss_type=output_loss_type,  # type: ignore[arg-type]
+        use_delta_component=delta,
+        sampling="continuous",
+        n_mask_samples=2,
+        noise=Noise(torch.Generator().manual_seed(noise_seed)),
+        copies_per_forward=copies_per_forward,
+    )

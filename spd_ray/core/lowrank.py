@@ -150,8 +150,13 @@ def linear_terms(
     """Terms of scale * (x @ weight^T) + bias: keys `key` and `key + ".bias"`."""
     terms = [Term(key, x if scale is None else scale * x, weight.T)]
     if bias is not None:
-        terms.append(Term(key + ".bias", x.new_ones(x.shape[0], 1), bias[None, :]))
+        terms.append(bias_term(key, x, bias))
     return terms
+
+
+def bias_term(key: str, like: Float[Tensor, "rows k"], bias: Float[Tensor, " d"]) -> Term:
+    """The term of `bias` added to every row of `like`'s rows, keyed `key + ".bias"`."""
+    return Term(key + ".bias", like.new_ones(like.shape[0], 1), bias[None, :])
 
 
 def linear_dense(module: nn.Module, x: Tensor | LowRank) -> Float[Tensor, "rows d_out"]:

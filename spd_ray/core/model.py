@@ -55,7 +55,7 @@ from spd_ray.core.components import (
     LinearComponents,
     TiedLinearComponents,
 )
-from spd_ray.core.lowrank import LowRank, Term, linear_dense, linear_terms
+from spd_ray.core.lowrank import LowRank, Term, bias_term, linear_dense, linear_terms
 from spd_ray.core.masks import Noise
 from spd_ray.core.rows import KeptRows, kept_rows
 from spd_ray.errors import InputError
@@ -306,8 +306,8 @@ class DecomposedModule(nn.Module):
                 return torch.eye(self.original.d, device=self.components.get_V().device)
 
     def forward(self, x: Tensor | LowRank, *args: Any, **kwargs: Any) -> Tensor:
-        """The module's output; in a masked forward the input may be a LowRank (a target that
-        keeps its wide activations as terms: `spd_ray.core.lowrank`)."""
+        """The module's output, dense; the input may be a LowRank (a target that keeps its wide
+        activations as terms: `spd_ray.core.lowrank`), read through the weights."""
         plan = self._holder.plan
         if plan is None and not isinstance(x, LowRank):
             return self.original(x, *args, **kwargs)  # type: ignore[no-any-return]
@@ -461,10 +461,8 @@ class DecomposedModule(nn.Module):
             coef_w = 1 - r if coef_w is None else coef_w * r + (1 - r)
         terms = [Term(self.path + ".U", a * coef_u, self.components.get_U())]
         if coef_w is None:
-            if self._bias is not None:
-                terms.append(
-                    Term(self.path + ".W.bias", a.new_ones(a.shape[0], 1), self._bias[None, :])
-                )
+            if self._bias is not None:  # the target's bias, keyed as `_original_terms` keys it
+                terms.append(bias_term(self.path + ".W", a, self._bias))
             return LowRank(terms)
         return LowRank(terms + self._original_terms(x, coef_w))
 

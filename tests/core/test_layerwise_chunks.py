@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from step_helpers import clean_inputs
 from torch import Tensor
 
 from spd_ray import config as C
@@ -73,21 +74,7 @@ def llama() -> ComponentModel:
 
 def make_inputs(model: ComponentModel, chunk: int | None, seed: int = 3) -> StepInputs:
     batch = torch.randint(0, 40, (2, 5), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        target_out, cache = model.clean_forward(batch)
-    return StepInputs(
-        model=model,
-        batch=batch,
-        target_out=target_out,
-        cache=cache,
-        ci=model.ci_from_cache(cache),
-        output_loss_type="kl",
-        use_delta_component=True,
-        sampling="continuous",
-        n_mask_samples=2,
-        noise=Noise(torch.Generator().manual_seed(seed)),
-        copies_per_forward=chunk,
-    )
+    return clean_inputs(model, batch, "kl", delta=True, noise_seed=seed, copies_per_forward=chunk)
 
 
 def layerwise_copies(inp: StepInputs) -> list[dict[str, ModuleMask]]:

@@ -6,10 +6,11 @@ import copy
 
 import pytest
 import torch
+from step_helpers import clean_inputs
 from torch import Tensor, nn
 
 from spd_ray import config as C
-from spd_ray.core.losses import StepInputs, loss_term
+from spd_ray.core.losses import loss_term
 from spd_ray.core.masks import Noise
 from spd_ray.core.model import (
     CleanCache,
@@ -291,23 +292,10 @@ def loss_with_grads(
 ) -> tuple[Tensor, CleanCache]:
     """One loss term on `x` (2 mask samples, fixed noise), its gradients accumulated; the value
     and the clean forward's cache."""
-    with torch.no_grad():
-        target_out, cache = model.clean_forward(x)
-    inp = StepInputs(
-        model=model,
-        batch=x,
-        target_out=target_out,
-        cache=cache,
-        ci=model.ci_from_cache(cache),
-        output_loss_type="mse",
-        use_delta_component=delta,
-        sampling="continuous",
-        n_mask_samples=2,
-        noise=Noise(torch.Generator().manual_seed(6)),
-    )
+    inp = clean_inputs(model, x, "mse", delta, noise_seed=6)
     value = loss_term(cfg, inp)
     value.backward()
-    return value, cache
+    return value, inp.cache
 
 
 @pytest.mark.parametrize("cfg", _all_loss_configs(), ids=lambda c: c.classname)
