@@ -219,6 +219,7 @@ class Oracle:
             if ex:
                 self.marked[key] = {example_text(h, e, ("<<", ">>")) for e in ex}
         self.plain = {k: {MARKS.sub("", t) for t in v} for k, v in self.marked.items()}
+        self.ambiguous: set[str] = set()  # intruder prompts two subcomponents could explain
 
     def __call__(self, request: dict[str, Any]) -> str:
         text = _prompt(request)
@@ -226,13 +227,19 @@ class Oracle:
             return _label_answer(request)
         items = _items(text)
         label = re.search(r"detects ([\w.:-]+)", text)
-        if label is None:  # intruder: the one item outside a subcomponent owning all others
-            plain = {n: MARKS.sub("", t) for n, t in items.items()}
-            for examples in self.plain.values():
-                outside = [n for n, t in plain.items() if t not in examples]
-                if len(outside) == 1:
-                    return json.dumps({"selected": outside, "reasoning": "odd one"})
-            return json.dumps({"selected": [], "reasoning": "no idea"})
+        if label is None:
+            # Intruder: the one item outside a subcomponent that owns all the others, marks
+            # included (the real items are that subcomponent's examples as rendered, marked where
+            # it fires). Two subcomponents can each own all but a different item only where they
+            # fire on the same tokens of the same windows: such a trial is recorded as ambiguous.
+            answers = {
+                outside[0]
+                for examples in self.marked.values()
+                if len(outside := [n for n, t in items.items() if t not in examples]) == 1
+            }
+            if len(answers) != 1:
+                self.ambiguous.add(text)
+            return json.dumps({"selected": sorted(answers)[:1], "reasoning": "odd one"})
         key = label.group(1)
         if "highlight" in text.lower() and "<<" in text:  # fuzzing: the correctly marked ones
             picks = [n for n, t in items.items() if t in self.marked[key]]
@@ -250,6 +257,14 @@ def _random_answer(request: dict[str, Any]) -> str:
     if re.search(r"detects [\w.:-]+", text) is None:
         return json.dumps({"selected": [rng.choice(items)], "reasoning": "guess"})
     return json.dumps({"selected": [n for n in items if rng.random() < 0.5], "reasoning": "guess"})
+
+
+def _trials(run: Path) -> dict[str, list[dict[str, Any]]]:
+    """Every trial of every score row, by kind."""
+    out: dict[str, list[dict[str, Any]]] = {}
+    for r in _lines(_store(run) / "scores.jsonl"):
+        out.setdefault(r["kind"], []).extend(r["trials"])
+    return out
 
 
 def _scores(run: Path) -> dict[str, list[float]]:
@@ -274,7 +289,8 @@ def test_scores_oracle_near_one_random_near_half(harvested: tuple[Path, dict[str
         "--concurrency",
         "4",
     ]
-    for answer, check in ((Oracle(h), "oracle"), (_random_answer, "random")):
+    oracle = Oracle(h)
+    for answer, check in ((oracle, "oracle"), (_random_answer, "random")):
         _clear_store(run)
         with LLMServer(api_key="sk-test", answer=answer) as server:
             res = _autointerp(env, run, server, *args)
@@ -285,16 +301,20 @@ def test_scores_oracle_near_one_random_near_half(harvested: tuple[Path, dict[str
             "fuzzing": 8,
             "intruder": 8,
         }
-        for kind, values in scores.items():
-            mean = sum(values) / len(values)
-            if check == "oracle":
-                # Detection and fuzzing are exact; the intruder oracle can meet a trial where
-                # two subcomponents of this barely trained run share the four real windows.
-                assert mean >= (1.0 if kind != "intruder" else 0.97), (kind, values)
-            else:
-                # 8 components x 5-10 trials each: the std of the mean is below 0.03, so 0.15
-                # is a > 5 sigma band around chance.
-                assert abs(mean - 0.5) < 0.15, (kind, values)
+        if check == "oracle":
+            # Every trial the truth decides is answered right: detection and fuzzing all, the
+            # intruder all but those where two subcomponents of this barely trained run fire on
+            # the same tokens of the shown windows (few: at most a tenth of the 80 trials).
+            trials = _trials(run)
+            assert all(t["score"] == 1.0 for t in trials["detection"] + trials["fuzzing"])
+            wrong = sum(t["score"] < 1.0 for t in trials["intruder"])
+            assert len(trials["intruder"]) == 80
+            assert wrong <= len(oracle.ambiguous) <= 8, (wrong, len(oracle.ambiguous))
+        else:
+            # 8 components x 5-10 trials each: the std of the mean is below 0.03, so 0.15 is a
+            # > 5 sigma band around chance.
+            for kind, values in scores.items():
+                assert abs(sum(values) / len(values) - 0.5) < 0.15, (kind, values)
     table = spd_ray_cli(env, "labels", str(run))
     assert table.returncode == 0
     assert "detection" in table.stdout and "intruder" in table.stdout
